@@ -1,0 +1,39 @@
+"""fura-kernels: fast FuRA (Full-Rank Adaptation) fine-tuning for PyTorch and Hugging Face.
+
+Public API:
+
+- `FuRAConfig`: the factorisation and training knobs;
+- `FusedBTTLinear`: a drop-in `nn.Linear` with weight `L · diag(S) · R`;
+- `convert_to_fura`, `merge_fura`, `find_target_linears`, `ConversionReport`: whole models;
+- `fura_linear` / `FuRALinearFunction`: the fused Function itself;
+- `reference`: the einsum oracle.
+"""
+
+from importlib.metadata import PackageNotFoundError, version
+
+from . import reference
+from .autograd import FuRALinearFunction, fura_linear
+from .config import FuRAConfig
+from .factorization import BlockShape, closest_factor_pair
+from .layer import FusedBTTLinear
+from .model import ConversionReport, convert_to_fura, count_parameters, find_target_linears, merge_fura
+
+try:
+    __version__ = version("fura-kernels")
+except PackageNotFoundError:  # running from a source tree that was never installed
+    __version__ = "0.0.0+unknown"
+
+__all__ = [
+    "BlockShape",
+    "ConversionReport",
+    "FuRAConfig",
+    "FuRALinearFunction",
+    "FusedBTTLinear",
+    "closest_factor_pair",
+    "convert_to_fura",
+    "count_parameters",
+    "find_target_linears",
+    "fura_linear",
+    "merge_fura",
+    "reference",
+]

@@ -1,0 +1,170 @@
+"""The FuRA linear map as a `torch.autograd.Function`: the minimal forward and backward.
+
+Why a custom Function: left to autograd, `L · diag(S) · R` either materialises `L ⊙ S` (a
+weight-sized copy every step) or, because `S` requires grad, runs a full weight-gradient GEMM
+only to reduce it to `dS` (FURA_SPEC.md §2). Here S is folded into the smaller core, `dS`
+comes from the small block gradient `G`, and a training step costs one big GEMM forward and
+one backward, as LoRA on a frozen base does.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..reference import core_dims
+from ..triton import accumulate_dtype, block_diag_matmul, block_diag_matmul_backward
+
+
+def _stage(x3: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """One side of the factorisation: block-diagonal, or a single dense GEMM when one block."""
+    if w.shape[0] == 1:
+        return torch.matmul(x3.reshape(x3.shape[0], -1), w[0]).unsqueeze(1)
+    return block_diag_matmul(x3, w)
+
+
+def _stage_backward(
+    grad3: torch.Tensor, x3: torch.Tensor | None, w: torch.Tensor, need_grad_x: bool, need_grad_w: bool
+) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    if w.shape[0] != 1:
+        return block_diag_matmul_backward(grad3, x3, w, need_grad_x, need_grad_w)
+    grad2 = grad3.reshape(grad3.shape[0], -1)
+    grad_x = torch.matmul(grad2, w[0].t()).unsqueeze(1) if need_grad_x else None
+    grad_w = None
+    if need_grad_w:
+        grad_w = torch.matmul(x3.reshape(x3.shape[0], -1).t(), grad2).to(accumulate_dtype(grad2.dtype)).unsqueeze(0)
+    return grad_x, grad_w
+
+
+def _input_to_output_blocks(z: torch.Tensor, m: int, n: int, r: int) -> torch.Tensor:
+    """(T, n, m*r) -> (T, m, n*r). A view, no copy, unless both m > 1 and n > 1 ('square')."""
+    return z.reshape(z.shape[0], n, m, r).transpose(1, 2).reshape(z.shape[0], m, n * r)
+
+
+def _output_to_input_blocks(zp: torch.Tensor, m: int, n: int, r: int) -> torch.Tensor:
+    """(T, m, n*r) -> (T, n, m*r), the inverse of `_input_to_output_blocks`."""
+    return zp.reshape(zp.shape[0], m, n, r).transpose(1, 2).reshape(zp.shape[0], n, m * r)
+
+
+def _s_for_r(btt_s: torch.Tensor, m: int, n: int, r: int) -> torch.Tensor:
+    """S laid out to scale btt_r's columns: (n, 1, m*r)."""
+    return btt_s.permute(1, 0, 2).reshape(n, 1, m * r)
+
+
+def _fold_s(btt_l, btt_r, btt_s, fold_into_r: bool, dtype: torch.dtype):
+    m, n, _, _, r = core_dims(btt_l, btt_r)
+    l_eff, r_eff = btt_l.to(dtype), btt_r.to(dtype)
+    if btt_s is not None:
+        s = btt_s.to(dtype)
+        if fold_into_r:
+            r_eff = r_eff * _s_for_r(s, m, n, r)
+        else:
+            l_eff = l_eff * s.reshape(m, n * r, 1)
+    return l_eff, r_eff
+
+
+class FuRALinearFunction(torch.autograd.Function):
+    """`y = x · W^T + bias` with `W = L · diag(S) · R` (layouts in `fura_kernels.reference`).
+
+    Inputs: `x` (T, in) in the compute dtype; `btt_l` (m, n*r, a), `btt_r` (n, b, m*r),
+    `btt_s` (m, n, r) or None, `bias` (out,) or None, each in its storage dtype. Everything is
+    cast to `x.dtype` for compute; gradients come back in each input's own dtype.
+
+    Forward, with `S` folded into the smaller core (R in the default mode, so `R'_j = R_j ·
+    diag(S_j)` costs `n*b*r` multiplies):
+
+        z_j   = x_j · R'_j                      input side, block-diagonal over n   (K1)
+        zp    = permute(z)                      (T, n, m*r) -> (T, m, n*r), a view unless square
+        y_i   = zp_i · L'_i  (+ bias)           output side, block-diagonal over m; m = 1 in
+                                                the default mode: one dense GEMM
+
+    Backward, by the chain rule through each stage (`dy` is (T, m, a)):
+
+        dzp_i = dy_i · L'_i^T                   default mode: the only big GEMM
+        G^L_i = zp_i^T · dy_i                   only when L or an S folded into L needs it
+        dz    = permute^-1(dzp)
+        dx_j  = dz_j · R'_j^T                   (K3)
+        G^R_j = x_j^T · dz_j                    (K3, reduced over T, at least fp32)
+        dR    = G^R ⊙ S   (S folded into R)     else dR = G^R
+        dS    = sum over b of G^R ⊙ R           (S folded into R: dS[i, j, k] = sum_d
+                                                 G^R[j, d, i*r+k] · R[j, d, i*r+k])
+        dL    = G^L ⊙ S   (S folded into L)     else dL = G^L
+        dS    = sum over a of G^L ⊙ L           (S folded into L)
+        dbias = sum over T of dy
+
+    Saved for backward: `x` only if `G^R` is needed, `zp` only if `G^L` is needed, and the
+    parameters themselves (references, not copies). `R'` / `L'` are refolded in backward
+    rather than saved: the fold touches only the smaller core. In the default mode nothing
+    weight-sized is saved or rebuilt, and `dS` comes from the `b x r` blocks of `G^R`, not from
+    a `T x in x out` weight-gradient GEMM.
+    """
+
+    @staticmethod
+    def forward(ctx, x, btt_l, btt_r, btt_s, bias):
+        m, n, a, b, r = core_dims(btt_l, btt_r)
+        tokens = x.shape[0]
+        fold_into_r = btt_r.numel() <= btt_l.numel()
+        s_needs_grad = btt_s is not None and ctx.needs_input_grad[3]
+        need_g_l = ctx.needs_input_grad[1] or (s_needs_grad and not fold_into_r)
+        need_g_r = ctx.needs_input_grad[2] or (s_needs_grad and fold_into_r)
+        with torch.autocast(x.device.type, enabled=False):
+            l_eff, r_eff = _fold_s(btt_l, btt_r, btt_s, fold_into_r, x.dtype)
+            xb = x.reshape(tokens, n, b)
+            zp = _input_to_output_blocks(_stage(xb, r_eff), m, n, r)
+            y = _stage(zp, l_eff).reshape(tokens, m * a)
+            if bias is not None:
+                y = y + bias.to(x.dtype)
+        ctx.fold_into_r = fold_into_r
+        ctx.bias_dtype = bias.dtype if bias is not None else None
+        ctx.need_g_l, ctx.need_g_r = need_g_l, need_g_r
+        ctx.save_for_backward(x if need_g_r else None, zp if need_g_l else None, btt_l, btt_r, btt_s)
+        return y
+
+    @staticmethod
+    def backward(ctx, dy):
+        x, zp, btt_l, btt_r, btt_s = ctx.saved_tensors
+        m, n, a, b, r = core_dims(btt_l, btt_r)
+        needs_x, needs_l, needs_r, needs_s, needs_bias = ctx.needs_input_grad
+        fold_into_r = ctx.fold_into_r
+        tokens = dy.shape[0]
+        dx = d_l = d_r = d_s = d_bias = None
+        with torch.autocast(dy.device.type, enabled=False):
+            l_eff, r_eff = _fold_s(btt_l, btt_r, btt_s, fold_into_r, dy.dtype)
+            need_dz = needs_x or ctx.need_g_r
+            dzp, g_l = _stage_backward(dy.reshape(tokens, m, a), zp, l_eff, need_dz, ctx.need_g_l)
+            g_r = None
+            if need_dz:
+                dz = _output_to_input_blocks(dzp, m, n, r)
+                xb = x.reshape(tokens, n, b) if x is not None else None
+                dxb, g_r = _stage_backward(dz, xb, r_eff, needs_x, ctx.need_g_r)
+                if needs_x:
+                    dx = dxb.reshape(tokens, n * b)
+            acc = accumulate_dtype(dy.dtype)
+            s_acc = btt_s.to(acc) if btt_s is not None else None
+            if needs_r:
+                d_r = g_r * _s_for_r(s_acc, m, n, r) if (s_acc is not None and fold_into_r) else g_r
+                d_r = d_r.to(btt_r.dtype)
+            if needs_l:
+                d_l = g_l * s_acc.reshape(m, n * r, 1) if (s_acc is not None and not fold_into_r) else g_l
+                d_l = d_l.to(btt_l.dtype)
+            if needs_s:
+                if fold_into_r:
+                    d_s = (g_r * btt_r.to(acc)).sum(dim=1).reshape(n, m, r).permute(1, 0, 2)
+                else:
+                    d_s = (g_l * btt_l.to(acc)).sum(dim=2).reshape(m, n, r)
+                d_s = d_s.to(btt_s.dtype)
+            if needs_bias:
+                d_bias = dy.sum(dim=0, dtype=acc).to(ctx.bias_dtype)
+        return dx, d_l, d_r, d_s, d_bias
+
+
+def fura_linear(
+    x: torch.Tensor,
+    btt_l: torch.Tensor,
+    btt_r: torch.Tensor,
+    btt_s: torch.Tensor | None = None,
+    bias: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Apply `FuRALinearFunction` to `x` of shape (..., in); computes in `x.dtype`."""
+    lead = x.shape[:-1]
+    y = FuRALinearFunction.apply(x.reshape(-1, x.shape[-1]), btt_l, btt_r, btt_s, bias)
+    return y.reshape(*lead, y.shape[-1])

@@ -1,0 +1,195 @@
+"""FuRAConfig: every knob of the FuRA factorisation, validated when it is built.
+
+The defaults are the paper's (FURA_SPEC.md §1): `output_one_block`, full rank, train the
+small core, a separate trainable `S`, trained biases, fp32 trainable tensors.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+DECOMP_MODES = ("output_one_block", "input_one_block", "square")
+TRAIN_POSITIONS = ("small", "large", "both")
+S_MERGED_TO = ("keep_trainable", "keep_frozen", "output", "input", "split", "frozen", "trainable")
+SVD_DTYPES = (torch.float32, torch.float64)
+
+
+def _as_dtype(value: Any, field_name: str) -> torch.dtype:
+    if isinstance(value, torch.dtype):
+        return value
+    if isinstance(value, str):
+        dtype = getattr(torch, value.removeprefix("torch."), None)
+        if isinstance(dtype, torch.dtype):
+            return dtype
+    raise TypeError(f"FuRAConfig.{field_name}: expected a torch.dtype or its name, got {value!r}")
+
+
+def _as_factor_pair(value: Any, field_name: str) -> tuple[int, int] | None:
+    if value is None:
+        return None
+    try:
+        blocks, size = (int(v) for v in value)
+    except (TypeError, ValueError):
+        raise TypeError(
+            f"FuRAConfig.{field_name}: expected a pair (num_blocks, block_size) of ints, got {value!r}"
+        ) from None
+    if blocks < 1 or size < 1:
+        raise ValueError(f"FuRAConfig.{field_name}: both factors must be >= 1, got {value!r}")
+    return blocks, size
+
+
+@dataclass
+class FuRAConfig:
+    """How each `nn.Linear` is factorised into `L · diag(S) · R` and which parts train."""
+
+    decomp_mode: str = field(
+        default="output_one_block",
+        metadata={
+            "help": "Block grid of W (out x in). 'output_one_block' (paper default): one block "
+            "row, the input split into closest_factor_pair(in) blocks; 'input_one_block': the "
+            "mirror image; 'square': both sides split (not parameter-efficient)."
+        },
+    )
+    rank: str | int | float = field(
+        default="full",
+        metadata={
+            "help": "Per-block SVD rank: 'full' (min(a, b), lossless), an int (truncated SVD, at "
+            "most min(a, b)), or a float in (0, 1): the rank whose parameter count "
+            "m*n*r*(a+b) is closest to that fraction of in*out, at least 1."
+        },
+    )
+    train_position: str = field(
+        default="small",
+        metadata={
+            "help": "Which core trains: 'small' (fewer entries, default), 'large', or 'both'. "
+            "On a tie the L core is the one chosen."
+        },
+    )
+    s_merged_to: str = field(
+        default="keep_trainable",
+        metadata={
+            "help": "Where the singular values live: 'keep_trainable' (a separate trained S, "
+            "default), 'keep_frozen' (separate, frozen), 'output' (U·S in L), 'input' (S·Vh in "
+            "R), 'split' (sqrt(S) in each), 'frozen' / 'trainable' (merged into the frozen / "
+            "trained core; invalid with train_position='both')."
+        },
+    )
+    input_factorization: tuple[int, int] | None = field(
+        default=None,
+        metadata={
+            "help": "Explicit (n, b) for the input side, n*b = in_features. Applies to every "
+            "converted layer, so use it for one layer shape at a time. Not with "
+            "'input_one_block', which fixes n = 1."
+        },
+    )
+    output_factorization: tuple[int, int] | None = field(
+        default=None,
+        metadata={
+            "help": "Explicit (m, a) for the output side, m*a = out_features. Not with "
+            "'output_one_block', which fixes m = 1."
+        },
+    )
+    factorize_by_head: bool = field(
+        default=True,
+        metadata={
+            "help": "For attention projections of a transformers model, cut the head side at "
+            "head boundaries: o_proj input (num_heads, head_dim), q_proj output (num_heads, "
+            "head_dim), k/v_proj output (num_kv_heads, head_dim). Only sides that decomp_mode "
+            "splits are affected. The reference's launchers turn it on."
+        },
+    )
+    svd_dtype: torch.dtype = field(
+        default=torch.float32,
+        metadata={
+            "help": "Precision of the SVD, whatever the weight's dtype: float32 or float64 "
+            "(bf16 cores are not lossless, FURA_SPEC.md §6)."
+        },
+    )
+    svd_block_batch: int | None = field(
+        default=None,
+        metadata={
+            "help": "How many blocks one batched SVD call takes (bounds the SVD's workspace); "
+            "None takes all blocks of a layer at once. Results do not depend on it."
+        },
+    )
+    train_bias: bool = field(default=True, metadata={"help": "Train the layer's bias, if it has one."})
+    trainable_dtype: torch.dtype = field(
+        default=torch.float32,
+        metadata={
+            "help": "Storage dtype of the trained tensors (cores, S, bias). fp32 by default: "
+            "bf16 trainables freeze under AdamW (FURA_SPEC.md §6). Compute runs in the "
+            "input's dtype."
+        },
+    )
+
+    def __post_init__(self) -> None:
+        if self.decomp_mode not in DECOMP_MODES:
+            raise ValueError(f"FuRAConfig.decomp_mode: expected one of {DECOMP_MODES}, got {self.decomp_mode!r}")
+        if self.train_position not in TRAIN_POSITIONS:
+            raise ValueError(
+                f"FuRAConfig.train_position: expected one of {TRAIN_POSITIONS}, got {self.train_position!r}"
+            )
+        if self.s_merged_to not in S_MERGED_TO:
+            raise ValueError(f"FuRAConfig.s_merged_to: expected one of {S_MERGED_TO}, got {self.s_merged_to!r}")
+        if self.train_position == "both" and self.s_merged_to in ("frozen", "trainable"):
+            raise ValueError(
+                f"FuRAConfig.s_merged_to={self.s_merged_to!r} names the frozen/trained core, but "
+                "train_position='both' trains both cores; use 'output', 'input', 'split' or 'keep_*'"
+            )
+        self._validate_rank()
+        self.input_factorization = _as_factor_pair(self.input_factorization, "input_factorization")
+        self.output_factorization = _as_factor_pair(self.output_factorization, "output_factorization")
+        if self.decomp_mode == "input_one_block" and self.input_factorization is not None:
+            raise ValueError(
+                f"FuRAConfig.input_factorization={self.input_factorization} conflicts with "
+                "decomp_mode='input_one_block', which keeps the input side as one block; use 'square'"
+            )
+        if self.decomp_mode == "output_one_block" and self.output_factorization is not None:
+            raise ValueError(
+                f"FuRAConfig.output_factorization={self.output_factorization} conflicts with "
+                "decomp_mode='output_one_block', which keeps the output side as one block; use 'square'"
+            )
+        self.svd_dtype = _as_dtype(self.svd_dtype, "svd_dtype")
+        if self.svd_dtype not in SVD_DTYPES:
+            raise ValueError(f"FuRAConfig.svd_dtype: expected torch.float32 or torch.float64, got {self.svd_dtype}")
+        self.trainable_dtype = _as_dtype(self.trainable_dtype, "trainable_dtype")
+        if not self.trainable_dtype.is_floating_point:
+            raise ValueError(f"FuRAConfig.trainable_dtype: expected a floating dtype, got {self.trainable_dtype}")
+        if self.svd_block_batch is not None and (
+            isinstance(self.svd_block_batch, bool) or not isinstance(self.svd_block_batch, int) or self.svd_block_batch < 1
+        ):
+            raise ValueError(f"FuRAConfig.svd_block_batch: expected a positive int or None, got {self.svd_block_batch!r}")
+
+    def _validate_rank(self) -> None:
+        rank = self.rank
+        if isinstance(rank, str):
+            if rank != "full":
+                raise ValueError(f"FuRAConfig.rank: expected 'full', an int or a float in (0, 1), got {rank!r}")
+        elif isinstance(rank, bool):
+            raise TypeError(f"FuRAConfig.rank: expected 'full', an int or a float in (0, 1), got {rank!r}")
+        elif isinstance(rank, int):
+            if rank < 1:
+                raise ValueError(f"FuRAConfig.rank: an int rank must be >= 1, got {rank}")
+        elif isinstance(rank, float):
+            if not 0.0 < rank < 1.0:
+                raise ValueError(f"FuRAConfig.rank: a float rank is a fraction in (0, 1), got {rank}")
+        else:
+            raise TypeError(f"FuRAConfig.rank: expected 'full', an int or a float in (0, 1), got {rank!r}")
+
+    def replace(self, **overrides: Any) -> FuRAConfig:
+        """A copy with some fields changed, validated again."""
+        unknown = set(overrides) - {f.name for f in dataclasses.fields(self)}
+        if unknown:
+            raise TypeError(f"FuRAConfig has no field(s) {sorted(unknown)}")
+        return dataclasses.replace(self, **overrides)
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-friendly view (dtypes as names)."""
+        out = dataclasses.asdict(self)
+        out["svd_dtype"] = str(self.svd_dtype).removeprefix("torch.")
+        out["trainable_dtype"] = str(self.trainable_dtype).removeprefix("torch.")
+        return out
