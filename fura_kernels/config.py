@@ -16,6 +16,7 @@ DECOMP_MODES = ("output_one_block", "input_one_block", "square")
 TRAIN_POSITIONS = ("small", "large", "both")
 S_MERGED_TO = ("keep_trainable", "keep_frozen", "output", "input", "split", "frozen", "trainable")
 SVD_DTYPES = (torch.float32, torch.float64)
+INITS = ("svd", "qr")
 
 
 def _as_dtype(value: Any, field_name: str) -> torch.dtype:
@@ -78,6 +79,13 @@ class FuRAConfig:
             "trained core; invalid with train_position='both')."
         },
     )
+    init: str = field(
+        default="svd",
+        metadata={
+            "help": "How each block is split: 'svd' (U · diag(S) · Vh, the method) or 'qr' (Q · R with a "
+            "positive diagonal; no singular values, so s_merged_to='keep_*' is invalid and rank must be 'full')."
+        },
+    )
     input_factorization: tuple[int, int] | None = field(
         default=None,
         metadata={
@@ -105,7 +113,7 @@ class FuRAConfig:
     svd_dtype: torch.dtype = field(
         default=torch.float32,
         metadata={
-            "help": "Precision of the SVD, whatever the weight's dtype: float32 or float64 "
+            "help": "Precision of the SVD (or QR), whatever the weight's dtype: float32 or float64 "
             "(bf16 cores are not lossless, FURA_SPEC.md §6)."
         },
     )
@@ -141,6 +149,18 @@ class FuRAConfig:
                 "train_position='both' trains both cores; use 'output', 'input', 'split' or 'keep_*'"
             )
         self._validate_rank()
+        if self.init not in INITS:
+            raise ValueError(f"FuRAConfig.init: expected one of {INITS}, got {self.init!r}")
+        if self.init == "qr" and self.s_merged_to.startswith("keep_"):
+            raise ValueError(
+                f"FuRAConfig.s_merged_to={self.s_merged_to!r} keeps singular values apart, but init='qr' "
+                "has none; use init='svd' or s_merged_to='output'"
+            )
+        if self.init == "qr" and self.rank != "full":
+            raise ValueError(
+                f"FuRAConfig.rank={self.rank!r} with init='qr': a truncated QR is not a best low-rank "
+                "approximation; use rank='full' or init='svd'"
+            )
         self.input_factorization = _as_factor_pair(self.input_factorization, "input_factorization")
         self.output_factorization = _as_factor_pair(self.output_factorization, "output_factorization")
         if self.decomp_mode == "input_one_block" and self.input_factorization is not None:

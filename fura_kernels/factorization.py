@@ -217,6 +217,28 @@ def block_svd(
     )
 
 
+def block_qr(
+    weight: torch.Tensor, shape: BlockShape, dtype: torch.dtype = torch.float32, block_batch: int | None = None
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """QR of every block, in the same `(U, S, Vh)` form as `block_svd`: U = Q (orthonormal
+    columns), S = ones, Vh = R. Signs are canonical: R's diagonal is non-negative, which makes
+    the factorisation unique for full-rank blocks. Only full rank (`shape.r = min(a, b)`)."""
+    m, n, a, b, r = shape.m, shape.n, shape.a, shape.b, shape.r
+    if r != min(a, b):
+        raise ValueError(f"block_qr: QR blocks are full rank, got r={r} for {a}x{b} blocks")
+    blocks = weight.detach().to(dtype).reshape(m, a, n, b).permute(0, 2, 1, 3).reshape(m * n, a, b)
+    step = block_batch or m * n
+    qs, rs = [], []
+    for start in range(0, m * n, step):
+        q, rr = torch.linalg.qr(blocks[start : start + step], mode="reduced")
+        sign = torch.sign(torch.diagonal(rr, dim1=-2, dim2=-1)).unsqueeze(-1)
+        sign = torch.where(sign == 0, torch.ones_like(sign), sign)
+        qs.append(q * sign.transpose(-1, -2))
+        rs.append(rr * sign)
+    ones = torch.ones(m, n, r, dtype=dtype, device=weight.device)
+    return torch.cat(qs).reshape(m, n, a, r), ones, torch.cat(rs).reshape(m, n, r, b)
+
+
 def cores_from_svd(
     u: torch.Tensor, s: torch.Tensor, vh: torch.Tensor, roles: CoreRoles
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:

@@ -10,7 +10,15 @@ from torch import nn
 from . import reference
 from .autograd import fura_linear
 from .config import FuRAConfig
-from .factorization import BlockShape, CoreRoles, block_svd, cores_from_svd, resolve_block_shape, resolve_roles
+from .factorization import (
+    BlockShape,
+    CoreRoles,
+    block_qr,
+    block_svd,
+    cores_from_svd,
+    resolve_block_shape,
+    resolve_roles,
+)
 
 
 class FusedBTTLinear(nn.Module):
@@ -111,7 +119,10 @@ class FusedBTTLinear(nn.Module):
         )
         if weight.device.type == "meta":
             return layer
-        u, s, vh = block_svd(weight, layer.block_shape, config.svd_dtype, config.svd_block_batch)
+        if not torch.isfinite(weight).all():
+            raise ValueError(f"{layer._where}.from_linear: the weight holds NaN or inf values; cannot factorise it")
+        decompose = block_svd if config.init == "svd" else block_qr
+        u, s, vh = decompose(weight, layer.block_shape, config.svd_dtype, config.svd_block_batch)
         btt_l, btt_r, btt_s = cores_from_svd(u, s, vh, layer.roles)
         with torch.no_grad():
             layer.btt_l.copy_(btt_l)
