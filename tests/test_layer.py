@@ -129,7 +129,7 @@ def test_gradients_low_precision_within_rule(mode, dtype):
     y_torch = unfused_same_dtype(layer, x_low2)
     same_dtype = torch.autograd.grad((y_torch * dy.to(dtype)).sum(), [x_low2, *params])
     x64 = x.double().requires_grad_()
-    ref = torch.autograd.grad((ref_layer(x64) * dy.double()).sum(), [x64, *ref_params])
+    ref = torch.autograd.grad((unfused_same_dtype(ref_layer, x64) * dy.double()).sum(), [x64, *ref_params])
     names = ["x"] + [n for n, p in layer.named_parameters() if p.requires_grad]
     for name, g, g_same, g_ref, p in zip(names, ours, same_dtype, ref, [x_low, *params]):
         assert g.dtype == p.dtype, name
