@@ -1,0 +1,1 @@
+"""Thin, runnable recipes on top of the fura_kernels API."""
