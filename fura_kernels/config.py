@@ -180,9 +180,13 @@ class FuRAConfig:
         if not self.trainable_dtype.is_floating_point:
             raise ValueError(f"FuRAConfig.trainable_dtype: expected a floating dtype, got {self.trainable_dtype}")
         if self.svd_block_batch is not None and (
-            isinstance(self.svd_block_batch, bool) or not isinstance(self.svd_block_batch, int) or self.svd_block_batch < 1
+            isinstance(self.svd_block_batch, bool)
+            or not isinstance(self.svd_block_batch, int)
+            or self.svd_block_batch < 1
         ):
-            raise ValueError(f"FuRAConfig.svd_block_batch: expected a positive int or None, got {self.svd_block_batch!r}")
+            raise ValueError(
+                f"FuRAConfig.svd_block_batch: expected a positive int or None, got {self.svd_block_batch!r}"
+            )
 
     def _validate_rank(self) -> None:
         rank = self.rank

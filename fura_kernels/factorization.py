@@ -84,7 +84,9 @@ def _head_counts(model_config: Any) -> tuple[int, int, int] | None:
     return int(heads), int(kv_heads), int(head_dim)
 
 
-def head_factorization(module_name: str | None, model_config: Any) -> tuple[tuple[int, int] | None, tuple[int, int] | None]:
+def head_factorization(
+    module_name: str | None, model_config: Any
+) -> tuple[tuple[int, int] | None, tuple[int, int] | None]:
     """`(input_pair, output_pair)` that cut an attention projection at head boundaries, or Nones."""
     if module_name is None or model_config is None:
         return None, None
@@ -144,7 +146,9 @@ def resolve_block_shape(
         pair = explicit or by_head or closest_factor_pair(dim)
         if pair[0] * pair[1] != dim:
             source = "config" if explicit else "the model config's head counts"
-            raise ValueError(f"{where}: {label}={pair} from {source} does not factor {dim} ({pair[0]}*{pair[1]} != {dim})")
+            raise ValueError(
+                f"{where}: {label}={pair} from {source} does not factor {dim} ({pair[0]}*{pair[1]} != {dim})"
+            )
         return pair
 
     split_in = config.decomp_mode in ("output_one_block", "square")

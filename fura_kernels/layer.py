@@ -59,7 +59,9 @@ class FusedBTTLinear(nn.Module):
         self.out_features = out_features
         self.module_name = module_name
         self.base_dtype = dtype or torch.get_default_dtype()
-        self.block_shape: BlockShape = resolve_block_shape(in_features, out_features, self.config, module_name, model_config)
+        self.block_shape: BlockShape = resolve_block_shape(
+            in_features, out_features, self.config, module_name, model_config
+        )
         self.roles: CoreRoles = resolve_roles(self.block_shape, self.config)
         m, n, a, b, r = (getattr(self.block_shape, f) for f in "mnabr")
         train_dtype = self.config.trainable_dtype
@@ -141,14 +143,18 @@ class FusedBTTLinear(nn.Module):
         if not isinstance(x, torch.Tensor):
             raise TypeError(f"{self._where}: expected a torch.Tensor input, got {type(x).__name__}")
         if not x.dtype.is_floating_point:
-            raise TypeError(f"{self._where}: input dtype {x.dtype} is not floating point; expected float32, float16 or bfloat16")
+            raise TypeError(
+                f"{self._where}: input dtype {x.dtype} is not floating point; expected float32, float16 or bfloat16"
+            )
         if x.dim() == 0 or x.shape[-1] != self.in_features:
             raise ValueError(
                 f"{self._where}: input of shape {tuple(x.shape)} has last dimension "
                 f"{x.shape[-1] if x.dim() else None}; expected in_features={self.in_features}"
             )
         if x.device != self.btt_l.device:
-            raise ValueError(f"{self._where}: input is on {x.device} but the layer's parameters are on {self.btt_l.device}")
+            raise ValueError(
+                f"{self._where}: input is on {x.device} but the layer's parameters are on {self.btt_l.device}"
+            )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         self._check_input(x)

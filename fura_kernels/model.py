@@ -167,7 +167,11 @@ def convert_to_fura(
             setattr(parent, attr, layer)
             replaced.append((parent, attr, original))
         fura_trainable = {
-            id(p) for module in model.modules() if isinstance(module, FusedBTTLinear) for p in module.parameters() if p.requires_grad
+            id(p)
+            for module in model.modules()
+            if isinstance(module, FusedBTTLinear)
+            for p in module.parameters()
+            if p.requires_grad
         }
         for p in model.parameters():
             if id(p) not in fura_trainable:

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
-from fura_kernels import FuRAConfig, FusedBTTLinear, reference
+from fura_kernels import FusedBTTLinear, reference
 
 from .helpers import DTYPE_IDS, assert_within_rule, max_rel_err, unfused_same_dtype
 
@@ -105,7 +105,7 @@ def test_gradients_float64_match_dense_autograd(mode, s_merged_to, train_positio
     assert len(wrt) >= 3  # x, at least one core, and the bias
     ours = torch.autograd.grad((layer(x) * dy).sum(), wrt)
     dense = torch.autograd.grad((F.linear(x, layer.dense_weight(), layer.bias) * dy).sum(), wrt)
-    for g, g_ref in zip(ours, dense):
+    for g, g_ref in zip(ours, dense, strict=True):
         assert g.dtype == g_ref.dtype
         assert max_rel_err(g, g_ref) < 1e-10
 
@@ -131,7 +131,7 @@ def test_gradients_low_precision_within_rule(mode, dtype):
     x64 = x.double().requires_grad_()
     ref = torch.autograd.grad((unfused_same_dtype(ref_layer, x64) * dy.double()).sum(), [x64, *ref_params])
     names = ["x"] + [n for n, p in layer.named_parameters() if p.requires_grad]
-    for name, g, g_same, g_ref, p in zip(names, ours, same_dtype, ref, [x_low, *params]):
+    for name, g, g_same, g_ref, p in zip(names, ours, same_dtype, ref, [x_low, *params], strict=True):
         assert g.dtype == p.dtype, name
         assert_within_rule(g, g_same, g_ref, dtype, f"{mode} d{name}")
 
@@ -185,7 +185,14 @@ def test_dense_weight_and_to_linear(mode):
 
 def test_extra_repr_is_helpful():
     text = repr(FusedBTTLinear.from_linear(nn.Linear(64, 48), module_name="blk.q"))
-    for part in ("in_features=64", "out_features=48", "bias=True", "m=1, n=8, a=48, b=8, r=8", "trains=R+S", "output_one_block"):
+    for part in (
+        "in_features=64",
+        "out_features=48",
+        "bias=True",
+        "m=1, n=8, a=48, b=8, r=8",
+        "trains=R+S",
+        "output_one_block",
+    ):
         assert part in text
 
 

@@ -30,13 +30,25 @@ TRIPLETS = [
     ("The restaurant is open on Sundays.", "You can eat there on Sunday.", "The restaurant is not open on Sundays."),
     ("She passed the exam.", "She got through the test.", "She did not pass the exam."),
     ("The train arrived on time.", "The train was punctual.", "The train did not arrive on time."),
-    ("This laptop's battery lasts all day.", "The notebook runs a full day on one charge.", "This laptop's battery does not last all day."),
+    (
+        "This laptop's battery lasts all day.",
+        "The notebook runs a full day on one charge.",
+        "This laptop's battery does not last all day.",
+    ),
     ("He remembered to lock the door.", "He did lock the door, as planned.", "He forgot to lock the door."),
-    ("The medicine helped my headache.", "My headache got better with the pills.", "The medicine did nothing for my headache."),
+    (
+        "The medicine helped my headache.",
+        "My headache got better with the pills.",
+        "The medicine did nothing for my headache.",
+    ),
     ("The bridge is safe to cross.", "You can safely walk over the bridge.", "The bridge is not safe to cross."),
 ]
 # Not trained on: shows whether the lesson carries over to a new sentence.
-HELD_OUT = ("The package was delivered yesterday.", "The parcel arrived yesterday.", "The package was not delivered yesterday.")
+HELD_OUT = (
+    "The package was delivered yesterday.",
+    "The parcel arrived yesterday.",
+    "The package was not delivered yesterday.",
+)
 PARAPHRASE_TARGET = 0.9  # cosine similarity we ask for between a sentence and its paraphrase
 NEGATION_TARGET = 0.1  # and between a sentence and its negation
 

@@ -1,0 +1,1 @@
+"""fura-kernels benchmarks: baselines now; the harness, microbenchmarks and results follow."""
