@@ -6,13 +6,14 @@ Public API:
 - `FusedBTTLinear`: a drop-in `nn.Linear` with weight `L · diag(S) · R`;
 - `convert_to_fura`, `merge_fura`, `find_target_linears`, `ConversionReport`: whole models;
 - `fura_linear` / `FuRALinearFunction`: the fused Function itself;
+- `step2_s_scaled_bmm`: a drop-in for the reference's second stage (`FURA_FUSED_STEP2=1`);
 - `reference`: the einsum oracle.
 """
 
 from importlib.metadata import PackageNotFoundError, version
 
 from . import reference
-from .autograd import FuRALinearFunction, fura_linear
+from .autograd import FuRALinearFunction, fura_linear, step2_s_scaled_bmm
 from .config import FuRAConfig
 from .factorization import BlockShape, closest_factor_pair
 from .layer import FusedBTTLinear
@@ -36,4 +37,5 @@ __all__ = [
     "fura_linear",
     "merge_fura",
     "reference",
+    "step2_s_scaled_bmm",
 ]

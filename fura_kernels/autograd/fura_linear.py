@@ -62,6 +62,17 @@ def _fold_s(btt_l, btt_r, btt_s, fold_into_r: bool, dtype: torch.dtype):
     return l_eff, r_eff
 
 
+def use_weight_side_merge(tokens: int, m: int, n: int, out_features: int, need_g_l: bool) -> bool:
+    """Forward by merging on the weight side (FURA_SPEC.md §3) instead of the activation side?
+
+    Only in the default layout (one output block, several input blocks) and only when the
+    backward does not need `zp` (L frozen, S not folded into L). The activation side moves
+    about `4*T*in` bytes through K1; the merge moves about `4*in*out` (read L, write W_eff):
+    the merge wins when `out < T`.
+    """
+    return m == 1 and n > 1 and not need_g_l and tokens > out_features
+
+
 class FuRALinearFunction(torch.autograd.Function):
     """`y = x · W^T + bias` with `W = L · diag(S) · R` (layouts in `fura_kernels.reference`).
 
@@ -76,6 +87,10 @@ class FuRALinearFunction(torch.autograd.Function):
         zp    = permute(z)                      (T, n, m*r) -> (T, m, n*r), a view unless square
         y_i   = zp_i · L'_i  (+ bias)           output side, block-diagonal over m; m = 1 in
                                                 the default mode: one dense GEMM
+
+    In the default layout with `T > out`, the forward merges on the weight side instead:
+    `W_eff[:, j] = L_j^T · R'_j^T` (K1, memory-bound, `in*out` elements), then `y = x · W_eff^T`
+    (one dense GEMM). `W_eff` is freed after the forward; the backward below is unchanged.
 
     Backward, by the chain rule through each stage (`dy` is (T, m, a)):
 
@@ -94,8 +109,12 @@ class FuRALinearFunction(torch.autograd.Function):
     Saved for backward: `x` only if `G^R` is needed, `zp` only if `G^L` is needed, and the
     parameters themselves (references, not copies). `R'` / `L'` are refolded in backward
     rather than saved: the fold touches only the smaller core. In the default mode nothing
-    weight-sized is saved or rebuilt, and `dS` comes from the `b x r` blocks of `G^R`, not from
-    a `T x in x out` weight-gradient GEMM.
+    weight-sized is saved, and `dS` comes from the `b x r` blocks of `G^R`, not from a
+    `T x in x out` weight-gradient GEMM.
+
+    Dispatch: a stage with one block is a dense GEMM (cuBLAS on a GPU); a stage with several
+    goes to the block-diagonal ops of `fura_kernels.triton` (Triton K1/K3 on a GPU, PyTorch on
+    the CPU).
     """
 
     @staticmethod
@@ -106,11 +125,20 @@ class FuRALinearFunction(torch.autograd.Function):
         s_needs_grad = btt_s is not None and ctx.needs_input_grad[3]
         need_g_l = ctx.needs_input_grad[1] or (s_needs_grad and not fold_into_r)
         need_g_r = ctx.needs_input_grad[2] or (s_needs_grad and fold_into_r)
+        merge_weight = use_weight_side_merge(tokens, m, n, a, need_g_l)
+        zp = None
         with torch.autocast(x.device.type, enabled=False):
             l_eff, r_eff = _fold_s(btt_l, btt_r, btt_s, fold_into_r, x.dtype)
-            xb = x.reshape(tokens, n, b)
-            zp = _input_to_output_blocks(_stage(xb, r_eff), m, n, r)
-            y = _stage(zp, l_eff).reshape(tokens, m * a)
+            if merge_weight:
+                # W_eff[:, j] = L_j^T · R'_j^T, by K1 on a transposed view of L (no copy); then
+                # one dense GEMM. W_eff is a temporary: backward never needs it.
+                l_t = l_eff[0].t().reshape(a, n, r)
+                w_eff = block_diag_matmul(l_t, r_eff.transpose(1, 2)).reshape(a, n * b)
+                y = torch.nn.functional.linear(x, w_eff)
+            else:
+                xb = x.reshape(tokens, n, b)
+                zp = _input_to_output_blocks(_stage(xb, r_eff), m, n, r)
+                y = _stage(zp, l_eff).reshape(tokens, m * a)
             if bias is not None:
                 y = y + bias.to(x.dtype)
         ctx.fold_into_r = fold_into_r

@@ -1,9 +1,15 @@
-"""Block-diagonal primitives under the FuRA autograd Function: tensors in, tensors out.
+"""Block-diagonal kernels under the FuRA autograd Function: tensors in, tensors out.
 
-Launchers here never see autograd state. Today they run in PyTorch on every device; the
-Triton kernels (K1 and K3 of FURA_SPEC.md §4) plug in behind the same signatures.
+- `kernels.py`: the Triton kernels K1 (block-diagonal matmul) and K3 (its fused backward);
+- `autotuning.py`: their configs, pruning, T buckets and the deterministic split of T;
+- `launchers.py`: Python launchers of the kernels;
+- `block_diag.py`: the PyTorch implementations (CPU, float64, fallback);
+- `ops.py`: `torch.library` custom ops that pick one of the two; the names exported here.
+
+Launchers here never see autograd state.
 """
 
-from .block_diag import accumulate_dtype, block_diag_matmul, block_diag_matmul_backward
+from .block_diag import accumulate_dtype
+from .ops import block_diag_matmul, block_diag_matmul_backward, use_triton
 
-__all__ = ["accumulate_dtype", "block_diag_matmul", "block_diag_matmul_backward"]
+__all__ = ["accumulate_dtype", "block_diag_matmul", "block_diag_matmul_backward", "use_triton"]

@@ -1,11 +1,14 @@
-"""Block-diagonal matmul (K1) and its backward (K3), PyTorch implementations.
+"""Block-diagonal matmul (K1) and its backward (K3): the PyTorch implementations.
+
+They run on the CPU, for float64, and wherever Triton cannot; the Triton launchers in
+`launchers.py` follow the same contracts.
 
 Contract, for `nblk` independent blocks:
 
-    block_diag_matmul(x, w)[t, j, :] = x[t, j, :] @ w[j]
+    torch_block_diag_matmul(x, w)[t, j, :] = x[t, j, :] @ w[j]
         x: (T, nblk, k), any strides; w: (nblk, k, nout); result (T, nblk, nout), x.dtype.
 
-    block_diag_matmul_backward(grad_out, x, w) -> (grad_x, grad_w)
+    torch_block_diag_backward(grad_out, x, w) -> (grad_x, grad_w)
         grad_x[t, j, :] = grad_out[t, j, :] @ w[j]^T          (T, nblk, k), grad_out.dtype
         grad_w[j]       = sum_t x[t, j, :]^T grad_out[t, j, :]  (nblk, k, nout), accumulate_dtype
 
@@ -32,13 +35,13 @@ def _check(x: torch.Tensor, w: torch.Tensor, op: str) -> None:
         )
 
 
-def block_diag_matmul(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+def torch_block_diag_matmul(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     """`out[:, j] = x[:, j] @ w[j]` for every block `j` (see the module docstring)."""
     _check(x, w, "block_diag_matmul")
     return torch.bmm(x.transpose(0, 1), w.to(x.dtype)).transpose(0, 1).contiguous()
 
 
-def block_diag_matmul_backward(
+def torch_block_diag_backward(
     grad_out: torch.Tensor,
     x: torch.Tensor | None,
     w: torch.Tensor,

@@ -1,0 +1,121 @@
+"""Compile K1 and K3 for a GPU architecture on a CPU-only machine, and read what came out.
+
+Triton can lower a kernel to PTX and a cubin for `sm_90` (H100) or `sm_80` (A100) with no GPU
+present, using the ptxas its wheel ships (FURA_SPEC.md §7). The tests use this to check, for
+every production config, that a kernel with a dot uses `wgmma` on Hopper and `mma.sync` on
+Ampere, fits in shared memory, and does not spill registers.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import tempfile
+from dataclasses import dataclass
+
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+
+from . import autotuning as at
+from .kernels import block_diag_backward_kernel, block_diag_matmul_kernel
+
+TRITON_TYPES = {"bf16": "*bf16", "fp16": "*fp16", "fp32": "*fp32"}
+SHARED_LIMIT = {90: 227 * 1024, 80: 163 * 1024}
+
+
+@dataclass
+class CompiledKernel:
+    arch: int
+    ptx: str
+    shared_bytes: int
+    registers: int
+    stack_bytes: int
+    local_bytes: int
+
+    @property
+    def uses_wgmma(self) -> bool:
+        return "wgmma.mma_async" in self.ptx
+
+    @property
+    def uses_mma_sync(self) -> bool:
+        return "mma.sync.aligned" in self.ptx
+
+    @property
+    def spills(self) -> bool:
+        return self.stack_bytes > 0 or self.local_bytes > 0
+
+
+def _resource_usage(cubin: bytes) -> tuple[int, int, int]:
+    """(registers, stack bytes, local bytes) from the cuobjdump that ships inside Triton."""
+    tool = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(cubin)
+        f.flush()
+        text = subprocess.run(
+            [tool, "--dump-resource-usage", f.name], capture_output=True, text=True, check=True
+        ).stdout
+
+    def field(name: str) -> int:
+        match = re.search(rf"\b{name}:(\d+)", text)
+        if match is None:
+            raise RuntimeError(f"cuobjdump printed no {name}: {text!r}")
+        return int(match.group(1))
+
+    return field("REG"), field("STACK"), field("LOCAL")
+
+
+def _compile(
+    fn, signature: dict, constexprs: dict, aligned: list[str], arch: int, warps: int, stages: int
+) -> CompiledKernel:
+    names = list(signature)
+    # Production launches see 16-byte aligned pointers and strides / sizes divisible by 16;
+    # without these hints Triton emits no vectorised or asynchronous copies.
+    attrs = {(names.index(n),): [["tt.divisibility", 16]] for n in aligned}
+    src = ASTSource(fn=fn, signature=signature, constexprs=constexprs, attrs=attrs)
+    compiled = triton.compile(
+        src, target=GPUTarget("cuda", arch, 32), options={"num_warps": warps, "num_stages": stages}
+    )
+    regs, stack, local = _resource_usage(compiled.asm["cubin"])
+    return CompiledKernel(arch, compiled.asm["ptx"], compiled.metadata.shared, regs, stack, local)
+
+
+def compile_k1(cfg: triton.Config, dtype: str, k: int, n: int, arch: int) -> CompiledKernel:
+    """K1 as launched on contiguous (T, nblk, K) activations and (nblk, K, N) weights."""
+    ptr = TRITON_TYPES[dtype]
+    signature = {"x_ptr": ptr, "w_ptr": ptr, "y_ptr": ptr, "T": "i32", "K": "constexpr", "N": "constexpr"}
+    signature.update({s: "i32" for s in ("stride_xt", "stride_xb")})
+    signature.update({"stride_xk": "constexpr", "stride_wb": "i32", "stride_wk": "i32", "stride_wn": "constexpr"})
+    signature.update({"stride_yt": "i32", "stride_yb": "i32", "stride_yn": "constexpr", "t_bucket": "i32"})
+    meta = {**cfg.kwargs, "UPCAST": False, "INPUT_PRECISION": "ieee"}
+    signature.update({name: "constexpr" for name in meta})
+    constexprs = {"K": k, "N": n, "stride_xk": 1, "stride_wn": 1, "stride_yn": 1, **meta}
+    aligned = ["x_ptr", "w_ptr", "y_ptr", "stride_xt", "stride_xb", "stride_wb", "stride_wk", "stride_yt", "stride_yb"]
+    return _compile(block_diag_matmul_kernel, signature, constexprs, aligned, arch, cfg.num_warps, cfg.num_stages)
+
+
+def compile_k3(cfg: triton.Config, dtype: str, k: int, n: int, arch: int) -> CompiledKernel:
+    """K3 computing both dx and G, as launched in a training step."""
+    ptr = TRITON_TYPES[dtype]
+    signature = {"g_ptr": ptr, "x_ptr": ptr, "w_ptr": ptr, "dx_ptr": ptr, "gw_ptr": "*fp32"}
+    signature.update({"T": "i32", "K": "constexpr", "N": "constexpr", "rows_per_split": "i32"})
+    unit = {"stride_gn", "stride_xk", "stride_wn", "stride_dxk", "stride_gwn"}
+    strides = [
+        "stride_gt", "stride_gb", "stride_gn", "stride_xt", "stride_xb", "stride_xk", "stride_wb", "stride_wk",
+        "stride_wn", "stride_dxt", "stride_dxb", "stride_dxk", "stride_gws", "stride_gwb", "stride_gwk", "stride_gwn",
+    ]  # fmt: skip
+    signature.update({s: ("constexpr" if s in unit else "i32") for s in strides})
+    signature["t_bucket"] = "i32"
+    meta = {
+        **cfg.kwargs,
+        "BLOCK_N": at.tile_cap(n),
+        "COMPUTE_DX": True,
+        "COMPUTE_GW": True,
+        "UPCAST": False,
+        "INPUT_PRECISION": "ieee",
+    }
+    signature.update({name: "constexpr" for name in meta})
+    constexprs = {"K": k, "N": n, **{s: 1 for s in unit}, **meta}
+    aligned = ["g_ptr", "x_ptr", "w_ptr", "dx_ptr", "gw_ptr", "rows_per_split"] + [s for s in strides if s not in unit]
+    return _compile(block_diag_backward_kernel, signature, constexprs, aligned, arch, cfg.num_warps, cfg.num_stages)
