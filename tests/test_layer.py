@@ -12,6 +12,7 @@ from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
 from fura_kernels import FusedBTTLinear, reference
+from fura_kernels.autograd import use_weight_side_merge
 
 from .helpers import DTYPE_IDS, assert_within_rule, max_rel_err, unfused_same_dtype
 
@@ -207,6 +208,30 @@ def test_default_step_costs_two_big_gemms():
         layer(x).sum().backward()
     dense = 2 * tokens * in_f * out_f
     assert counter.get_total_flops() == round(2 * dense * (1 + 1.5 * b / out_f))
+
+
+def test_weight_side_merge_path_float64_and_flops():
+    """T > out in the default layout: the forward merges W_eff = L^T · blockdiag(R') first."""
+    in_f, out_f, tokens = 96, 24, 64
+    lin = nn.Linear(in_f, out_f, dtype=torch.float64)
+    layer = FusedBTTLinear.from_linear(lin, svd_dtype=torch.float64, trainable_dtype=torch.float64)
+    shape = layer.block_shape
+    assert use_weight_side_merge(tokens, shape.m, shape.n, out_f, need_g_l=False)
+    _perturb_trainables(layer)
+    x = torch.randn(tokens, in_f, dtype=torch.float64, requires_grad=True)
+    dy = torch.randn(tokens, out_f, dtype=torch.float64)
+    wrt = [x] + [p for p in layer.parameters() if p.requires_grad]
+    y = layer(x)
+    ours = torch.autograd.grad((y * dy).sum(), wrt)
+    with FlopCounterMode(display=False) as counter:
+        (layer(x) * dy).sum().backward()
+    dense = torch.autograd.grad((F.linear(x, layer.dense_weight(), layer.bias) * dy).sum(), wrt)
+    for g, g_ref in zip(ours, dense, strict=True):
+        assert max_rel_err(g, g_ref) < 1e-10
+    assert max_rel_err(y, reference.forward(x, layer.btt_l, layer.btt_r, layer.btt_s, layer.bias)) < 1e-12
+    # merge 2*in*out*r + forward GEMM D + backward GEMM D + K3 (dx and G) 4*T*in*r
+    r = shape.r
+    assert counter.get_total_flops() == 2 * in_f * out_f * r + 2 * (2 * tokens * in_f * out_f) + 4 * tokens * in_f * r
 
 
 def test_default_mode_saves_nothing_weight_sized():

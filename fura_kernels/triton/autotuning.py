@@ -38,7 +38,7 @@ K1_CONFIGS = [
     triton.Config({"BLOCK_T": 64, "BLOCK_K": 64, "BLOCK_N": 64}, num_warps=4, num_stages=3),
     triton.Config({"BLOCK_T": 128, "BLOCK_K": 64, "BLOCK_N": 64}, num_warps=4, num_stages=3),
     triton.Config({"BLOCK_T": 128, "BLOCK_K": 64, "BLOCK_N": 128}, num_warps=8, num_stages=3),
-    triton.Config({"BLOCK_T": 128, "BLOCK_K": 32, "BLOCK_N": 128}, num_warps=4, num_stages=4),
+    triton.Config({"BLOCK_T": 128, "BLOCK_K": 32, "BLOCK_N": 128}, num_warps=8, num_stages=4),
     triton.Config({"BLOCK_T": 256, "BLOCK_K": 64, "BLOCK_N": 64}, num_warps=8, num_stages=3),
 ]
 # (BLOCK_T, BLOCK_K, num_warps, num_stages); BLOCK_N is the block's output width (see MAX_FUSED_N).

@@ -1,0 +1,59 @@
+"""Every production config of K1 and K3 compiles for H100 (sm_90) and A100 (sm_80) on the CPU.
+
+On sm_90 a kernel with a dot must lower to `wgmma`, fit in shared memory and not spill; on
+sm_80 the same source must lower to `mma.sync` (no Hopper-only instruction) and also fit
+without spilling. FURA_SPEC.md §7 explains the mechanism.
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+pytestmark = pytest.mark.skipif(
+    os.environ.get("TRITON_INTERPRET") == "1", reason="compiles real GPU code; not under the interpreter"
+)
+
+from fura_kernels.triton import autotuning  # noqa: E402
+from fura_kernels.triton import compile_check as cc  # noqa: E402
+
+# The block widths FuRA meets on Llama-3-8B and Qwen3 (b and r of 64, 96, 128).
+WIDTHS = [64, 96, 128]
+ARCHS = [90, 80]
+
+
+def _check(kernel: cc.CompiledKernel, what: str) -> None:
+    assert kernel.shared_bytes <= cc.SHARED_LIMIT[kernel.arch], f"{what}: {kernel.shared_bytes} B of shared memory"
+    assert not kernel.spills, f"{what}: spills (stack {kernel.stack_bytes} B, local {kernel.local_bytes} B)"
+    if kernel.arch == 90:
+        assert kernel.uses_wgmma, f"{what}: no wgmma on sm_90"
+    else:
+        assert kernel.uses_mma_sync and not kernel.uses_wgmma, f"{what}: expected mma.sync only on sm_80"
+
+
+def _ids(cfg):
+    kw = cfg.kwargs
+    return "x".join(str(v) for v in kw.values()) + f"-w{cfg.num_warps}-s{cfg.num_stages}"
+
+
+@pytest.mark.parametrize("arch", ARCHS, ids=lambda a: f"sm{a}")
+@pytest.mark.parametrize("cfg", autotuning.K1_CONFIGS, ids=_ids)
+def test_k1_compiles(cfg, arch):
+    for width in WIDTHS:
+        for dtype in ("bf16", "fp16"):
+            _check(cc.compile_k1(cfg, dtype, width, width, arch), f"K1 {dtype} {width} {_ids(cfg)} sm_{arch}")
+
+
+@pytest.mark.parametrize(
+    "arch, cfg",
+    [(90, c) for c in autotuning.K3_CONFIGS_HOPPER] + [(80, c) for c in autotuning.K3_CONFIGS_AMPERE],
+    ids=lambda v: f"sm{v}" if isinstance(v, int) else _ids(v),
+)
+def test_k3_compiles(arch, cfg):
+    assert autotuning.k3_configs_for(arch // 10) == (
+        autotuning.K3_CONFIGS_HOPPER if arch == 90 else autotuning.K3_CONFIGS_AMPERE
+    )
+    for width in WIDTHS:
+        for dtype in ("bf16", "fp16"):
+            _check(cc.compile_k3(cfg, dtype, width, width, arch), f"K3 {dtype} {width} {_ids(cfg)} sm_{arch}")
