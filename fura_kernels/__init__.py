@@ -4,6 +4,8 @@ Public API:
 
 - `FuRAConfig`: the factorisation and training knobs;
 - `FusedBTTLinear`: a drop-in `nn.Linear` with weight `L · diag(S) · R`;
+- `QFusedBTTLinear`: the same with the frozen L in NF4 (QFuRA); `quantize_nf4` / `dequantize_nf4` /
+  `NF4Tensor`: bitsandbytes' NF4 format in plain PyTorch;
 - `convert_to_fura`, `merge_fura`, `find_target_linears`, `ConversionReport`: whole models;
 - `fura_linear` / `FuRALinearFunction`: the fused Function itself;
 - `step2_s_scaled_bmm`: a drop-in for the reference's second stage (`FURA_FUSED_STEP2=1`);
@@ -18,6 +20,8 @@ from .config import FuRAConfig
 from .factorization import BlockShape, closest_factor_pair
 from .layer import FusedBTTLinear
 from .model import ConversionReport, convert_to_fura, count_parameters, find_target_linears, merge_fura
+from .nf4 import NF4Tensor, dequantize_nf4, quantize_nf4
+from .qlayer import QFusedBTTLinear
 
 try:
     __version__ = version("fura-kernels")
@@ -30,12 +34,16 @@ __all__ = [
     "FuRAConfig",
     "FuRALinearFunction",
     "FusedBTTLinear",
+    "NF4Tensor",
+    "QFusedBTTLinear",
     "closest_factor_pair",
     "convert_to_fura",
     "count_parameters",
+    "dequantize_nf4",
     "find_target_linears",
     "fura_linear",
     "merge_fura",
+    "quantize_nf4",
     "reference",
     "step2_s_scaled_bmm",
 ]

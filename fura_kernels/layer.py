@@ -37,6 +37,8 @@ class FusedBTTLinear(nn.Module):
     Compute runs in the input's dtype (or autocast's, inside an autocast region).
     """
 
+    _dense_l = True  # whether btt_l holds real values (QFusedBTTLinear stores L in NF4)
+
     def __init__(
         self,
         in_features: int,
@@ -70,7 +72,12 @@ class FusedBTTLinear(nn.Module):
             return nn.Parameter(torch.empty(shape, device=device, dtype=storage), requires_grad=trainable)
 
         roles = self.roles
-        self.btt_l = param((m, n * r, a), roles.train_l, train_dtype if roles.train_l else self.base_dtype)
+        # A subclass that stores L another way (QFuRA: NF4) builds no dense L at all.
+        l_device = "meta" if not self._dense_l else device
+        self.btt_l = nn.Parameter(
+            torch.empty((m, n * r, a), device=l_device, dtype=train_dtype if roles.train_l else self.base_dtype),
+            requires_grad=roles.train_l,
+        )
         self.btt_r = param((n, b, m * r), roles.train_r, train_dtype if roles.train_r else self.base_dtype)
         if roles.s_separate:
             # S is tiny; it stays in the trainable dtype even when frozen, so no precision is lost.
@@ -136,8 +143,14 @@ class FusedBTTLinear(nn.Module):
         return layer
 
     @property
+    def device(self) -> torch.device:
+        """Where the layer's parameters live (R always holds real values)."""
+        return self.btt_r.device
+
+    @property
     def _where(self) -> str:
-        return f"FusedBTTLinear {self.module_name!r}" if self.module_name else "FusedBTTLinear"
+        name = type(self).__name__
+        return f"{name} {self.module_name!r}" if self.module_name else name
 
     def _check_input(self, x: torch.Tensor) -> None:
         if not isinstance(x, torch.Tensor):
@@ -151,10 +164,8 @@ class FusedBTTLinear(nn.Module):
                 f"{self._where}: input of shape {tuple(x.shape)} has last dimension "
                 f"{x.shape[-1] if x.dim() else None}; expected in_features={self.in_features}"
             )
-        if x.device != self.btt_l.device:
-            raise ValueError(
-                f"{self._where}: input is on {x.device} but the layer's parameters are on {self.btt_l.device}"
-            )
+        if x.device != self.device:
+            raise ValueError(f"{self._where}: input is on {x.device} but the layer's parameters are on {self.device}")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         self._check_input(x)
@@ -188,7 +199,7 @@ class FusedBTTLinear(nn.Module):
         """A plain `nn.Linear` with the merged weight, on the layer's device, in its storage dtype."""
         dtype = self._storage_dtype()
         linear = nn.Linear(
-            self.in_features, self.out_features, bias=self.bias is not None, device=self.btt_l.device, dtype=dtype
+            self.in_features, self.out_features, bias=self.bias is not None, device=self.device, dtype=dtype
         )
         linear.weight.copy_(self.dense_weight())
         if self.bias is not None:

@@ -7,12 +7,14 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
+import torch
 from torch import nn
 from tqdm.auto import tqdm
 
 from .config import FuRAConfig
 from .factorization import resolve_block_shape
 from .layer import FusedBTTLinear
+from .qlayer import QUANT_TYPES, QFusedBTTLinear
 
 TargetModules = str | Iterable[str]
 ALL_LINEAR = "all-linear"
@@ -25,16 +27,25 @@ class ConversionReport:
     converted: list[str] = field(default_factory=list)
     trainable_params: int = 0
     total_params: int = 0
+    quantize: str | None = None
+    nf4_bytes: int = 0  # bytes of the NF4 frozen cores (not counted as parameters)
+    max_nf4_relative_error: float = 0.0  # worst per-layer quantisation error of a frozen core
 
     @property
     def trainable_fraction(self) -> float:
         return self.trainable_params / self.total_params if self.total_params else 0.0
 
     def __str__(self) -> str:
-        return (
+        text = (
             f"FuRA: converted {len(self.converted)} linear layers; trainable parameters "
             f"{self.trainable_params:,} of {self.total_params:,} ({100 * self.trainable_fraction:.3f}%)"
         )
+        if self.quantize:
+            text += (
+                f"; frozen cores in {self.quantize}: {self.nf4_bytes:,} bytes, worst relative "
+                f"quantisation error {self.max_nf4_relative_error:.2e}"
+            )
+        return text
 
 
 def _name_matches(name: str, patterns: TargetModules) -> bool:
@@ -125,6 +136,9 @@ def convert_to_fura(
     config: FuRAConfig | None = None,
     exclude_modules: TargetModules | None = None,
     *,
+    quantize: str | None = None,
+    double_quant: bool = True,
+    device: torch.device | str | None = None,
     progress: bool = True,
 ) -> ConversionReport:
     """Replace the selected `nn.Linear` layers of `model` with `FusedBTTLinear`, in place.
@@ -137,6 +151,12 @@ def convert_to_fura(
     A model on the `meta` device converts to correctly shaped layers without values, for
     parameter counts and memory plans.
 
+    `quantize="nf4"` stores each frozen L core in NF4 (`QFusedBTTLinear`, QFuRA; `double_quant`
+    on by default). `device` streams the conversion: each layer's weight is copied to `device`,
+    decomposed (and quantised) there, and the new layer stays there, one layer at a time, so a
+    model held on the CPU whose bf16 weights would not fit on the GPU converts with about one
+    layer's worth of temporaries on the GPU.
+
     All layers are validated before any is decomposed. If anything fails, the model is put back
     exactly as it was (modules and `requires_grad` flags) and the error is raised. While it
     runs, the original layers stay alive until the end so that the rollback is possible.
@@ -144,6 +164,10 @@ def convert_to_fura(
     config = config if config is not None else FuRAConfig()
     if not isinstance(config, FuRAConfig):
         raise TypeError(f"convert_to_fura: config must be a FuRAConfig, got {type(config).__name__}")
+    if quantize is not None and quantize not in QUANT_TYPES:
+        raise ValueError(
+            f"convert_to_fura: quantize={quantize!r} is not supported; expected None or one of {QUANT_TYPES}"
+        )
     names = find_target_linears(model, target_modules, exclude_modules)
     if not names:
         linears = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)]
@@ -163,7 +187,14 @@ def convert_to_fura(
         for name in tqdm(names, desc="FuRA: converting", unit="layer", disable=not progress):
             parent, attr = _split_name(model, name)
             original = getattr(parent, attr)
-            layer = FusedBTTLinear.from_linear(original, config, module_name=name, model_config=model_config)
+            source = _on_device(original, device)
+            if quantize is None:
+                layer = FusedBTTLinear.from_linear(source, config, module_name=name, model_config=model_config)
+            else:
+                layer = QFusedBTTLinear.from_linear(
+                    source, config, double_quant=double_quant, module_name=name, model_config=model_config
+                )
+            del source
             setattr(parent, attr, layer)
             replaced.append((parent, attr, original))
         fura_trainable = {
@@ -184,7 +215,24 @@ def convert_to_fura(
                 p.requires_grad_(requires_grad_before[id(p)])
         raise
     trainable, total = count_parameters(model)
-    return ConversionReport(converted=names, trainable_params=trainable, total_params=total)
+    report = ConversionReport(converted=names, trainable_params=trainable, total_params=total, quantize=quantize)
+    qlayers = [m for m in model.modules() if isinstance(m, QFusedBTTLinear)]
+    if quantize is not None and qlayers:
+        report.nf4_bytes = sum(q.nf4_bytes() for q in qlayers)
+        errors = [q.nf4_relative_error for q in qlayers if q.nf4_relative_error == q.nf4_relative_error]
+        report.max_nf4_relative_error = max(errors, default=0.0)
+    return report
+
+
+def _on_device(linear: nn.Linear, device: torch.device | str | None) -> nn.Linear:
+    """`linear` itself, or a temporary copy of it on `device` (the original is untouched)."""
+    if device is None or linear.weight.device == torch.device(device):
+        return linear
+    copy = nn.Linear(linear.in_features, linear.out_features, bias=linear.bias is not None, device="meta")
+    copy.weight = nn.Parameter(linear.weight.detach().to(device), requires_grad=False)
+    if linear.bias is not None:
+        copy.bias = nn.Parameter(linear.bias.detach().to(device), requires_grad=False)
+    return copy
 
 
 def merge_fura(model: nn.Module) -> nn.Module:

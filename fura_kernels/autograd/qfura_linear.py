@@ -1,0 +1,110 @@
+"""The QFuRA linear map: FuRA's minimal Function with the frozen L core stored in NF4."""
+
+from __future__ import annotations
+
+import torch
+
+from ..nf4 import NF4Tensor
+from ..triton import block_diag_matmul, use_triton
+from ..triton.nf4_ops import SCRATCH, fused_nf4_supported, nf4_dequantize, nf4_matmul
+from .fura_linear import _stage, _stage_backward
+
+
+class QFuRALinearFunction(torch.autograd.Function):
+    """`y = x · blockdiag(R') · Lt^T + bias` in the default layout (one output block), where
+    `Lt = L[0]^T` (out x n*r) is NF4 and `R'_j = R_j · diag(S_j)`.
+
+    Inputs: `x` (T, in) in the compute dtype; `btt_r` (n, b, r), `btt_s` (1, n, r) or None,
+    `bias` (out,) or None; `state`, the NF4 core (not differentiable).
+
+    Forward, by token count:
+    - T <= 64 (decode) on the Triton path: `z = x · blockdiag(R')` (K1), then `y = z · Lt^T`
+      by the fused NF4 kernel, which never writes `Lt` out;
+    - otherwise `Lt` is dequantised into the shared scratch buffer and, as in
+      `FuRALinearFunction`, either merged on the weight side (`T > out`) or multiplied on the
+      activation side, by cuBLAS.
+
+    Backward, by the chain rule (Lt is frozen, so there is no dL):
+
+        g     = dy · Lt                  (fused NF4 kernel for T <= 64, else scratch + cuBLAS)
+        dx_j  = g_j · R'_j^T,  G_j = x_j^T · g_j        (K3)
+        dR    = G ⊙ S,  dS = sum over b of G ⊙ R,  dbias = sum over T of dy
+
+    Saved: `x` (when R or S need a gradient) and the parameters. The dequantised core lives
+    only in the scratch buffer, between its write and the GEMM that reads it.
+    """
+
+    @staticmethod
+    def forward(ctx, x, btt_r, btt_s, bias, state: NF4Tensor):
+        n, b, r = btt_r.shape
+        tokens, out = x.shape[0], state.shape[0]
+        dtype = x.dtype
+        with torch.autocast(x.device.type, enabled=False):
+            r_eff = btt_r.to(dtype)
+            if btt_s is not None:
+                r_eff = r_eff * btt_s.to(dtype).reshape(n, 1, r)
+            triton_path = use_triton(x)
+            if triton_path and fused_nf4_supported(state, tokens):
+                y = nf4_matmul(_stage(x.reshape(tokens, n, b), r_eff).reshape(tokens, n * r), state)
+            else:
+                scratch = SCRATCH.get(out * n * r, dtype, x.device) if triton_path else None
+                lt = nf4_dequantize(state, dtype, out=scratch)
+                if tokens > out and n > 1:  # weight-side merge, as in FuRALinearFunction
+                    w_eff = block_diag_matmul(lt.reshape(out, n, r), r_eff.transpose(1, 2)).reshape(out, n * b)
+                    y = torch.nn.functional.linear(x, w_eff)
+                else:
+                    y = _stage(x.reshape(tokens, n, b), r_eff).reshape(tokens, n * r) @ lt.t()
+            if bias is not None:
+                y = y + bias.to(dtype)
+        needs_r = ctx.needs_input_grad[1] or (btt_s is not None and ctx.needs_input_grad[2])
+        ctx.state = state
+        ctx.need_g_r = needs_r
+        ctx.bias_dtype = None if bias is None else bias.dtype
+        ctx.save_for_backward(x if needs_r else None, btt_r, btt_s)
+        return y
+
+    @staticmethod
+    def backward(ctx, dy):
+        x, btt_r, btt_s = ctx.saved_tensors
+        state: NF4Tensor = ctx.state
+        needs_x, needs_r, needs_s, needs_bias, _ = ctx.needs_input_grad
+        n, b, r = btt_r.shape
+        tokens, out = dy.shape[0], state.shape[0]
+        dx = d_r = d_s = d_bias = None
+        with torch.autocast(dy.device.type, enabled=False):
+            acc = torch.promote_types(dy.dtype, torch.float32)
+            if needs_x or ctx.need_g_r:
+                triton_path = use_triton(dy)
+                if triton_path and fused_nf4_supported(state, tokens):
+                    g = nf4_matmul(dy, state, transpose=True)
+                else:
+                    scratch = SCRATCH.get(out * n * r, dy.dtype, dy.device) if triton_path else None
+                    g = dy @ nf4_dequantize(state, dy.dtype, out=scratch)
+                r_eff = btt_r.to(dy.dtype)
+                if btt_s is not None:
+                    r_eff = r_eff * btt_s.to(dy.dtype).reshape(n, 1, r)
+                xb = None if x is None else x.reshape(tokens, n, b)
+                dxb, g_r = _stage_backward(g.reshape(tokens, n, r), xb, r_eff, needs_x, ctx.need_g_r)
+                if needs_x:
+                    dx = dxb.reshape(tokens, n * b)
+                if needs_r:
+                    d_r = g_r if btt_s is None else g_r * btt_s.to(acc).reshape(n, 1, r)
+                    d_r = d_r.to(btt_r.dtype)
+                if needs_s:
+                    d_s = (g_r * btt_r.to(acc)).sum(dim=1).reshape(btt_s.shape).to(btt_s.dtype)
+            if needs_bias:
+                d_bias = dy.sum(dim=0, dtype=acc).to(ctx.bias_dtype)
+        return dx, d_r, d_s, d_bias, None
+
+
+def qfura_linear(
+    x: torch.Tensor,
+    state: NF4Tensor,
+    btt_r: torch.Tensor,
+    btt_s: torch.Tensor | None = None,
+    bias: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Apply `QFuRALinearFunction` to `x` of shape (..., in); computes in `x.dtype`."""
+    lead = x.shape[:-1]
+    y = QFuRALinearFunction.apply(x.reshape(-1, x.shape[-1]), btt_r, btt_s, bias, state)
+    return y.reshape(*lead, y.shape[-1])

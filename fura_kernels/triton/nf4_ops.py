@@ -1,0 +1,139 @@
+"""Launchers for the NF4 kernels, with PyTorch fallbacks: tensors in, tensors out.
+
+`nf4_dequantize` writes a frozen core into a caller-provided buffer (the layers share one
+scratch buffer, so no bf16 copy of any core stays alive); `nf4_matmul` is the fused small-T
+GEMM. Both run Triton where `use_triton` says so and `fura_kernels.nf4` otherwise.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..nf4 import NF4Tensor, dequantize_nf4, nf4_code
+from .ops import use_triton
+
+try:
+    import triton
+
+    from . import autotuning
+    from .nf4_kernels import nf4_dequantize_kernel, nf4_matmul_kernel, nf4_matmul_t_kernel
+except ImportError:  # no triton: PyTorch paths only
+    triton = None
+
+# Above this many tokens, dequantise-then-cuBLAS beats a dequantise-in-GEMM kernel on Hopper
+# (FURA_SPEC.md §4); at or below it the fused kernel reads 0.52 bytes per weight instead of 2.
+SMALL_T_MAX = 64
+# Elements per program of the dequantisation pass: 16 scale blocks, enough work per program to
+# hide the scale and level lookups.
+DEQUANT_BLOCK = 1024
+# Fused GEMM tiles: 64 rows of the dequantised core as the MMA's M side (wgmma's minimum with
+# 4 warps); K tiles of 64, one NF4 scale block per row segment.
+NF4_BLOCK_N = 64
+NF4_BLOCK_K = 64
+NF4_WARPS = 4
+NF4_STAGES = 3
+# The reduction axis is cut into at most this many splits of at least 1024 values, a function
+# of the shape alone, so the fixed-order sum of partials is reproducible.
+NF4_MAX_SPLITS = 16
+NF4_MIN_SPLIT = 1024
+
+
+def fused_nf4_supported(state: NF4Tensor, tokens: int) -> bool:
+    """Whether the fused small-T kernel applies: few tokens and rows a whole number of 64-value
+    scale blocks (a block must not straddle two rows of a tile)."""
+    return tokens <= SMALL_T_MAX and state.shape[1] % state.blocksize == 0
+
+
+def _scale_args(state: NF4Tensor, device: torch.device):
+    levels = nf4_code(device)
+    if state.double_quant:
+        return levels, state.nested_code, state.nested_absmax, float(state.offset.item())
+    # Unused when DOUBLE_QUANT is off: any valid pointer will do.
+    return levels, levels, levels, 0.0
+
+
+def nf4_dequantize(state: NF4Tensor, dtype: torch.dtype, out: torch.Tensor | None = None) -> torch.Tensor:
+    """The (N, K) core in `dtype`, written into `out` (a contiguous buffer of N*K or more
+    elements; a view of its head is returned) or into a new tensor."""
+    rows, cols = state.shape
+    numel = rows * cols
+    if out is None:
+        out = torch.empty(numel, dtype=dtype, device=state.device)
+    target = out.reshape(-1)[:numel]
+    if triton is not None and use_triton(target):
+        levels, nested_code, nested_absmax, offset = _scale_args(state, target.device)
+        grid = (triton.cdiv(numel, DEQUANT_BLOCK),)
+        nf4_dequantize_kernel[grid](state.packed, state.absmax, levels, nested_code, nested_absmax, offset, target,
+                                    numel, BLOCK=DEQUANT_BLOCK, DOUBLE_QUANT=state.double_quant)  # fmt: skip
+    else:
+        target.copy_(dequantize_nf4(state, dtype).reshape(-1))
+    return target.view(rows, cols)
+
+
+def _splits(length: int) -> tuple[int, int]:
+    splits = min(max(triton.cdiv(length, NF4_MIN_SPLIT), 1), NF4_MAX_SPLITS)
+    per_split = triton.cdiv(triton.cdiv(length, splits), NF4_BLOCK_K) * NF4_BLOCK_K
+    return per_split, triton.cdiv(length, per_split)
+
+
+def nf4_matmul(a: torch.Tensor, state: NF4Tensor, transpose: bool = False) -> torch.Tensor:
+    """`a @ Lt^T` (a: (T, K) -> (T, N)), or with `transpose`, `a @ Lt` (a: (T, N) -> (T, K)),
+    Lt the NF4 core (N, K). Fused (dequantise in the K loop) for T <= SMALL_T_MAX on the
+    Triton path; otherwise dequantise, then a dense matmul. Output in `a.dtype`."""
+    rows, cols = state.shape
+    tokens = a.shape[0]
+    if a.dim() != 2 or a.shape[1] != (rows if transpose else cols):
+        raise ValueError(f"nf4_matmul: a of shape {tuple(a.shape)} does not match the NF4 core {state.shape}")
+    if triton is None or not use_triton(a) or not fused_nf4_supported(state, tokens) or tokens == 0:
+        dense = nf4_dequantize(state, a.dtype)
+        return a @ dense if transpose else a @ dense.t()
+    levels, nested_code, nested_absmax, offset = _scale_args(state, a.device)
+    block_t = max(autotuning.MIN_TILE, triton.next_power_of_2(tokens))
+    reduce_len, out_len = (rows, cols) if transpose else (cols, rows)
+    per_split, splits = _splits(reduce_len)
+    partial = torch.empty((splits, out_len, block_t), dtype=torch.float32, device=a.device)
+    meta = dict(BLOCK_N=NF4_BLOCK_N, BLOCK_K=NF4_BLOCK_K, BLOCK_T=block_t, DOUBLE_QUANT=state.double_quant,
+                UPCAST=autotuning.INTERPRET)  # fmt: skip
+    launch = dict(num_warps=NF4_WARPS, num_stages=NF4_STAGES) if not autotuning.INTERPRET else {}
+    args = (a, state.packed, state.absmax, levels, nested_code, nested_absmax, offset, partial, tokens, rows, cols,
+            per_split, *a.stride())  # fmt: skip
+    if transpose:
+        grid = (triton.cdiv(cols, NF4_BLOCK_K), splits)
+        nf4_matmul_t_kernel[grid](*args, **meta, **launch)
+    else:
+        grid = (triton.cdiv(rows, NF4_BLOCK_N), splits)
+        nf4_matmul_kernel[grid](*args, **meta, **launch)
+    # Second pass of the reduction, in a fixed order; then (out, T) -> (T, out).
+    total = partial[0] if splits == 1 else partial.sum(dim=0)
+    return total[:, :tokens].t().to(a.dtype)
+
+
+class ScratchPool:
+    """Reusable dequantisation buffers, one per (device, dtype), grown to the largest request.
+
+    Every QFuRA layer dequantises its core into the same buffer just before the GEMM that
+    reads it and never keeps the result, so a model holds one core-sized bf16 buffer at most,
+    not one per layer. Call `release()` to free it. Single-stream use only: a second CUDA
+    stream running another QFuRA layer concurrently would race on the buffer.
+    """
+
+    def __init__(self) -> None:
+        self._buffers: dict[tuple[torch.device, torch.dtype], torch.Tensor] = {}
+
+    def get(self, numel: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+        key = (torch.device(device), dtype)
+        buffer = self._buffers.get(key)
+        if buffer is None or buffer.numel() < numel:
+            self._buffers.pop(key, None)  # free the old one before allocating the larger one
+            buffer = torch.empty(numel, dtype=dtype, device=device)
+            self._buffers[key] = buffer
+        return buffer
+
+    def release(self) -> None:
+        self._buffers.clear()
+
+    def nbytes(self) -> int:
+        return sum(b.numel() * b.element_size() for b in self._buffers.values())
+
+
+SCRATCH = ScratchPool()
