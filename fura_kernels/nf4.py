@@ -244,7 +244,11 @@ def quantize_nf4(weight: torch.Tensor, double_quant: bool = True) -> NF4Tensor:
         code = dynamic_code(flat.device)
         scaled = _scale_blocks(centred, nested_absmax, NESTED_BLOCKSIZE)
         # Nearest entry of the 256-value table, ties to the lower entry, as for the NF4 levels.
-        state.absmax = _nearest_level(scaled, code).to(torch.uint8)
+        # A block whose deviations are all zero divides 0 by 0 in bitsandbytes and stores
+        # index 0; any index decodes to the same scale there (0 * code + offset).
+        codes = _nearest_level(scaled, code)
+        flat_zero = (nested_absmax == 0).repeat_interleave(NESTED_BLOCKSIZE)[: codes.numel()]
+        state.absmax = torch.where(flat_zero, torch.zeros_like(codes), codes).to(torch.uint8)
         state.offset = offset.reshape(1)
         state.nested_absmax = nested_absmax
         state.nested_code = code

@@ -119,3 +119,67 @@ def compile_k3(cfg: triton.Config, dtype: str, k: int, n: int, arch: int) -> Com
     constexprs = {"K": k, "N": n, **{s: 1 for s in unit}, **meta}
     aligned = ["g_ptr", "x_ptr", "w_ptr", "dx_ptr", "gw_ptr", "rows_per_split"] + [s for s in strides if s not in unit]
     return _compile(block_diag_backward_kernel, signature, constexprs, aligned, arch, cfg.num_warps, cfg.num_stages)
+
+
+def _nf4_signature(a_type: str, transpose: bool) -> tuple[dict, list[str]]:
+    signature = {
+        "a_ptr": a_type,
+        "packed_ptr": "*u8",
+        "absmax_ptr": "*u8",
+        "levels_ptr": "*fp32",
+        "nested_code_ptr": "*fp32",
+        "nested_absmax_ptr": "*fp32",
+        "offset": "fp32",
+        "partial_ptr": "*fp32",
+        "T": "i32",
+        "N": "i32",
+        "K": "i32",
+        ("n_per_split" if transpose else "k_per_split"): "i32",
+        "stride_at": "i32",
+        ("stride_an" if transpose else "stride_ak"): "constexpr",
+    }
+    aligned = ["a_ptr", "packed_ptr", "absmax_ptr", "partial_ptr", "N", "K", "stride_at"]
+    return signature, aligned
+
+
+def compile_nf4_matmul(dtype: str, block_t: int, arch: int, transpose: bool = False) -> CompiledKernel:
+    """The fused small-T NF4 GEMM (double quantisation on), as `nf4_ops.nf4_matmul` launches it."""
+    from . import nf4_ops
+    from .nf4_kernels import nf4_matmul_kernel, nf4_matmul_t_kernel
+
+    signature, aligned = _nf4_signature(TRITON_TYPES[dtype], transpose)
+    meta = {
+        "BLOCK_N": nf4_ops.NF4_BLOCK_N,
+        "BLOCK_K": nf4_ops.NF4_BLOCK_K,
+        "BLOCK_T": block_t,
+        "DOUBLE_QUANT": True,
+        "L_DTYPE": dtype,
+        "UPCAST": False,
+    }
+    signature.update({name: "constexpr" for name in meta})
+    constexprs = {("stride_an" if transpose else "stride_ak"): 1, **meta}
+    kernel = nf4_matmul_t_kernel if transpose else nf4_matmul_kernel
+    return _compile(kernel, signature, constexprs, aligned, arch, nf4_ops.NF4_WARPS, nf4_ops.NF4_STAGES)
+
+
+def compile_nf4_dequantize(dtype: str, arch: int) -> CompiledKernel:
+    """The training-path dequantisation pass (double quantisation on)."""
+    from . import nf4_ops
+    from .nf4_kernels import nf4_dequantize_kernel
+
+    signature = {
+        "packed_ptr": "*u8",
+        "absmax_ptr": "*u8",
+        "levels_ptr": "*fp32",
+        "nested_code_ptr": "*fp32",
+        "nested_absmax_ptr": "*fp32",
+        "offset": "fp32",
+        "out_ptr": TRITON_TYPES[dtype],
+        "numel": "i32",
+        "BLOCK": "constexpr",
+        "DOUBLE_QUANT": "constexpr",
+        "OUT_DTYPE": "constexpr",
+    }
+    constexprs = {"BLOCK": nf4_ops.DEQUANT_BLOCK, "DOUBLE_QUANT": True, "OUT_DTYPE": dtype}
+    aligned = ["packed_ptr", "absmax_ptr", "out_ptr", "numel"]
+    return _compile(nf4_dequantize_kernel, signature, constexprs, aligned, arch, 4, 1)

@@ -23,6 +23,24 @@ import triton.language as tl
 
 
 @triton.jit
+def _round_to(x, DTYPE: tl.constexpr):
+    """Round fp32 `x` to the frozen core's dtype ("bf16", "fp16" or "fp32"), kept in fp32.
+
+    bf16 is rounded to nearest-even by integer arithmetic rather than a cast: it is what a GPU
+    cast does, and the CPU interpreter's cast truncates instead (FURA_SPEC.md §7), so the same
+    code gives the same bits on both.
+    """
+    if DTYPE == "bf16":
+        bits = x.to(tl.uint32, bitcast=True)
+        bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
+        return bits.to(tl.float32, bitcast=True)
+    elif DTYPE == "fp16":
+        return x.to(tl.float16).to(tl.float32)
+    else:
+        return x
+
+
+@triton.jit
 def _nf4_values(packed_ptr, absmax_ptr, levels_ptr, nested_code_ptr, nested_absmax_ptr, offset, flat, mask,
                 DOUBLE_QUANT: tl.constexpr):  # fmt: skip
     """fp32 values of the flattened NF4 elements `flat` (int64 indices)."""
@@ -54,8 +72,10 @@ def nf4_dequantize_kernel(
     numel,
     BLOCK: tl.constexpr,
     DOUBLE_QUANT: tl.constexpr,
+    OUT_DTYPE: tl.constexpr,
 ):
-    """`out.flatten()[i] = level[code[i]] * scale[i // 64]` (fp32 math, stored in out's dtype).
+    """`out.flatten()[i] = level[code[i]] * scale[i // 64]` (fp32 math, rounded to nearest in
+    out's dtype, named by OUT_DTYPE: "bf16", "fp16" or "fp32").
 
     Grid: (cdiv(numel, BLOCK),). Works for any numel; out is contiguous.
     """
@@ -64,7 +84,7 @@ def nf4_dequantize_kernel(
     mask = flat < numel
     values = _nf4_values(packed_ptr, absmax_ptr, levels_ptr, nested_code_ptr, nested_absmax_ptr, offset, flat, mask,
                          DOUBLE_QUANT)  # fmt: skip
-    tl.store(out_ptr + flat, values.to(out_ptr.dtype.element_ty), mask=mask)
+    tl.store(out_ptr + flat, _round_to(values, OUT_DTYPE).to(out_ptr.dtype.element_ty), mask=mask)
 
 
 @triton.jit
@@ -87,10 +107,12 @@ def nf4_matmul_kernel(
     BLOCK_K: tl.constexpr,
     BLOCK_T: tl.constexpr,
     DOUBLE_QUANT: tl.constexpr,
+    L_DTYPE: tl.constexpr,
     UPCAST: tl.constexpr,
 ):
     """Split-K partials of `y = a @ Lt^T`: `partial[s, n, t] = sum over k in split s of
-    Lt[n, k] * a[t, k]`, fp32. a (T, K) any strides, T <= BLOCK_T; Lt (N, K) NF4.
+    Lt[n, k] * a[t, k]`, fp32. a (T, K) any strides, T <= BLOCK_T; Lt (N, K) NF4, its values
+    rounded to L_DTYPE (the dtype it was quantised from) before use.
 
     Grid: (cdiv(N, BLOCK_N), n_splits). The dequantised Lt tile is the dot's M operand.
     """
@@ -110,6 +132,7 @@ def nf4_matmul_kernel(
         tile_mask = mask_n[:, None] & mask_k[None, :]
         lt = _nf4_values(packed_ptr, absmax_ptr, levels_ptr, nested_code_ptr, nested_absmax_ptr, offset,
                          rows[:, None] + offs_k[None, :], tile_mask, DOUBLE_QUANT)  # fmt: skip
+        lt = _round_to(lt, L_DTYPE)  # the core's values are its dtype's, as `dequantize_nf4` gives
         a = tl.load(
             a_ptr + offs_t[:, None].to(tl.int64) * stride_at + offs_k[None, :] * stride_ak,
             mask=mask_t[:, None] & mask_k[None, :],
@@ -144,6 +167,7 @@ def nf4_matmul_t_kernel(
     BLOCK_K: tl.constexpr,
     BLOCK_T: tl.constexpr,
     DOUBLE_QUANT: tl.constexpr,
+    L_DTYPE: tl.constexpr,
     UPCAST: tl.constexpr,
 ):
     """Split-N partials of `g = a @ Lt`: `partial[s, k, t] = sum over n in split s of
@@ -166,6 +190,7 @@ def nf4_matmul_t_kernel(
         flat = offs_n[:, None].to(tl.int64) * K + offs_k[None, :]
         lt = _nf4_values(packed_ptr, absmax_ptr, levels_ptr, nested_code_ptr, nested_absmax_ptr, offset,
                          flat, mask_n[:, None] & mask_k[None, :], DOUBLE_QUANT)  # fmt: skip
+        lt = _round_to(lt, L_DTYPE)
         a = tl.load(
             a_ptr + offs_t[:, None].to(tl.int64) * stride_at + offs_n[None, :] * stride_an,
             mask=mask_t[:, None] & mask_n[None, :],

@@ -12,6 +12,8 @@ import torch
 from ..nf4 import NF4Tensor, dequantize_nf4, nf4_code
 from .ops import use_triton
 
+DTYPE_NAMES = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}
+
 try:
     import triton
 
@@ -26,12 +28,14 @@ SMALL_T_MAX = 64
 # Elements per program of the dequantisation pass: 16 scale blocks, enough work per program to
 # hide the scale and level lookups.
 DEQUANT_BLOCK = 1024
-# Fused GEMM tiles: 64 rows of the dequantised core as the MMA's M side (wgmma's minimum with
-# 4 warps); K tiles of 64, one NF4 scale block per row segment.
+# Fused GEMM tiles: 64 rows of the dequantised core as the MMA's M side (wgmma's minimum);
+# K tiles of 64, one NF4 scale block per row segment. 8 warps and 2 stages: with 4 warps the
+# dequantisation's gathers spill registers on sm_90 (up to 72 B of stack), with 3 stages shared
+# memory doubles to 112 KB for nothing (tests/kernels/test_compile.py checks all three).
 NF4_BLOCK_N = 64
 NF4_BLOCK_K = 64
-NF4_WARPS = 4
-NF4_STAGES = 3
+NF4_WARPS = 8
+NF4_STAGES = 2
 # The reduction axis is cut into at most this many splits of at least 1024 values, a function
 # of the shape alone, so the fixed-order sum of partials is reproducible.
 NF4_MAX_SPLITS = 16
@@ -60,11 +64,14 @@ def nf4_dequantize(state: NF4Tensor, dtype: torch.dtype, out: torch.Tensor | Non
     if out is None:
         out = torch.empty(numel, dtype=dtype, device=state.device)
     target = out.reshape(-1)[:numel]
-    if triton is not None and use_triton(target):
+    if triton is not None and use_triton(target) and dtype in DTYPE_NAMES:
         levels, nested_code, nested_absmax, offset = _scale_args(state, target.device)
         grid = (triton.cdiv(numel, DEQUANT_BLOCK),)
+        # No fused multiply-add: `code * absmax2 + offset` must round like bitsandbytes' two steps.
+        exact = {} if autotuning.INTERPRET else {"enable_fp_fusion": False}
         nf4_dequantize_kernel[grid](state.packed, state.absmax, levels, nested_code, nested_absmax, offset, target,
-                                    numel, BLOCK=DEQUANT_BLOCK, DOUBLE_QUANT=state.double_quant)  # fmt: skip
+                                    numel, BLOCK=DEQUANT_BLOCK, DOUBLE_QUANT=state.double_quant,
+                                    OUT_DTYPE=DTYPE_NAMES[dtype], **exact)  # fmt: skip
     else:
         target.copy_(dequantize_nf4(state, dtype).reshape(-1))
     return target.view(rows, cols)
@@ -93,7 +100,7 @@ def nf4_matmul(a: torch.Tensor, state: NF4Tensor, transpose: bool = False) -> to
     per_split, splits = _splits(reduce_len)
     partial = torch.empty((splits, out_len, block_t), dtype=torch.float32, device=a.device)
     meta = dict(BLOCK_N=NF4_BLOCK_N, BLOCK_K=NF4_BLOCK_K, BLOCK_T=block_t, DOUBLE_QUANT=state.double_quant,
-                UPCAST=autotuning.INTERPRET)  # fmt: skip
+                L_DTYPE=DTYPE_NAMES.get(state.dtype, "fp32"), UPCAST=autotuning.INTERPRET)  # fmt: skip
     launch = dict(num_warps=NF4_WARPS, num_stages=NF4_STAGES) if not autotuning.INTERPRET else {}
     args = (a, state.packed, state.absmax, levels, nested_code, nested_absmax, offset, partial, tokens, rows, cols,
             per_split, *a.stride())  # fmt: skip

@@ -57,3 +57,19 @@ def test_k3_compiles(arch, cfg):
     for width in WIDTHS:
         for dtype in ("bf16", "fp16"):
             _check(cc.compile_k3(cfg, dtype, width, width, arch), f"K3 {dtype} {width} {_ids(cfg)} sm_{arch}")
+
+
+@pytest.mark.parametrize("arch", ARCHS, ids=lambda a: f"sm{a}")
+@pytest.mark.parametrize("transpose", [False, True], ids=["a@Lt^T", "a@Lt"])
+def test_nf4_fused_gemm_compiles(arch, transpose):
+    for block_t in (16, 32, 64):  # T <= 64 is padded to one of these
+        for dtype in ("bf16", "fp16"):
+            kernel = cc.compile_nf4_matmul(dtype, block_t, arch, transpose)
+            _check(kernel, f"NF4 GEMM {dtype} T<={block_t} transpose={transpose} sm_{arch}")
+
+
+@pytest.mark.parametrize("arch", ARCHS, ids=lambda a: f"sm{a}")
+def test_nf4_dequantize_compiles(arch):
+    for dtype in ("bf16", "fp16"):
+        kernel = cc.compile_nf4_dequantize(dtype, arch)
+        assert kernel.shared_bytes <= cc.SHARED_LIMIT[arch] and not kernel.spills, f"NF4 dequant {dtype} sm_{arch}"
