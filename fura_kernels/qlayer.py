@@ -13,6 +13,7 @@ from .autograd import qfura_linear
 from .config import FuRAConfig
 from .layer import FusedBTTLinear
 from .nf4 import NF4Tensor, dequantize_nf4, quantize_nf4
+from .triton import use_triton
 from .triton.nf4_ops import SMALL_T_MAX
 
 QUANT_TYPES = ("nf4",)
@@ -183,7 +184,7 @@ class QFusedBTTLinear(FusedBTTLinear):
             x = x.to(torch.get_autocast_dtype(device_type))
         state = self.nf4_state()
         tokens = x.numel() // self.in_features
-        if tokens <= SMALL_T_MAX and self.nf4_shape[1] % 64 and not self._warned_fallback:
+        if tokens <= SMALL_T_MAX and self.nf4_shape[1] % 64 and not self._warned_fallback and use_triton(x):
             self._warned_fallback = True
             warnings.warn(
                 f"{self._where}: core rows of {self.nf4_shape[1]} values are not a multiple of 64, so the fused "

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import copy
 import os
+import warnings
 
 import pytest
 import torch
@@ -93,3 +94,16 @@ def test_qfura_layer_on_the_triton_path(dtype, tokens):
         assert_within_rule(g, g_same, g_ref, dtype, f"QFuRA d{name}")
     if tokens > SMALL_T_MAX:
         assert SCRATCH.nbytes() >= 96 * 256 * 2  # the shared buffer served this layer
+
+
+def test_rows_not_a_multiple_of_64_fall_back_and_say_so_once():
+    layer = QFusedBTTLinear.from_linear(nn.Linear(90, 40), module_name="odd")  # core rows: n*r = 90
+    x = torch.randn(3, 90)
+    with pytest.warns(UserWarning, match="'odd'.*not a multiple of 64"):
+        y = layer(x)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert torch.equal(layer(x), y)
+    ref = reference.forward(x.double(), layer.dequantized_l(torch.float64), layer.btt_r.double(),
+                            layer.btt_s.double(), layer.bias.double())  # fmt: skip
+    assert (y.double() - ref).abs().max() < 1e-4 * ref.abs().max()
