@@ -1,0 +1,68 @@
+"""`fura-bench` / `python -m bench`: run the benchmark suites and write a results file.
+
+fura-bench --quick                # a short run: on a GPU the quick profile, else cpu-quick
+fura-bench                        # the full suite (GPU) / cpu-quick (CPU)
+fura-bench --only layers --profile cpu-tiny --out /tmp/results
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import torch
+
+from . import environment, report, results
+from .suites import PROFILES, run_suites
+
+SUITES = ("kernels", "layers", "model")
+
+
+def _pick_profile(args, device: torch.device) -> str:
+    if args.profile:
+        return args.profile
+    if device.type == "cuda":
+        return "quick" if args.quick else "full"
+    return "cpu-quick"
+
+
+def main(argv: list[str] | None = None) -> Path:
+    parser = argparse.ArgumentParser(prog="fura-bench", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help="the short profile (quick on a GPU, cpu-quick on a CPU)")
+    parser.add_argument("--profile", choices=sorted(PROFILES), help="shapes and token counts to run")
+    parser.add_argument("--only", choices=SUITES, action="append", help="run only this suite (repeatable)")
+    parser.add_argument("--device", default=None, help="cuda, cuda:1 or cpu (default: cuda when available)")
+    parser.add_argument("--dtype", default=None, choices=["bfloat16", "float16", "float32"],
+                        help="compute dtype (default: bfloat16 on a GPU, float32 on a CPU)")  # fmt: skip
+    parser.add_argument("--out", type=Path, default=Path("bench/results"), help="results root (default bench/results)")
+    parser.add_argument("--readme", type=Path, help="also rewrite this README's benchmark table from the new results")
+    args = parser.parse_args(argv)
+
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    dtype = getattr(torch, args.dtype) if args.dtype else (torch.bfloat16 if device.type == "cuda" else torch.float32)
+    profile = PROFILES[_pick_profile(args, device)]
+    suites = list(args.only or SUITES)
+    torch.manual_seed(0)
+    run = run_suites(profile, suites, device, dtype)
+    out = {
+        "schema_version": 1,
+        "profile": profile.name,
+        "suites": suites,
+        "environment": environment.describe(device),
+        **run,
+    }
+    if device.type == "cpu":
+        out["note"] = results.CPU_NOTE
+    path = results.write(out, args.out)
+    print(f"results: {path}")
+    text = report.table(out, path.as_posix())
+    print(text)
+    for plot in report.plots(out, path.parent / "plots"):
+        print(f"plot: {plot}")
+    if args.readme:
+        report.update_readme(args.readme, text)
+    return path
+
+
+if __name__ == "__main__":
+    main()

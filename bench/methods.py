@@ -1,0 +1,121 @@
+"""The methods a benchmark compares, each built around the same random base layer.
+
+Every method gives one training step of one linear layer: forward, backward and (where it has
+trainable tensors) an AdamW step, as a fine-tuning loop runs it. PEFT LoRA/QLoRA are the real
+peft library on a real (bitsandbytes NF4, for QLoRA) base layer.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from fura_kernels import FusedBTTLinear, QFusedBTTLinear
+
+from .baselines import ReferenceBTTLinear
+
+METHODS = ("dense_floor", "fura", "qfura", "lora_r32", "lora_r64", "qlora_r32", "reference", "full_ft")
+
+
+@dataclass(frozen=True)
+class LayerCase:
+    """A projection shape: `in -> out`, cut into `n` input blocks of `b` (head-aligned for o)."""
+
+    name: str
+    in_features: int
+    out_features: int
+    n: int
+    b: int
+
+
+class _Holder(nn.Module):
+    """PEFT targets modules by name: the benchmarked linear sits at `.proj`."""
+
+    def __init__(self, proj: nn.Module) -> None:
+        super().__init__()
+        self.proj = proj
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.proj(x)
+
+
+def base_linear(case: LayerCase, dtype: torch.dtype, device: torch.device, seed: int = 0) -> nn.Linear:
+    """The shared random base layer (std 1/sqrt(in), never zeros)."""
+    generator = torch.Generator(device="cpu").manual_seed(seed)
+    weight = torch.randn(case.out_features, case.in_features, generator=generator) / case.in_features**0.5
+    linear = nn.Linear(case.in_features, case.out_features, bias=False, device=device, dtype=dtype)
+    with torch.no_grad():
+        linear.weight.copy_(weight)
+    return linear
+
+
+def _nf4_linear(linear: nn.Linear, dtype: torch.dtype) -> nn.Module:
+    import bitsandbytes as bnb
+
+    quantised = bnb.nn.Linear4bit(
+        linear.in_features,
+        linear.out_features,
+        bias=False,
+        compute_dtype=dtype,
+        quant_type="nf4",
+        compress_statistics=True,
+    )
+    quantised.weight = bnb.nn.Params4bit(
+        linear.weight.data.to("cpu"), requires_grad=False, quant_type="nf4", compress_statistics=True
+    )
+    return quantised.to(linear.weight.device)
+
+
+def _lora(base: nn.Module, rank: int) -> nn.Module:
+    from peft import LoraConfig, get_peft_model
+
+    config = LoraConfig(r=rank, lora_alpha=rank, lora_dropout=0.0, target_modules=["proj"], bias="none")
+    return get_peft_model(_Holder(base), config)
+
+
+def build(method: str, case: LayerCase, dtype: torch.dtype, device: torch.device) -> nn.Module:
+    """The module for `method` on `case`; its trainable tensors are exactly its `requires_grad` ones."""
+    linear = base_linear(case, dtype, device)
+    factor = {"input_factorization": (case.n, case.b)}
+    if method == "dense_floor":
+        linear.requires_grad_(False)
+        return linear
+    if method == "full_ft":
+        return linear
+    if method == "fura":
+        return FusedBTTLinear.from_linear(linear, **factor)
+    if method == "qfura":
+        return QFusedBTTLinear.from_linear(linear, **factor)
+    if method == "reference":
+        return ReferenceBTTLinear(FusedBTTLinear.from_linear(linear, **factor))
+    if method in ("lora_r32", "lora_r64"):
+        linear.requires_grad_(False)
+        return _lora(linear, int(method.rsplit("r", 1)[1]))
+    if method == "qlora_r32":
+        return _lora(_nf4_linear(linear, dtype), 32)
+    raise ValueError(f"bench.methods.build: unknown method {method!r}; expected one of {METHODS}")
+
+
+def trainable(module: nn.Module) -> list[nn.Parameter]:
+    return [p for p in module.parameters() if p.requires_grad]
+
+
+def make_step(module: nn.Module, inputs: list[tuple[torch.Tensor, torch.Tensor]]) -> Callable[[int], None]:
+    """One training step on input set `i % len(inputs)`: forward, backward (dx always: the
+    layer sits inside a network), AdamW on the trainable tensors."""
+    params = trainable(module)
+    optimizer = torch.optim.AdamW(params, lr=1e-4) if params else None
+
+    def step(i: int) -> None:
+        x, dy = inputs[i % len(inputs)]
+        x.grad = None
+        y = module(x)
+        y.backward(dy)
+        if optimizer is not None:
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+
+    return step

@@ -1,0 +1,315 @@
+"""The benchmark suites: ceilings, kernels, layer steps, whole-model SFT steps.
+
+Each suite returns result records (plain dicts, schema in `bench/results_schema.json`).
+Shapes and token counts come from a profile (`PROFILES`): `full` and `quick` use the
+Llama-3-8B and Qwen3-1.7B projections on a GPU; on a CPU the same code runs the `cpu-*`
+profiles, shapes divided by 16, whose figures say nothing about GPU speed.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass, field
+from functools import partial
+
+import torch
+from tqdm.auto import tqdm
+
+from fura_kernels import convert_to_fura
+from fura_kernels.nf4 import quantize_nf4
+from fura_kernels.triton import block_diag_matmul, block_diag_matmul_backward
+from fura_kernels.triton.nf4_ops import SMALL_T_MAX, nf4_dequantize, nf4_matmul
+
+from . import floors
+from .floors import Ceilings
+from .methods import METHODS, LayerCase, build, make_step, trainable
+from .timing import measure, peak_memory, saved_for_backward_bytes
+
+LLAMA3_8B = [
+    LayerCase("llama3-8b.q_proj", 4096, 4096, 64, 64),
+    LayerCase("llama3-8b.k_proj", 4096, 1024, 64, 64),
+    LayerCase("llama3-8b.o_proj", 4096, 4096, 32, 128),
+    LayerCase("llama3-8b.gate_proj", 4096, 14336, 64, 64),
+    LayerCase("llama3-8b.down_proj", 14336, 4096, 112, 128),
+]
+QWEN3_1_7B = [
+    LayerCase("qwen3-1.7b.q_proj", 2048, 2048, 32, 64),
+    LayerCase("qwen3-1.7b.o_proj", 2048, 2048, 16, 128),
+    LayerCase("qwen3-1.7b.gate_proj", 2048, 6144, 32, 64),
+    LayerCase("qwen3-1.7b.down_proj", 6144, 2048, 64, 96),
+]
+
+
+def scaled(case: LayerCase, factor: int) -> LayerCase:
+    """The same layer with every dimension divided by `factor` (for CPU runs)."""
+    n = max(1, case.n // factor)
+    b = case.in_features // factor // n
+    return LayerCase(f"{case.name}/{factor}", n * b, case.out_features // factor, n, b)
+
+
+@dataclass
+class Profile:
+    name: str
+    cases: list[LayerCase]
+    tokens: list[int]
+    methods: tuple[str, ...] = METHODS
+    warmup: int = 3
+    reps: int = 10
+    input_sets: int = 3  # rotated so the caches are not what is measured
+    model: dict = field(default_factory=dict)
+
+
+TINY_MODEL = dict(hidden_size=64, intermediate_size=112, num_hidden_layers=2, num_attention_heads=4,
+                  num_key_value_heads=2, vocab_size=256, batch=2, seq=32)  # fmt: skip
+SMALL_MODEL = dict(hidden_size=256, intermediate_size=704, num_hidden_layers=4, num_attention_heads=4,
+                   num_key_value_heads=2, vocab_size=1024, batch=2, seq=128)  # fmt: skip
+LLAMA3_8B_MODEL = dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
+                       num_key_value_heads=8, vocab_size=128256, batch=1, seq=2048)  # fmt: skip
+
+PROFILES = {
+    "full": Profile("full", LLAMA3_8B + QWEN3_1_7B, [1, 16, 512, 2048, 8192, 16384], model=LLAMA3_8B_MODEL),
+    "quick": Profile("quick", [LLAMA3_8B[0], LLAMA3_8B[4]], [16, 2048, 8192], reps=5, model=LLAMA3_8B_MODEL),
+    "cpu-quick": Profile(
+        "cpu-quick",
+        [scaled(LLAMA3_8B[0], 16), scaled(QWEN3_1_7B[3], 16)],
+        [1, 16, 256],
+        warmup=2,
+        reps=5,
+        model=SMALL_MODEL,
+    ),  # fmt: skip
+    "cpu-tiny": Profile(
+        "cpu-tiny", [scaled(LLAMA3_8B[0], 32)], [1, 64], warmup=1, reps=2, input_sets=2, model=TINY_MODEL
+    ),  # fmt: skip
+}
+
+
+def _rotating(fn, *inputs):
+    """`step(i)` calling `fn` on the `i`-th of each list of rotated input sets (others as given)."""
+
+    def step(i: int):
+        return fn(*(x[i % len(x)] if isinstance(x, list) else x for x in inputs))
+
+    return step
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+# --- ceilings -------------------------------------------------------------------------------
+def ceilings(device: torch.device, dtype: torch.dtype, quick: bool) -> tuple[Ceilings, dict]:
+    """Peak matmul FLOP/s and copy bandwidth, measured here before anything else."""
+    size = (8192 if not quick else 4096) if device.type == "cuda" else 1024
+    a = torch.randn(size, size, device=device, dtype=dtype)
+    b = torch.randn(size, size, device=device, dtype=dtype)
+    mm = measure(lambda i: torch.mm(a, b), device, warmup=3, reps=10)
+    numel = (1 << 28 if device.type == "cuda" else 1 << 24) // a.element_size()
+    src = torch.randn(numel, device=device, dtype=dtype)
+    dst = torch.empty_like(src)
+    cp = measure(lambda i: dst.copy_(src), device, warmup=3, reps=10)
+    c = Ceilings(
+        matmul_flops=2 * size**3 / (mm["median"] * 1e-3),
+        copy_bytes=2 * src.numel() * src.element_size() / (cp["median"] * 1e-3),
+    )
+    info = {"matmul_tflops": c.matmul_flops / 1e12, "matmul_shape": [size, size, size], "copy_gbps": c.copy_bytes / 1e9,
+            "copy_bytes": 2 * src.numel() * src.element_size(), "dtype": str(dtype).removeprefix("torch.")}  # fmt: skip
+    return c, info
+
+
+def _record(suite: str, name: str, method: str, case: LayerCase | None, tokens: int | None, dtype, t: dict, **extra):
+    rec = {"suite": suite, "name": name, "method": method, "tokens": tokens, "dtype": str(dtype).removeprefix("torch."),
+           "shape": asdict(case) if case else None, "time_ms": t}  # fmt: skip
+    rec.update(extra)
+    return rec
+
+
+def _rates(flops: float, nbytes: float, t_ms: float, floor_ms: float) -> dict:
+    seconds = t_ms * 1e-3
+    return {"tflops": flops / seconds / 1e12 if flops else None, "gbps": nbytes / seconds / 1e9,
+            "floor_ms": floor_ms, "pct_of_floor": 100.0 * floor_ms / t_ms}  # fmt: skip
+
+
+# --- kernels --------------------------------------------------------------------------------
+def kernel_suite(profile: Profile, device: torch.device, dtype: torch.dtype, c: Ceilings, bar) -> list[dict]:
+    records = []
+    elem = torch.empty(0, dtype=dtype).element_size()
+    for case in profile.cases:
+        n, b, r = case.n, case.b, min(case.b, case.out_features)
+        w = torch.randn(n, b, r, device=device, dtype=dtype) / b**0.5
+        core = torch.randn(case.out_features, n * r, device=device, dtype=dtype) / (n * r) ** 0.5
+        state = quantize_nf4(core.cpu(), double_quant=True).to(device)
+        l_t = core.reshape(case.out_features, n, r)
+        merge_t = measure(_rotating(block_diag_matmul, l_t, w.transpose(1, 2)), device, profile.warmup, profile.reps)
+        f, by = floors.merge_cost(case.in_features, case.out_features, r, elem)
+        records.append(_record("kernel", "weight_merge", "fura", case, None, dtype, merge_t,
+                               **_rates(f, by, merge_t["median"], floors.roofline_ms(f, by, c))))  # fmt: skip
+        scratch = torch.empty(core.numel(), device=device, dtype=dtype)
+        dq_t = measure(_rotating(nf4_dequantize, state, dtype, scratch), device, profile.warmup, profile.reps)
+        f, by = floors.nf4_dequant_cost(core.numel(), elem)
+        records.append(_record("kernel", "nf4_dequant", "qfura", case, None, dtype, dq_t,
+                               **_rates(f, by, dq_t["median"], floors.roofline_ms(f, by, c))))  # fmt: skip
+        for tokens in profile.tokens:
+            xs = [torch.randn(tokens, n, b, device=device, dtype=dtype) for _ in range(profile.input_sets)]
+            gs = [torch.randn(tokens, n, r, device=device, dtype=dtype) for _ in range(profile.input_sets)]
+            k1 = measure(_rotating(block_diag_matmul, xs, w), device, profile.warmup, profile.reps)
+            f, by = floors.k1_cost(tokens, case.in_features, n, r, elem)
+            records.append(_record("kernel", "K1", "fura", case, tokens, dtype, k1,
+                                   **_rates(f, by, k1["median"], floors.roofline_ms(f, by, c))))  # fmt: skip
+            k3 = measure(_rotating(block_diag_matmul_backward, gs, xs, w), device, profile.warmup, profile.reps)
+            f, by = floors.k3_cost(tokens, case.in_features, n, r, elem)
+            records.append(_record("kernel", "K3", "fura", case, tokens, dtype, k3,
+                                   **_rates(f, by, k3["median"], floors.roofline_ms(f, by, c))))  # fmt: skip
+            if tokens <= SMALL_T_MAX:
+                zs = [torch.randn(tokens, n * r, device=device, dtype=dtype) for _ in range(profile.input_sets)]
+                g = measure(_rotating(nf4_matmul, zs, state), device, profile.warmup, profile.reps)
+                f, by = floors.nf4_gemm_cost(tokens, n * r, case.out_features, elem)
+                records.append(_record("kernel", "nf4_small_t_gemm", "qfura", case, tokens, dtype, g,
+                                       **_rates(f, by, g["median"], floors.roofline_ms(f, by, c))))  # fmt: skip
+            bar.update(1)
+    return records
+
+
+# --- layer steps ----------------------------------------------------------------------------
+def layer_suite(profile: Profile, device: torch.device, dtype: torch.dtype, c: Ceilings, bar) -> list[dict]:
+    records = []
+    elem = torch.empty(0, dtype=dtype).element_size()
+    for case in profile.cases:
+        r = min(case.b, case.out_features)
+        for tokens in profile.tokens:
+            inputs = [(torch.randn(tokens, case.in_features, device=device, dtype=dtype).requires_grad_(),
+                       torch.randn(tokens, case.out_features, device=device, dtype=dtype))
+                      for _ in range(profile.input_sets)]  # fmt: skip
+            dense_floor = floors.dense_step_floor_ms(tokens, case.in_features, case.out_features, elem, c)
+            fura_floor = floors.fura_step_floor_ms(tokens, case.in_features, case.out_features, case.n, r, elem, c)
+            for method in profile.methods:
+                bar.set_postfix_str(f"{case.name} T={tokens} {method}")
+                try:
+                    module = build(method, case, dtype, device)
+                except (ImportError, RuntimeError, ValueError) as err:  # e.g. bitsandbytes missing
+                    records.append(_record("layer", "step", method, case, tokens, dtype, None, skipped=str(err)))
+                    continue
+                step = make_step(module, inputs)
+                t = measure(step, device, profile.warmup, profile.reps)
+                params = trainable(module)
+                x0 = inputs[0][0]
+                saved = saved_for_backward_bytes(partial(module, x0), exclude=list(module.parameters()))
+                floor = fura_floor if method in ("fura", "qfura", "reference") else dense_floor
+                records.append(_record("layer", "step", method, case, tokens, dtype, t,
+                                       trainable_params=sum(p.numel() for p in params),
+                                       peak_mem_bytes=peak_memory(step, device), saved_bytes=saved,
+                                       floor_ms=floor, pct_of_floor=100.0 * floor / t["median"],
+                                       dense_floor_ms=dense_floor))  # fmt: skip
+                del module, step
+                bar.update(1)
+    _add_ratios(records)
+    return records
+
+
+def _add_ratios(records: list[dict]) -> None:
+    """Each layer record gets its time over LoRA r=32's and over the frozen dense layer's."""
+    by_key = {(r["name"], r["shape"]["name"], r["tokens"], r["method"]): r for r in records if r.get("time_ms")}
+    for rec in records:
+        if not rec.get("time_ms"):
+            continue
+        key = (rec["name"], rec["shape"]["name"], rec["tokens"])
+        for other, field_name in (("lora_r32", "ratio_vs_lora_r32"), ("dense_floor", "ratio_vs_dense")):
+            ref = by_key.get((*key, other))
+            rec[field_name] = rec["time_ms"]["median"] / ref["time_ms"]["median"] if ref else None
+
+
+# --- whole model ----------------------------------------------------------------------------
+def _replace_linears_with_nf4(model: torch.nn.Module, dtype: torch.dtype) -> None:
+    from .methods import _nf4_linear
+
+    for name, module in list(model.named_modules()):
+        if isinstance(module, torch.nn.Linear) and not name.endswith("lm_head"):
+            parent_name, _, attr = name.rpartition(".")
+            setattr(model.get_submodule(parent_name), attr, _nf4_linear(module, dtype))
+
+
+def _sft_step(model, optimizer, batches):
+    def step(i: int) -> None:
+        ids = batches[i % len(batches)]
+        model(input_ids=ids, labels=ids).loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    return step
+
+
+def model_suite(profile: Profile, device: torch.device, dtype: torch.dtype, bar) -> list[dict]:
+    from peft import LoraConfig, get_peft_model
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    spec = dict(profile.model)
+    batch, seq = spec.pop("batch"), spec.pop("seq")
+    config = LlamaConfig(**spec, max_position_embeddings=max(seq, 128))
+    targets = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+    records = []
+    for method in ("fura", "qfura", "lora_r32", "qlora_r32", "full_ft"):
+        for checkpointing in (False, True):
+            bar.set_postfix_str(f"model {method} ckpt={checkpointing}")
+            model = None
+            try:
+                torch.manual_seed(0)
+                with torch.device(device):
+                    model = LlamaForCausalLM(config).to(dtype)
+                start = time.perf_counter()
+                if method in ("fura", "qfura"):
+                    convert_to_fura(model, targets, quantize="nf4" if method == "qfura" else None, progress=False)
+                elif method in ("lora_r32", "qlora_r32"):
+                    if method == "qlora_r32":
+                        _replace_linears_with_nf4(model, dtype)
+                    model = get_peft_model(model, LoraConfig(r=32, lora_alpha=32, target_modules=targets))
+                _sync(device)
+                convert_s = time.perf_counter() - start
+                if checkpointing:
+                    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+                    model.enable_input_require_grads()
+                model.train()
+                params = [p for p in model.parameters() if p.requires_grad]
+                batches = [torch.randint(0, config.vocab_size, (batch, seq), device=device) for _ in range(2)]
+                step = _sft_step(model, torch.optim.AdamW(params, lr=1e-5), batches)
+                t = measure(step, device, warmup=1, reps=max(2, profile.reps // 2))
+                records.append(_record("model", "sft_step", method, None, batch * seq, dtype, t,
+                                       model={"hidden_size": config.hidden_size, "layers": config.num_hidden_layers},
+                                       gradient_checkpointing=checkpointing,
+                                       tokens_per_s=batch * seq / (t["median"] * 1e-3), convert_s=convert_s,
+                                       trainable_params=sum(p.numel() for p in params),
+                                       peak_mem_bytes=peak_memory(step, device)))  # fmt: skip
+            except (torch.cuda.OutOfMemoryError, ImportError, RuntimeError) as err:
+                why = f"{type(err).__name__}: {err}"[:300]
+                records.append(_record("model", "sft_step", method, None, batch * seq, dtype, None,
+                                       gradient_checkpointing=checkpointing, skipped=why))  # fmt: skip
+            finally:
+                model = step = None  # free before the next method is built
+                if device.type == "cuda":
+                    torch.cuda.empty_cache()
+            bar.update(1)
+    return records
+
+
+def count_units(profile: Profile, suites: list[str]) -> int:
+    per_case = len(profile.tokens)
+    units = 0
+    if "kernels" in suites:
+        units += len(profile.cases) * per_case
+    if "layers" in suites:
+        units += len(profile.cases) * per_case * len(profile.methods)
+    if "model" in suites:
+        units += 10
+    return units
+
+
+def run_suites(profile: Profile, suites: list[str], device: torch.device, dtype: torch.dtype) -> dict:
+    c, ceiling_info = ceilings(device, dtype, quick=profile.name != "full")
+    records: list[dict] = []
+    with tqdm(total=count_units(profile, suites), desc=f"fura-bench [{profile.name}]", unit="case") as bar:
+        if "kernels" in suites:
+            records += kernel_suite(profile, device, dtype, c, bar)
+        if "layers" in suites:
+            records += layer_suite(profile, device, dtype, c, bar)
+        if "model" in suites:
+            records += model_suite(profile, device, dtype, bar)
+    return {"ceilings": ceiling_info, "records": records}

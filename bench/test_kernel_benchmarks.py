@@ -1,0 +1,67 @@
+"""Kernel microbenchmarks through pytest-benchmark: `pytest bench/ --benchmark-only`.
+
+Same kernels and shapes as the `kernels` suite of `fura-bench` (Llama-3-8B q_proj and down_proj
+blocks; on a CPU the shapes are divided by 16 and the PyTorch path runs).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from fura_kernels.nf4 import quantize_nf4
+from fura_kernels.triton import block_diag_matmul, block_diag_matmul_backward
+from fura_kernels.triton.nf4_ops import nf4_dequantize, nf4_matmul
+
+from .suites import LLAMA3_8B, scaled
+
+DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+DTYPE = torch.bfloat16 if DEVICE.type == "cuda" else torch.float32
+CASES = [LLAMA3_8B[0], LLAMA3_8B[4]] if DEVICE.type == "cuda" else [scaled(LLAMA3_8B[0], 16), scaled(LLAMA3_8B[4], 16)]
+TOKENS = 8192 if DEVICE.type == "cuda" else 256
+
+
+def _run(benchmark, fn, *args):
+    def call():
+        fn(*args)
+        if DEVICE.type == "cuda":
+            torch.cuda.synchronize()
+
+    benchmark.pedantic(call, warmup_rounds=3, rounds=20)
+
+
+@pytest.mark.parametrize("case", CASES, ids=lambda c: c.name)
+def test_k1(benchmark, case):
+    x = torch.randn(TOKENS, case.n, case.b, device=DEVICE, dtype=DTYPE)
+    w = torch.randn(case.n, case.b, case.b, device=DEVICE, dtype=DTYPE)
+    _run(benchmark, block_diag_matmul, x, w)
+
+
+@pytest.mark.parametrize("case", CASES, ids=lambda c: c.name)
+def test_k3(benchmark, case):
+    x = torch.randn(TOKENS, case.n, case.b, device=DEVICE, dtype=DTYPE)
+    g = torch.randn(TOKENS, case.n, case.b, device=DEVICE, dtype=DTYPE)
+    w = torch.randn(case.n, case.b, case.b, device=DEVICE, dtype=DTYPE)
+    _run(benchmark, block_diag_matmul_backward, g, x, w)
+
+
+@pytest.mark.parametrize("case", CASES, ids=lambda c: c.name)
+def test_weight_side_merge(benchmark, case):
+    core = torch.randn(case.out_features, case.n, case.b, device=DEVICE, dtype=DTYPE)
+    w = torch.randn(case.n, case.b, case.b, device=DEVICE, dtype=DTYPE)
+    _run(benchmark, block_diag_matmul, core, w.transpose(1, 2))
+
+
+@pytest.mark.parametrize("case", CASES, ids=lambda c: c.name)
+def test_nf4_dequantize(benchmark, case):
+    state = quantize_nf4(torch.randn(case.out_features, case.in_features)).to(DEVICE)
+    out = torch.empty(case.out_features * case.in_features, device=DEVICE, dtype=DTYPE)
+    _run(benchmark, nf4_dequantize, state, DTYPE, out)
+
+
+@pytest.mark.parametrize("tokens", [1, 16])
+def test_nf4_small_t_gemm(benchmark, tokens):
+    case = CASES[0]
+    state = quantize_nf4(torch.randn(case.out_features, case.in_features)).to(DEVICE)
+    a = torch.randn(tokens, case.in_features, device=DEVICE, dtype=DTYPE)
+    _run(benchmark, nf4_matmul, a, state)

@@ -1,0 +1,77 @@
+"""The benchmark harness end to end in CPU mode at tiny shapes: run, validate, report, plot."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import jsonschema
+import pytest
+
+from bench import cli, report, results
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("bench")
+    path = cli.main(["--profile", "cpu-tiny", "--device", "cpu", "--out", str(out)])
+    return path, json.loads(path.read_text())
+
+
+def test_cpu_run_writes_a_valid_labelled_results_file(tiny_run):
+    path, data = tiny_run
+    results.validate(data)
+    assert path.parent.name == data["environment"]["device_slug"] and path.parent.name.startswith("cpu-")
+    assert data["note"] == results.CPU_NOTE and data["environment"]["device_kind"] == "cpu"
+    assert data["environment"]["versions"]["torch"] and data["environment"]["versions"]["peft"]
+    assert data["ceilings"]["matmul_tflops"] > 0 and data["ceilings"]["copy_gbps"] > 0
+    suites = {r["suite"] for r in data["records"]}
+    assert suites == {"kernel", "layer", "model"}
+    layer = {(r["method"], r["tokens"]): r for r in data["records"] if r["suite"] == "layer"}
+    for method in ("dense_floor", "fura", "qfura", "lora_r32", "lora_r64", "qlora_r32", "reference", "full_ft"):
+        rec = layer[(method, 64)]
+        assert rec["time_ms"]["median"] > 0, method
+        assert rec["ratio_vs_lora_r32"] is not None and rec["ratio_vs_dense"] is not None
+    # FuRA trains R and S only: in*(b+1) numbers for this layer; LoRA r=32 trains r*(in+out).
+    shape = layer[("fura", 64)]["shape"]
+    assert layer[("fura", 64)]["trainable_params"] == shape["in_features"] * (shape["b"] + 1)
+    assert layer[("lora_r32", 64)]["trainable_params"] == 32 * (shape["in_features"] + shape["out_features"])
+    # The reference algorithm keeps more for backward than the fused Function (L ⊙ S and more).
+    assert layer[("reference", 64)]["saved_bytes"] > layer[("fura", 64)]["saved_bytes"]
+    kernels = {r["name"] for r in data["records"] if r["suite"] == "kernel"}
+    assert kernels == {"K1", "K3", "weight_merge", "nf4_dequant", "nf4_small_t_gemm"}
+    assert all(r["pct_of_floor"] > 0 for r in data["records"] if r["suite"] == "kernel")
+
+
+def test_report_regenerates_table_and_plots(tiny_run, tmp_path):
+    path, data = tiny_run
+    readme = tmp_path / "README.md"
+    readme.write_text(f"intro\n{report.START}\nold\n{report.END}\noutro\n")
+    report.main([str(path), "--readme", str(readme), "--plots", str(tmp_path / "plots")])
+    text = readme.read_text()
+    assert "old" not in text and text.startswith("intro") and text.rstrip().endswith("outro")
+    assert data["environment"]["device_name"] in text and "| llama3-8b.q_proj/32 | 64 |" in text
+    pngs = list((tmp_path / "plots").glob("*.png"))
+    assert pngs and all(p.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" for p in pngs)
+
+
+def test_schema_rejects_a_malformed_file(tiny_run):
+    _, data = tiny_run
+    broken = json.loads(json.dumps(data))
+    broken["records"][0]["time_ms"] = {"median": -1.0, "p20": 0, "p80": 0, "reps": 1}
+    with pytest.raises(jsonschema.ValidationError):
+        results.validate(broken)
+    del broken["environment"]
+    with pytest.raises(jsonschema.ValidationError):
+        results.validate(broken)
+
+
+def test_readme_table_is_generated_from_a_committed_results_file():
+    readme = (ROOT / "README.md").read_text()
+    block = readme.split(report.START, 1)[1].split(report.END, 1)[0].strip()
+    source = block.split("results file [`", 1)[1].split("`]", 1)[0]
+    committed = ROOT / source
+    assert committed.is_file(), f"README table points to {source}, which is not in the repository"
+    assert block == report.table(results.load(committed), source)
