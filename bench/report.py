@@ -65,16 +65,16 @@ def table(results: dict, source: str) -> str:
             "",
             "Whole-model SFT step (Llama-shaped, random weights, all seven projections adapted).",
             "",
-            "| method | checkpointing | tokens/s | peak memory (MB) | conversion (s) | trainable params |",
-            "|---|---|---|---|---|---|",
+            "| model | method | checkpointing | tokens/s | peak memory (MB) | conversion (s) | trainable params |",
+            "|---|---|---|---|---|---|---|",
         ]
         for r in model:
             if not r.get("time_ms"):
-                lines.append(f"| {r['method']} | {r['gradient_checkpointing']} | skipped: {r.get('skipped', '')[:60]} "
-                             "| | | |")  # fmt: skip
+                lines.append(f"| {r['model']['name']} | {r['method']} | {r['gradient_checkpointing']} | "
+                             f"skipped: {r.get('skipped', '')[:60]} | | | |")  # fmt: skip
                 continue
             lines.append(
-                f"| {r['method']} | {r['gradient_checkpointing']} | {r['tokens_per_s']:.0f} | "
+                f"| {r['model']['name']} | {r['method']} | {r['gradient_checkpointing']} | {r['tokens_per_s']:.0f} | "
                 f"{_mb(r.get('peak_mem_bytes'))} | {r['convert_s']:.2f} | {r['trainable_params']:,} |"
             )
     return "\n".join(lines)

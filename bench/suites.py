@@ -56,30 +56,78 @@ class Profile:
     warmup: int = 3
     reps: int = 10
     input_sets: int = 3  # rotated so the caches are not what is measured
-    model: dict = field(default_factory=dict)
+    models: list[dict] = field(default_factory=list)  # Llama shapes for the whole-model suite
 
 
-TINY_MODEL = dict(hidden_size=64, intermediate_size=112, num_hidden_layers=2, num_attention_heads=4,
-                  num_key_value_heads=2, vocab_size=256, batch=2, seq=32)  # fmt: skip
-SMALL_MODEL = dict(hidden_size=256, intermediate_size=704, num_hidden_layers=4, num_attention_heads=4,
-                   num_key_value_heads=2, vocab_size=1024, batch=2, seq=128)  # fmt: skip
-LLAMA3_8B_MODEL = dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
-                       num_key_value_heads=8, vocab_size=128256, batch=1, seq=2048)  # fmt: skip
+TINY_MODEL = dict(
+    name="tiny-llama",
+    hidden_size=64,
+    intermediate_size=112,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    vocab_size=256,
+    batch=2,
+    seq=32,
+)
+SMALL_MODEL = dict(
+    name="small-llama",
+    hidden_size=256,
+    intermediate_size=704,
+    num_hidden_layers=4,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    vocab_size=1024,
+    batch=2,
+    seq=128,
+)
+LLAMA3_8B_MODEL = dict(
+    name="llama3-8b",
+    hidden_size=4096,
+    intermediate_size=14336,
+    num_hidden_layers=32,
+    num_attention_heads=32,
+    num_key_value_heads=8,
+    vocab_size=128256,
+    batch=1,
+    seq=2048,
+)
+# Llama-3.2-1B's shape: where the 8B model does not fit (full fine-tuning, say), this one does.
+LLAMA3_1B_MODEL = dict(
+    LLAMA3_8B_MODEL, name="llama3.2-1b", hidden_size=2048, intermediate_size=8192, num_hidden_layers=16
+)
 
 PROFILES = {
-    "full": Profile("full", LLAMA3_8B + QWEN3_1_7B, [1, 16, 512, 2048, 8192, 16384], model=LLAMA3_8B_MODEL),
-    "quick": Profile("quick", [LLAMA3_8B[0], LLAMA3_8B[4]], [16, 2048, 8192], reps=5, model=LLAMA3_8B_MODEL),
+    "full": Profile(
+        "full",
+        LLAMA3_8B + QWEN3_1_7B,
+        [1, 16, 512, 2048, 8192, 16384],
+        models=[LLAMA3_8B_MODEL, LLAMA3_1B_MODEL],
+    ),
+    "quick": Profile(
+        "quick",
+        [LLAMA3_8B[0], LLAMA3_8B[4]],
+        [16, 2048, 8192],
+        reps=5,
+        models=[LLAMA3_8B_MODEL, LLAMA3_1B_MODEL],
+    ),
     "cpu-quick": Profile(
         "cpu-quick",
         [scaled(LLAMA3_8B[0], 16), scaled(QWEN3_1_7B[3], 16)],
         [1, 16, 256],
-        warmup=2,
-        reps=5,
-        model=SMALL_MODEL,
-    ),  # fmt: skip
+        warmup=3,
+        reps=10,
+        models=[SMALL_MODEL],
+    ),
     "cpu-tiny": Profile(
-        "cpu-tiny", [scaled(LLAMA3_8B[0], 32)], [1, 64], warmup=1, reps=2, input_sets=2, model=TINY_MODEL
-    ),  # fmt: skip
+        "cpu-tiny",
+        [scaled(LLAMA3_8B[0], 32)],
+        [1, 64],
+        warmup=1,
+        reps=2,
+        input_sets=2,
+        models=[TINY_MODEL],
+    ),
 }
 
 
@@ -239,11 +287,15 @@ def _sft_step(model, optimizer, batches):
 
 
 def model_suite(profile: Profile, device: torch.device, dtype: torch.dtype, bar) -> list[dict]:
+    return [rec for spec in profile.models for rec in _model_runs(spec, profile, device, dtype, bar)]
+
+
+def _model_runs(spec: dict, profile: Profile, device: torch.device, dtype: torch.dtype, bar) -> list[dict]:
     from peft import LoraConfig, get_peft_model
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    spec = dict(profile.model)
-    batch, seq = spec.pop("batch"), spec.pop("seq")
+    spec = dict(spec)
+    model_name, batch, seq = spec.pop("name"), spec.pop("batch"), spec.pop("seq")
     config = LlamaConfig(**spec, max_position_embeddings=max(seq, 128))
     targets = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
     records = []
@@ -273,7 +325,8 @@ def model_suite(profile: Profile, device: torch.device, dtype: torch.dtype, bar)
                 step = _sft_step(model, torch.optim.AdamW(params, lr=1e-5), batches)
                 t = measure(step, device, warmup=1, reps=max(2, profile.reps // 2))
                 records.append(_record("model", "sft_step", method, None, batch * seq, dtype, t,
-                                       model={"hidden_size": config.hidden_size, "layers": config.num_hidden_layers},
+                                       model={"name": model_name, "hidden_size": config.hidden_size,
+                                              "layers": config.num_hidden_layers, "batch": batch, "seq": seq},
                                        gradient_checkpointing=checkpointing,
                                        tokens_per_s=batch * seq / (t["median"] * 1e-3), convert_s=convert_s,
                                        trainable_params=sum(p.numel() for p in params),
@@ -281,7 +334,8 @@ def model_suite(profile: Profile, device: torch.device, dtype: torch.dtype, bar)
             except (torch.cuda.OutOfMemoryError, ImportError, RuntimeError) as err:
                 why = f"{type(err).__name__}: {err}"[:300]
                 records.append(_record("model", "sft_step", method, None, batch * seq, dtype, None,
-                                       gradient_checkpointing=checkpointing, skipped=why))  # fmt: skip
+                                       model={"name": model_name}, gradient_checkpointing=checkpointing,
+                                       skipped=why))  # fmt: skip
             finally:
                 model = step = None  # free before the next method is built
                 if device.type == "cuda":
@@ -298,7 +352,7 @@ def count_units(profile: Profile, suites: list[str]) -> int:
     if "layers" in suites:
         units += len(profile.cases) * per_case * len(profile.methods)
     if "model" in suites:
-        units += 10
+        units += 10 * len(profile.models)
     return units
 
 
