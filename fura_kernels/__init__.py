@@ -9,12 +9,14 @@ Public API:
 - `convert_to_fura`, `merge_fura`, `find_target_linears`, `ConversionReport`: whole models;
 - `fura_linear` / `FuRALinearFunction`: the fused Function itself;
 - `step2_s_scaled_bmm`: a drop-in for the reference's second stage (`FURA_FUSED_STEP2=1`);
+- `save_fura_adapter`, `load_fura_adapter`, `save_merged`: adapter files and merged export;
 - `reference`: the einsum oracle.
 """
 
 from importlib.metadata import PackageNotFoundError, version
 
 from . import reference
+from .adapters import load_fura_adapter, save_fura_adapter, save_merged
 from .autograd import FuRALinearFunction, fura_linear, step2_s_scaled_bmm
 from .config import FuRAConfig
 from .factorization import BlockShape, closest_factor_pair
@@ -41,9 +43,12 @@ __all__ = [
     "count_parameters",
     "dequantize_nf4",
     "find_target_linears",
+    "load_fura_adapter",
     "fura_linear",
     "merge_fura",
     "quantize_nf4",
     "reference",
+    "save_fura_adapter",
+    "save_merged",
     "step2_s_scaled_bmm",
 ]

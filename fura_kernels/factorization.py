@@ -7,6 +7,7 @@ in `fura_kernels.reference`.
 
 from __future__ import annotations
 
+import hashlib
 import math
 from dataclasses import dataclass
 from typing import Any
@@ -257,3 +258,31 @@ def cores_from_svd(
     btt_l = u.permute(0, 1, 3, 2).reshape(m, n * r, a)
     btt_r = vh.permute(1, 3, 0, 2).reshape(n, b, m * r)
     return btt_l, btt_r, (s if roles.s_separate else None)
+
+
+# A fingerprint hashes this many strided entries of a weight: cheap even at 8B parameters, and
+# any checkpoint that differs in more than a sliver of its entries changes it.
+FINGERPRINT_SAMPLES = 4096
+# Singular values closer than this (relative to the block's largest) leave the SVD basis free
+# to rotate within their subspace, so a re-decomposition need not reproduce it.
+DEGENERATE_GAP = 1e-6
+
+
+def weight_fingerprint(weight: torch.Tensor) -> str:
+    """sha256 of a weight's shape, dtype and a strided sample of its raw bits (device-independent)."""
+    flat = weight.detach().reshape(-1)
+    step = max(1, flat.numel() // FINGERPRINT_SAMPLES)
+    sample = flat[::step][:FINGERPRINT_SAMPLES].contiguous().cpu()
+    digest = hashlib.sha256(f"{tuple(weight.shape)}|{weight.dtype}|".encode())
+    digest.update(sample.view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
+def degenerate_block_count(s: torch.Tensor) -> int:
+    """Blocks (over the leading dims of S, values sorted descending) with a repeated or zero
+    singular value."""
+    s = s.float()
+    scale = s[..., :1].clamp(min=1e-30)
+    repeated = ((s[..., :-1] - s[..., 1:]) / scale < DEGENERATE_GAP).any(dim=-1)
+    zero = (s[..., -1] / scale[..., 0]) < DEGENERATE_GAP
+    return int((repeated | zero).sum().item())

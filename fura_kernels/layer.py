@@ -16,8 +16,10 @@ from .factorization import (
     block_qr,
     block_svd,
     cores_from_svd,
+    degenerate_block_count,
     resolve_block_shape,
     resolve_roles,
+    weight_fingerprint,
 )
 
 
@@ -61,6 +63,8 @@ class FusedBTTLinear(nn.Module):
         self.out_features = out_features
         self.module_name = module_name
         self.base_dtype = dtype or torch.get_default_dtype()
+        self.base_fingerprint: str | None = None  # set by from_linear (see fura_kernels.adapters)
+        self.degenerate_blocks = 0
         self.block_shape: BlockShape = resolve_block_shape(
             in_features, out_features, self.config, module_name, model_config
         )
@@ -132,6 +136,9 @@ class FusedBTTLinear(nn.Module):
             raise ValueError(f"{layer._where}.from_linear: the weight holds NaN or inf values; cannot factorise it")
         decompose = block_svd if config.init == "svd" else block_qr
         u, s, vh = decompose(weight, layer.block_shape, config.svd_dtype, config.svd_block_batch)
+        # What an adapter file needs to find this base again and to trust a re-decomposition.
+        layer.base_fingerprint = weight_fingerprint(weight)
+        layer.degenerate_blocks = degenerate_block_count(s) if config.init == "svd" else 0
         btt_l, btt_r, btt_s = cores_from_svd(u, s, vh, layer.roles)
         with torch.no_grad():
             layer.btt_l.copy_(btt_l)

@@ -150,6 +150,7 @@ class QFusedBTTLinear(FusedBTTLinear):
                 qlayer.bias.copy_(layer.bias)
             err = (dequantize_nf4(state, torch.float32) - core.float()).norm() / core.float().norm()
         qlayer.nf4_relative_error = err.item()
+        qlayer.base_fingerprint, qlayer.degenerate_blocks = layer.base_fingerprint, layer.degenerate_blocks
         return qlayer
 
     def _load_state(self, state: NF4Tensor) -> None:
