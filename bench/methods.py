@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from fura_kernels import FusedBTTLinear, QFusedBTTLinear
+from fura_kernels.recipes.baselines import bnb_nf4_linear
 
 from .baselines import ReferenceBTTLinear
 
@@ -52,23 +53,6 @@ def base_linear(case: LayerCase, dtype: torch.dtype, device: torch.device, seed:
     return linear
 
 
-def _nf4_linear(linear: nn.Linear, dtype: torch.dtype) -> nn.Module:
-    import bitsandbytes as bnb
-
-    quantised = bnb.nn.Linear4bit(
-        linear.in_features,
-        linear.out_features,
-        bias=False,
-        compute_dtype=dtype,
-        quant_type="nf4",
-        compress_statistics=True,
-    )
-    quantised.weight = bnb.nn.Params4bit(
-        linear.weight.data.to("cpu"), requires_grad=False, quant_type="nf4", compress_statistics=True
-    )
-    return quantised.to(linear.weight.device)
-
-
 def _lora(base: nn.Module, rank: int) -> nn.Module:
     from peft import LoraConfig, get_peft_model
 
@@ -95,7 +79,7 @@ def build(method: str, case: LayerCase, dtype: torch.dtype, device: torch.device
         linear.requires_grad_(False)
         return _lora(linear, int(method.rsplit("r", 1)[1]))
     if method == "qlora_r32":
-        return _lora(_nf4_linear(linear, dtype), 32)
+        return _lora(bnb_nf4_linear(linear, dtype), 32)
     raise ValueError(f"bench.methods.build: unknown method {method!r}; expected one of {METHODS}")
 
 

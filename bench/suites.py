@@ -17,6 +17,7 @@ from tqdm.auto import tqdm
 
 from fura_kernels import convert_to_fura
 from fura_kernels.nf4 import quantize_nf4
+from fura_kernels.recipes.baselines import quantize_linears_bnb
 from fura_kernels.triton import block_diag_matmul, block_diag_matmul_backward
 from fura_kernels.triton.nf4_ops import SMALL_T_MAX, nf4_dequantize, nf4_matmul
 
@@ -267,15 +268,6 @@ def _add_ratios(records: list[dict]) -> None:
 
 
 # --- whole model ----------------------------------------------------------------------------
-def _replace_linears_with_nf4(model: torch.nn.Module, dtype: torch.dtype) -> None:
-    from .methods import _nf4_linear
-
-    for name, module in list(model.named_modules()):
-        if isinstance(module, torch.nn.Linear) and not name.endswith("lm_head"):
-            parent_name, _, attr = name.rpartition(".")
-            setattr(model.get_submodule(parent_name), attr, _nf4_linear(module, dtype))
-
-
 def _sft_step(model, optimizer, batches):
     def step(i: int) -> None:
         ids = batches[i % len(batches)]
@@ -312,7 +304,7 @@ def _model_runs(spec: dict, profile: Profile, device: torch.device, dtype: torch
                     convert_to_fura(model, targets, quantize="nf4" if method == "qfura" else None, progress=False)
                 elif method in ("lora_r32", "qlora_r32"):
                     if method == "qlora_r32":
-                        _replace_linears_with_nf4(model, dtype)
+                        quantize_linears_bnb(model, targets)
                     model = get_peft_model(model, LoraConfig(r=32, lora_alpha=32, target_modules=targets))
                 _sync(device)
                 convert_s = time.perf_counter() - start

@@ -36,7 +36,7 @@ class QFusedBTTLinear(FusedBTTLinear):
     Stored: `Lt = btt_l[0]^T` (out x n*r) as buffers `nf4_packed` (uint8, 4 bits a value) and
     `nf4_absmax` (with double quantisation, uint8 plus `nf4_offset`, `nf4_nested_absmax`,
     `nf4_nested_code`): about 0.516 bytes a value, against 2 for bf16. R, S and the bias stay as
-    in `FusedBTTLinear` (trainable, `trainable_dtype`). `btt_l` is an empty meta tensor.
+    in `FusedBTTLinear` (trainable, `trainable_dtype`). `btt_l` is None.
 
     QFuRA needs the default layout with a frozen L: `decomp_mode="output_one_block"` and
     `train_position="small"` (or `"large"` when R is the larger core).
@@ -79,6 +79,9 @@ class QFusedBTTLinear(FusedBTTLinear):
                 f"(decomp_mode={self.config.decomp_mode!r}, train_position={self.config.train_position!r}); "
                 "use decomp_mode='output_one_block' with train_position='small'"
             )
+        # No dense L at all (not even on meta, which `.to()` cannot move): the NF4 buffers hold it.
+        del self.btt_l
+        self.register_parameter("btt_l", None)
         self.double_quant = double_quant
         self.nf4_shape = (out_features, shape.n * shape.r)
         self.nf4_relative_error = float("nan")
