@@ -15,7 +15,9 @@ def test_comparison_runs_with_matched_sizes():
     fura, lora = result["results"]
     assert fura["method"] == "fura" and lora["method"] == "lora"
     assert abs(lora["trainable_params"] - fura["trainable_params"]) / fura["trainable_params"] < 0.05
-    assert fura["held_out_before"] == lora["held_out_before"]  # same base model, same data
+    # same base model and data: FuRA's conversion is lossless up to fp32 rounding
+    assert fura["held_out_before"]["accuracy"] == lora["held_out_before"]["accuracy"]
+    assert abs(fura["held_out_before"]["mean_margin"] - lora["held_out_before"]["mean_margin"]) < 1e-4
     assert result["held_out_triplets"] == 16 and result["train_triplets"] == 32
 
 
