@@ -72,3 +72,14 @@ def test_bad_data_and_unsupported_merge(tiny_model_dir, tmp_path):
         sft.load_examples(bad)
     with pytest.raises(SystemExit, match="--merge with --method qlora is not supported"):
         _run(tiny_model_dir, tmp_path / "q", "qlora", "--merge")
+
+
+def test_bf16_autocast_checkpointing_and_accumulation(tiny_model_dir, tmp_path):
+    metrics = _run(tiny_model_dir, tmp_path, "fura", "--bf16", "--gradient-checkpointing", "--grad-accum", "2")
+    evals = [e["loss"] for e in metrics["eval_loss"]]
+    assert evals[-1] < evals[0] - 0.1, evals
+    # trainable tensors stay fp32 under bf16 autocast
+    from safetensors.torch import load_file
+
+    tensors = load_file(str(Path(metrics["outputs"]["adapter"]) / "adapter_model.safetensors"))
+    assert {t.dtype for t in tensors.values()} == {torch.float32}
