@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import random
 import time
 from pathlib import Path
@@ -154,8 +155,13 @@ def _save(model, tokenizer, args, accelerator) -> dict:
 def train(args) -> dict:
     """Run the recipe; returns the metrics it also writes to `output_dir/metrics.json`."""
     from accelerate import Accelerator
+    from accelerate.state import AcceleratorState
     from transformers import AutoModelForCausalLM, AutoTokenizer, get_linear_schedule_with_warmup
 
+    if int(os.environ.get("WORLD_SIZE", "1")) == 1:
+        # accelerate keeps its settings in a process-wide singleton; a second run in the same
+        # process (a notebook, the tests) with other settings (bf16, say) must start afresh.
+        AcceleratorState._reset_state(reset_partial_state=True)
     accelerator = Accelerator(
         gradient_accumulation_steps=args.grad_accum, mixed_precision="bf16" if args.bf16 else "no", cpu=args.cpu
     )
