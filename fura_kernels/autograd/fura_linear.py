@@ -62,15 +62,25 @@ def _fold_s(btt_l, btt_r, btt_s, fold_into_r: bool, dtype: torch.dtype):
     return l_eff, r_eff
 
 
-def use_weight_side_merge(tokens: int, m: int, n: int, out_features: int, need_g_l: bool) -> bool:
+def recomputing_in_backward() -> bool:
+    """True while activation checkpointing re-runs a forward inside the backward pass."""
+    if torch.compiler.is_compiling():
+        return False  # compiled graphs plan their own recomputation
+    return torch._C._current_graph_task_id() != -1
+
+
+def use_weight_side_merge(
+    tokens: int, m: int, n: int, out_features: int, need_g_l: bool, recomputing: bool = False
+) -> bool:
     """Forward by merging on the weight side (FURA_SPEC.md §3) instead of the activation side?
 
     Only in the default layout (one output block, several input blocks) and only when the
     backward does not need `zp` (L frozen, S not folded into L). The activation side moves
     about `4*T*in` bytes through K1; the merge moves about `4*in*out` (read L, write W_eff):
-    the merge wins when `out < T`.
+    the merge wins when `out < T`. Never while checkpointing recomputes the forward: a
+    recomputation must not rebuild anything weight-sized.
     """
-    return m == 1 and n > 1 and not need_g_l and tokens > out_features
+    return m == 1 and n > 1 and not need_g_l and tokens > out_features and not recomputing
 
 
 class FuRALinearFunction(torch.autograd.Function):
@@ -125,7 +135,7 @@ class FuRALinearFunction(torch.autograd.Function):
         s_needs_grad = btt_s is not None and ctx.needs_input_grad[3]
         need_g_l = ctx.needs_input_grad[1] or (s_needs_grad and not fold_into_r)
         need_g_r = ctx.needs_input_grad[2] or (s_needs_grad and fold_into_r)
-        merge_weight = use_weight_side_merge(tokens, m, n, a, need_g_l)
+        merge_weight = use_weight_side_merge(tokens, m, n, a, need_g_l, recomputing_in_backward())
         zp = None
         with torch.autocast(x.device.type, enabled=False):
             l_eff, r_eff = _fold_s(btt_l, btt_r, btt_s, fold_into_r, x.dtype)

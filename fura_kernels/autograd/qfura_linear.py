@@ -7,7 +7,7 @@ import torch
 from ..nf4 import NF4Tensor
 from ..triton import block_diag_matmul, use_triton
 from ..triton.nf4_ops import SCRATCH, fused_nf4_supported, nf4_dequantize, nf4_matmul
-from .fura_linear import _stage, _stage_backward
+from .fura_linear import _stage, _stage_backward, recomputing_in_backward, use_weight_side_merge
 
 
 class QFuRALinearFunction(torch.autograd.Function):
@@ -49,7 +49,7 @@ class QFuRALinearFunction(torch.autograd.Function):
             else:
                 scratch = SCRATCH.get(out * n * r, dtype, x.device) if triton_path else None
                 lt = nf4_dequantize(state, dtype, out=scratch)
-                if tokens > out and n > 1:  # weight-side merge, as in FuRALinearFunction
+                if use_weight_side_merge(tokens, 1, n, out, False, recomputing_in_backward()):
                     w_eff = block_diag_matmul(lt.reshape(out, n, r), r_eff.transpose(1, 2)).reshape(out, n * b)
                     y = torch.nn.functional.linear(x, w_eff)
                 else:
