@@ -44,3 +44,36 @@ def test_fullgraph_compile_trains_like_eager():
     assert not torch._dynamo.utils.counters["graph_break"], dict(torch._dynamo.utils.counters["graph_break"])
     for p_e, p_c in zip(eager.parameters(), compiled_model.parameters(), strict=True):
         assert max_rel_err(p_c, p_e) < 1e-4
+
+
+@pytest.mark.slow
+def test_tiny_llama_fullgraph_no_recompile_per_size():
+    """A tiny Llama with FuRA on every linear compiles with fullgraph=True and dynamic shapes:
+    new batch sizes and sequence lengths reuse the graph (one more graph at most, when the
+    token count crosses a layer's width and the forward switches to the weight-side merge)."""
+    from fura_kernels import convert_to_fura
+
+    from .helpers import tiny_llama
+
+    model = tiny_llama(seed=0)
+    convert_to_fura(model, "all-linear", progress=False)
+    model.train()
+    eager = copy.deepcopy(model)
+    compiled = torch.compile(model, fullgraph=True, dynamic=True)
+    opt_c = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    opt_e = torch.optim.AdamW([p for p in eager.parameters() if p.requires_grad], lr=1e-2)
+    torch._dynamo.utils.counters.clear()
+    losses_c, losses_e = [], []
+    for batch, seq in [(2, 8), (3, 12), (2, 20), (4, 32)]:  # T = 16, 36, 40 < 64 = width < 128
+        ids = torch.randint(0, model.config.vocab_size, (batch, seq))
+        for m, opt, losses in ((compiled, opt_c, losses_c), (eager, opt_e, losses_e)):
+            opt.zero_grad()
+            loss = m(input_ids=ids, labels=ids, use_cache=False).loss
+            loss.backward()
+            opt.step()
+            losses.append(loss.item())
+    for lc, le in zip(losses_c, losses_e, strict=True):
+        assert abs(lc - le) <= 1e-4 * abs(le)
+    assert not torch._dynamo.utils.counters["graph_break"]
+    # static first compile, one dynamic recompile, one for the merge branch: not one per size
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] <= 3
