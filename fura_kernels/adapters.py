@@ -21,6 +21,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from .config import FuRAConfig
+from .distributed import full_tensor, is_rank0
 from .factorization import weight_fingerprint
 from .layer import FusedBTTLinear
 from .qlayer import QFusedBTTLinear
@@ -34,7 +35,10 @@ PROBE_TOLERANCE = 1e-3  # relative; a sign flip or a rotated basis moves these b
 
 
 def _core_probe(layer: FusedBTTLinear) -> list[float]:
-    core = layer.dequantized_l(torch.float32) if isinstance(layer, QFusedBTTLinear) else layer.btt_l.detach().float()
+    if isinstance(layer, QFusedBTTLinear):
+        core = layer.dequantized_l(torch.float32)
+    else:
+        core = full_tensor(layer.btt_l.detach()).float()
     flat = core.reshape(-1)
     step = max(1, flat.numel() // PROBE_SAMPLES)
     return flat[::step][:PROBE_SAMPLES].cpu().tolist()
@@ -51,7 +55,10 @@ def degenerate_layers(model: nn.Module) -> list[str]:
 
 
 def save_fura_adapter(model: nn.Module, directory: str | Path) -> Path:
-    """Write `adapter_model.safetensors` (trainable tensors only) and `fura_config.json`."""
+    """Write `adapter_model.safetensors` (trainable tensors only) and `fura_config.json`.
+
+    Under FSDP2 every rank must call it: sharded tensors are gathered in full, and rank 0 writes.
+    """
     layers = _fura_layers(model)
     if not layers:
         raise ValueError(f"save_fura_adapter: {type(model).__name__} has no FuRA layers to save")
@@ -77,7 +84,7 @@ def save_fura_adapter(model: nn.Module, directory: str | Path) -> Path:
     for name, layer in layers.items():
         trainable = {p_name: p for p_name, p in layer.named_parameters() if p.requires_grad}
         for p_name, p in trainable.items():
-            tensors[f"{name}.{p_name}"] = p.detach().contiguous().cpu()
+            tensors[f"{name}.{p_name}"] = full_tensor(p.detach()).contiguous().cpu()
         shape = layer.block_shape
         entries[name] = {
             "in_features": layer.in_features,
@@ -101,6 +108,8 @@ def save_fura_adapter(model: nn.Module, directory: str | Path) -> Path:
         "degenerate_layers": degenerate,
     }
     directory = Path(directory)
+    if not is_rank0():
+        return directory
     directory.mkdir(parents=True, exist_ok=True)
     save_file(tensors, str(directory / ADAPTER_WEIGHTS), metadata={"format": FORMAT})
     meta["weights_sha256"] = _sha256(directory / ADAPTER_WEIGHTS)

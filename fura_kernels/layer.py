@@ -63,8 +63,10 @@ class FusedBTTLinear(nn.Module):
         self.out_features = out_features
         self.module_name = module_name
         self.base_dtype = dtype or torch.get_default_dtype()
-        self.base_fingerprint: str | None = None  # set by from_linear (see fura_kernels.adapters)
-        self.degenerate_blocks = 0
+        # Set by from_linear, read by fura_kernels.adapters. Buffers, not attributes, so that they
+        # travel with state dicts (a model materialised from meta under FSDP gets them too).
+        self.register_buffer("fingerprint_sha256", torch.zeros(32, dtype=torch.uint8, device=device))
+        self.register_buffer("degenerate_block_count", torch.zeros((), dtype=torch.int64, device=device))
         self.block_shape: BlockShape = resolve_block_shape(
             in_features, out_features, self.config, module_name, model_config
         )
@@ -148,6 +150,31 @@ class FusedBTTLinear(nn.Module):
             if layer.bias is not None:
                 layer.bias.copy_(linear.bias)
         return layer
+
+    @property
+    def base_fingerprint(self) -> str | None:
+        """sha256 (hex) of the base weight this layer was decomposed from; None if never set."""
+        digest = self.fingerprint_sha256
+        if digest.device.type == "meta" or not bool(digest.any()):
+            return None
+        return bytes(digest.cpu().tolist()).hex()
+
+    @base_fingerprint.setter
+    def base_fingerprint(self, hexdigest: str | None) -> None:
+        value = bytes.fromhex(hexdigest) if hexdigest else bytes(32)
+        with torch.no_grad():
+            self.fingerprint_sha256.copy_(torch.tensor(list(value), dtype=torch.uint8))
+
+    @property
+    def degenerate_blocks(self) -> int:
+        """Blocks whose SVD had repeated or zero singular values (their basis is not unique)."""
+        count = self.degenerate_block_count
+        return 0 if count.device.type == "meta" else int(count.item())
+
+    @degenerate_blocks.setter
+    def degenerate_blocks(self, count: int) -> None:
+        with torch.no_grad():
+            self.degenerate_block_count.fill_(count)
 
     @property
     def device(self) -> torch.device:
