@@ -61,3 +61,49 @@ def tiny_llama(seed: int = 0, **overrides):
     torch.manual_seed(seed)
     model = LlamaForCausalLM(LlamaConfig(**kwargs)).eval()
     return model
+
+
+def train_causal_lm(model, steps: int, lr: float = 1e-2, n_batches: int = 1, seed: int = 0) -> list[float]:
+    """AdamW on the model's trainable tensors over `n_batches` fixed random batches (4 x 16),
+    cycled; returns the per-step losses and leaves the model in eval mode."""
+    generator = torch.Generator().manual_seed(seed)
+    batches = [torch.randint(0, model.config.vocab_size, (4, 16), generator=generator) for _ in range(n_batches)]
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr, betas=(0.9, 0.95))
+    model.train()
+    losses = []
+    for step in range(steps):
+        data = batches[step % n_batches]
+        opt.zero_grad()
+        loss = model(input_ids=data, labels=data).loss
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    model.eval()
+    return losses
+
+
+def check_qfura_layer(layer, tokens: int, dtype: torch.dtype) -> None:
+    """A QFuRA layer's output and every gradient against float64 on its dequantised core, by
+    the tolerance rule (the unfused algorithm in `dtype` is the same-dtype side)."""
+    import copy
+
+    from fura_kernels import reference
+
+    l64 = layer.dequantized_l(torch.float64)
+    params = [layer.btt_r, layer.btt_s, layer.bias]
+    x = torch.randn(tokens, layer.in_features)
+    dy = torch.randn(tokens, layer.out_features)
+    x_low = x.to(dtype).requires_grad_()
+    y = layer(x_low)
+    ours = torch.autograd.grad((y * dy.to(dtype)).sum(), [x_low, *params])
+    x_same = x.to(dtype).requires_grad_()
+    y_same = reference.forward(x_same, l64.to(dtype), *(p.to(dtype) for p in params))
+    same = torch.autograd.grad((y_same * dy.to(dtype)).sum(), [x_same, *params])
+    ref_params = [copy.deepcopy(p.detach()).double().requires_grad_() for p in params]
+    x64 = x.double().requires_grad_()
+    y_ref = reference.forward(x64, l64, *ref_params)
+    ref = torch.autograd.grad((y_ref * dy.double()).sum(), [x64, *ref_params])
+    assert_within_rule(y.detach(), y_same.detach(), y_ref.detach(), dtype, "QFuRA y")
+    for name, g, g_same, g_ref in zip(("x", "R", "S", "bias"), ours, same, ref, strict=True):
+        assert g.dtype == (dtype if name == "x" else torch.float32), name
+        assert_within_rule(g, g_same, g_ref, dtype, f"QFuRA d{name}")

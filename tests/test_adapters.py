@@ -22,21 +22,9 @@ from fura_kernels import (
 from fura_kernels.adapters import ADAPTER_CONFIG, ADAPTER_WEIGHTS
 from fura_kernels.factorization import canonicalize_signs
 
-from .helpers import max_rel_err, tiny_llama
+from .helpers import max_rel_err, tiny_llama, train_causal_lm
 
 TARGETS = "all-linear"
-
-
-def _train(model, steps=5, seed=0):
-    torch.manual_seed(seed)
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
-    data = torch.randint(0, model.config.vocab_size, (4, 16))
-    model.train()
-    for _ in range(steps):
-        opt.zero_grad()
-        model(input_ids=data, labels=data).loss.backward()
-        opt.step()
-    return model.eval()
 
 
 def _logits(model, ids):
@@ -48,7 +36,7 @@ def _logits(model, ids):
 def trained(tmp_path_factory):
     model = tiny_llama(seed=0)
     convert_to_fura(model, TARGETS, progress=False)
-    _train(model)
+    train_causal_lm(model, steps=5)
     directory = tmp_path_factory.mktemp("adapter")
     save_fura_adapter(model, directory)
     return model, directory
@@ -107,7 +95,7 @@ def test_qfura_round_trip(tmp_path):
     pytest.importorskip("bitsandbytes")
     model = tiny_llama(seed=1, hidden_size=128, intermediate_size=256)
     convert_to_fura(model, TARGETS, quantize="nf4", progress=False)
-    _train(model, steps=3)
+    train_causal_lm(model, steps=3)
     save_fura_adapter(model, tmp_path)
     fresh = tiny_llama(seed=1, hidden_size=128, intermediate_size=256)
     load_fura_adapter(fresh, tmp_path, progress=False)

@@ -2,17 +2,16 @@
 
 from __future__ import annotations
 
-import copy
 import sys
 
 import pytest
 import torch
 from torch import nn
 
-from fura_kernels import FuRAConfig, FusedBTTLinear, QFusedBTTLinear, convert_to_fura, merge_fura, reference
+from fura_kernels import FuRAConfig, FusedBTTLinear, QFusedBTTLinear, convert_to_fura, merge_fura
 from fura_kernels.nf4 import dequantize_nf4, quantize_nf4
 
-from .helpers import DTYPE_IDS, assert_within_rule, max_rel_err, tiny_llama
+from .helpers import DTYPE_IDS, check_qfura_layer, max_rel_err, tiny_llama, train_causal_lm
 
 pytest.importorskip("bitsandbytes")
 
@@ -27,26 +26,7 @@ def _perturbed(layer):
 @pytest.mark.parametrize("tokens", [5, 200], ids=["activation-side", "weight-merge"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=DTYPE_IDS.get)
 def test_forward_and_gradients_against_reference(dtype, tokens):
-    lin = nn.Linear(256, 96).to(dtype)
-    layer = _perturbed(QFusedBTTLinear.from_linear(lin))
-    l64 = layer.dequantized_l(torch.float64)
-    params = [layer.btt_r, layer.btt_s, layer.bias]
-    x = torch.randn(tokens, 256)
-    dy = torch.randn(tokens, 96)
-    x_low = x.to(dtype).requires_grad_()
-    y = layer(x_low)
-    ours = torch.autograd.grad((y * dy.to(dtype)).sum(), [x_low, *params])
-    x_same = x.to(dtype).requires_grad_()
-    y_same = reference.forward(x_same, l64.to(dtype), *(p.to(dtype) for p in params))
-    same = torch.autograd.grad((y_same * dy.to(dtype)).sum(), [x_same, *params])
-    ref_params = [copy.deepcopy(p.detach()).double().requires_grad_() for p in params]
-    x64 = x.double().requires_grad_()
-    y_ref = reference.forward(x64, l64, *ref_params)
-    ref = torch.autograd.grad((y_ref * dy.double()).sum(), [x64, *ref_params])
-    assert_within_rule(y.detach(), y_same.detach(), y_ref.detach(), dtype, "y")
-    for name, g, g_same, g_ref in zip(("x", "R", "S", "bias"), ours, same, ref, strict=True):
-        assert g.dtype == (dtype if name == "x" else torch.float32)
-        assert_within_rule(g, g_same, g_ref, dtype, f"d{name}")
+    check_qfura_layer(_perturbed(QFusedBTTLinear.from_linear(nn.Linear(256, 96).to(dtype))), tokens, dtype)
 
 
 def test_quantised_core_is_the_fura_core_in_nf4():
@@ -94,18 +74,8 @@ def test_tiny_llama_qfura_trains_and_merges():
     with torch.no_grad():
         quantised = model(input_ids=ids).logits
     assert max_rel_err(quantised, before) < 0.5  # close to, not equal to, the original: NF4
-    model.train()
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
-    data = torch.randint(0, model.config.vocab_size, (4, 16))
-    losses = []
-    for _ in range(15):
-        opt.zero_grad()
-        loss = model(input_ids=data, labels=data).loss
-        loss.backward()
-        opt.step()
-        losses.append(loss.item())
+    losses = train_causal_lm(model, steps=15)
     assert losses[-1] < 0.93 * losses[0]
-    model.eval()
     with torch.no_grad():
         trained = model(input_ids=ids).logits
         merge_fura(model)

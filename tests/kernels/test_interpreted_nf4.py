@@ -5,7 +5,6 @@ Runs in the kernel tier (`TRITON_INTERPRET=1`, `bash .ci/run`); skipped otherwis
 
 from __future__ import annotations
 
-import copy
 import os
 import warnings
 
@@ -18,7 +17,7 @@ from fura_kernels.nf4 import NF4Tensor, dequantize_nf4
 from fura_kernels.triton import use_triton
 from fura_kernels.triton.nf4_ops import SCRATCH, SMALL_T_MAX, fused_nf4_supported, nf4_dequantize, nf4_matmul
 
-from ..helpers import DTYPE_IDS, assert_within_rule
+from ..helpers import DTYPE_IDS, assert_within_rule, check_qfura_layer
 
 pytestmark = pytest.mark.skipif(
     os.environ.get("TRITON_INTERPRET") != "1", reason="kernel tier: run with TRITON_INTERPRET=1 (bash .ci/run does)"
@@ -70,28 +69,11 @@ def test_fused_small_t_gemm(dtype, tokens, transpose):
 @pytest.mark.parametrize("dtype", HALF, ids=DTYPE_IDS.get)
 def test_qfura_layer_on_the_triton_path(dtype, tokens):
     """T <= 64 takes the fused kernel, T = 150 > out the scratch buffer and the weight-side merge."""
-    lin = nn.Linear(256, 96).to(dtype)
-    layer = QFusedBTTLinear.from_linear(lin)
+    layer = QFusedBTTLinear.from_linear(nn.Linear(256, 96).to(dtype))
     with torch.no_grad():
         layer.btt_r.add_(0.05 * layer.btt_r.abs().mean() * torch.randn_like(layer.btt_r))
         layer.btt_s.mul_(1 + 0.05 * torch.randn_like(layer.btt_s))
-    l64 = layer.dequantized_l(torch.float64)
-    x = torch.randn(tokens, 256)
-    dy = torch.randn(tokens, 96)
-    params = [layer.btt_r, layer.btt_s, layer.bias]
-    x_low = x.to(dtype).requires_grad_()
-    y = layer(x_low)
-    ours = torch.autograd.grad((y * dy.to(dtype)).sum(), [x_low, *params])
-    x_same = x.to(dtype).requires_grad_()
-    y_same = reference.forward(x_same, l64.to(dtype), *(p.to(dtype) for p in params))
-    same = torch.autograd.grad((y_same * dy.to(dtype)).sum(), [x_same, *params])
-    ref_params = [copy.deepcopy(p.detach()).double().requires_grad_() for p in params]
-    x64 = x.double().requires_grad_()
-    y_ref = reference.forward(x64, l64, *ref_params)
-    ref = torch.autograd.grad((y_ref * dy.double()).sum(), [x64, *ref_params])
-    assert_within_rule(y.detach(), y_same.detach(), y_ref.detach(), dtype, "QFuRA y")
-    for name, g, g_same, g_ref in zip(("x", "R", "S", "bias"), ours, same, ref, strict=True):
-        assert_within_rule(g, g_same, g_ref, dtype, f"QFuRA d{name}")
+    check_qfura_layer(layer, tokens, dtype)
     if tokens > SMALL_T_MAX:
         assert SCRATCH.nbytes() >= 96 * 256 * 2  # the shared buffer served this layer
 
