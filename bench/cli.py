@@ -26,7 +26,8 @@ def _pick_profile(args, device: torch.device) -> str:
     return "cpu-quick"
 
 
-def main(argv: list[str] | None = None) -> Path:
+def run(argv: list[str] | None = None) -> Path:
+    """Parse `argv`, run the suites, write and report the results; returns the results file."""
     parser = argparse.ArgumentParser(prog="fura-bench", description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="the short profile (quick on a GPU, cpu-quick on a CPU)")
     parser.add_argument("--profile", choices=sorted(PROFILES), help="shapes and token counts to run")
@@ -62,6 +63,11 @@ def main(argv: list[str] | None = None) -> Path:
     if args.readme:
         report.update_readme(args.readme, text)
     return path
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Console entry point (`fura-bench`): exit status 0 on success."""
+    run(argv)
 
 
 if __name__ == "__main__":

@@ -16,7 +16,7 @@ ROOT = Path(__file__).resolve().parents[1]
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("bench")
-    path = cli.main(["--profile", "cpu-tiny", "--device", "cpu", "--out", str(out)])
+    path = cli.run(["--profile", "cpu-tiny", "--device", "cpu", "--out", str(out)])
     return path, json.loads(path.read_text())
 
 
