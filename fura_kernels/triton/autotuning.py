@@ -66,6 +66,10 @@ def k3_configs_for(capability_major: int) -> list[triton.Config]:
     return K3_CONFIGS_HOPPER if capability_major >= 9 else K3_CONFIGS_AMPERE
 
 
+# Last resorts when no listed config fits a GPU's shared memory (a 256-wide block on a 99 KB
+# consumer part, say): the smallest tiles `tl.dot` takes well, one pipeline stage.
+K1_MINIMAL = triton.Config({"BLOCK_T": 32, "BLOCK_K": 32, "BLOCK_N": 32}, num_warps=4, num_stages=1)
+K3_MINIMAL = triton.Config({"BLOCK_T": 32, "BLOCK_K": 32}, num_warps=4, num_stages=1)
 # Interpreter configs: small tiles, so the small test shapes still cover several K iterations,
 # several row tiles and masked edges.
 K1_INTERPRET_META = {"BLOCK_T": 32, "BLOCK_K": 32, "BLOCK_N": 32}
@@ -93,9 +97,9 @@ def split_rows(tokens: int) -> tuple[int, int]:
     return rows, triton.cdiv(tokens, rows)
 
 
-def shared_memory_limit(device: torch.device) -> int:
-    """Bytes of shared memory one program may use on `device` (conservative per architecture)."""
-    major, minor = torch.cuda.get_device_capability(device)
+def shared_memory_limit(capability: tuple[int, int]) -> int:
+    """Bytes of shared memory one program may use on a GPU of this compute capability."""
+    major, minor = capability
     if major >= 9:
         return 227 * 1024
     if (major, minor) in ((8, 0), (8, 7)):
@@ -114,6 +118,10 @@ def k3_shared_bytes(cfg: triton.Config, block_n: int, elem: int) -> int:
     return resident_w + cfg.num_stages * kw["BLOCK_T"] * (block_n + kw["BLOCK_K"]) * elem
 
 
+def _config_key(cfg: triton.Config):
+    return tuple(sorted(cfg.kwargs.items())), cfg.num_warps, cfg.num_stages
+
+
 def _clamped(configs, caps: dict[str, int]) -> list[triton.Config]:
     """Clamp tile sides to the problem (a 16-wide block needs no 128-wide tile) and dedupe."""
     seen, out = set(), []
@@ -126,36 +134,43 @@ def _clamped(configs, caps: dict[str, int]) -> list[triton.Config]:
     return out
 
 
-def prune_k1(configs, named_args, **kwargs):
-    x = named_args["x_ptr"]
-    caps = {
-        "BLOCK_T": tile_cap(named_args["t_bucket"]),
-        "BLOCK_K": tile_cap(named_args["K"]),
-        "BLOCK_N": tile_cap(named_args["N"]),
-    }
-    limit = shared_memory_limit(x.device)
-    kept = [c for c in _clamped(configs, caps) if k1_shared_bytes(c, x.element_size()) <= limit]
-    return kept or _clamped(configs[:1], caps)
+def select_k1(configs, k: int, n: int, t_bucket: int, elem: int, capability: tuple[int, int]):
+    """K1 configs for a problem: tiles clamped to it, those that fit in shared memory."""
+    caps = {"BLOCK_T": tile_cap(t_bucket), "BLOCK_K": tile_cap(k), "BLOCK_N": tile_cap(n)}
+    limit = shared_memory_limit(capability)
+    kept = [c for c in _clamped(configs, caps) if k1_shared_bytes(c, elem) <= limit]
+    return kept or _clamped([K1_MINIMAL], caps)
 
 
-def _config_key(cfg: triton.Config):
-    return tuple(sorted(cfg.kwargs.items())), cfg.num_warps, cfg.num_stages
-
-
-def prune_k3(configs, named_args, **kwargs):
-    g = named_args["g_ptr"]
-    block_n = kwargs.get("BLOCK_N", tile_cap(named_args["N"]))
-    caps = {"BLOCK_T": tile_cap(named_args["t_bucket"]), "BLOCK_K": tile_cap(named_args["K"])}
-    limit = shared_memory_limit(g.device)
-    arch_keys = {_config_key(c) for c in k3_configs_for(torch.cuda.get_device_capability(g.device)[0])}
+def select_k3(configs, k: int, block_n: int, t_bucket: int, elem: int, capability: tuple[int, int]):
+    """K3 configs for a problem: this GPU generation's list, clamped, fitting in shared memory
+    and leaving registers for more than the accumulators."""
+    caps = {"BLOCK_T": tile_cap(t_bucket), "BLOCK_K": tile_cap(k)}
+    arch_keys = {_config_key(c) for c in k3_configs_for(capability[0])}
     configs = [c for c in configs if _config_key(c) in arch_keys]
+    limit = shared_memory_limit(capability)
     kept = [
         c
         for c in _clamped(configs, caps)
-        if k3_shared_bytes(c, block_n, g.element_size()) <= limit
+        if k3_shared_bytes(c, block_n, elem) <= limit
         and c.kwargs["BLOCK_K"] * block_n // (32 * c.num_warps) <= MAX_ACC_REGS_PER_THREAD
     ]
-    return kept or _clamped(configs[:1], caps)
+    return kept or _clamped([K3_MINIMAL], caps)
+
+
+def prune_k1(configs, named_args, **kwargs):
+    """`early_config_prune` hook of K1's autotuner."""
+    x = named_args["x_ptr"]
+    capability = torch.cuda.get_device_capability(x.device)
+    return select_k1(configs, named_args["K"], named_args["N"], named_args["t_bucket"], x.element_size(), capability)
+
+
+def prune_k3(configs, named_args, **kwargs):
+    """`early_config_prune` hook of K3's autotuner (BLOCK_N comes from the launcher)."""
+    g = named_args["g_ptr"]
+    block_n = kwargs.get("BLOCK_N", tile_cap(named_args["N"]))
+    capability = torch.cuda.get_device_capability(g.device)
+    return select_k3(configs, named_args["K"], block_n, named_args["t_bucket"], g.element_size(), capability)
 
 
 def input_precision(dtype: torch.dtype) -> str:

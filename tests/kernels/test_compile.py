@@ -73,3 +73,28 @@ def test_nf4_dequantize_compiles(arch):
     for dtype in ("bf16", "fp16"):
         kernel = cc.compile_nf4_dequantize(dtype, arch)
         assert kernel.shared_bytes <= cc.SHARED_LIMIT[arch] and not kernel.spills, f"NF4 dequant {dtype} sm_{arch}"
+
+
+@pytest.mark.parametrize("capability", [(9, 0), (8, 0), (8, 6)], ids=lambda c: f"sm{c[0]}{c[1]}")
+@pytest.mark.parametrize("tokens", [1, 512, 16384])
+@pytest.mark.parametrize("width", WIDTHS + [16, 300])
+def test_config_pruning_fits_every_gpu(capability, tokens, width):
+    """The autotuners' pruning, run as on a GPU: never empty, always within shared memory, K3 on
+    its generation's list, tiles no larger than the problem needs."""
+    bucket = autotuning.t_bucket(tokens)
+    k1 = autotuning.select_k1(autotuning.K1_CONFIGS, width, width, bucket, 2, capability)
+    assert k1 and all(autotuning.k1_shared_bytes(c, 2) <= autotuning.shared_memory_limit(capability) for c in k1)
+    assert all(c.kwargs["BLOCK_K"] <= autotuning.tile_cap(width) for c in k1)
+    block_n = autotuning.tile_cap(min(width, autotuning.MAX_FUSED_N))
+    k3 = autotuning.select_k3(autotuning.K3_CONFIGS, width, block_n, bucket, 2, capability)
+    allowed = autotuning.K3_CONFIGS_HOPPER if capability[0] >= 9 else autotuning.K3_CONFIGS_AMPERE
+    assert k3 and all(c.num_warps in {a.num_warps for a in allowed} for c in k3)
+    assert all(autotuning.k3_shared_bytes(c, block_n, 2) <= autotuning.shared_memory_limit(capability) for c in k3)
+
+
+@pytest.mark.parametrize("arch", ARCHS, ids=lambda a: f"sm{a}")
+def test_last_resort_configs_compile(arch):
+    """The minimal configs pruning falls back to on small-shared-memory GPUs build and fit too."""
+    for kernel in (cc.compile_k1(autotuning.K1_MINIMAL, "bf16", 128, 128, arch),
+                   cc.compile_k3(autotuning.K3_MINIMAL, "bf16", 256, 256, arch)):  # fmt: skip
+        assert kernel.shared_bytes <= 99 * 1024 and not kernel.spills
