@@ -13,7 +13,8 @@ Design note. QFuRA's frozen core is stored as `Lt` (N x K, N = out features, K =
   fixed order afterwards, so results are reproducible.
 
 Scales: `absmax[i]` (fp32) or, with double quantisation, `nested_code[q[i]] *
-nested_absmax[i // 256] + offset`, where `i` is the 64-value block of the flattened tensor.
+nested_absmax[i // 256] + offset`, where `i` is the 64-value block of the flattened tensor
+(`offset` is read from device memory: passing it as a float would sync the host every launch).
 """
 
 from __future__ import annotations
@@ -41,7 +42,7 @@ def _round_to(x, DTYPE: tl.constexpr):
 
 
 @triton.jit
-def _nf4_values(packed_ptr, absmax_ptr, levels_ptr, nested_code_ptr, nested_absmax_ptr, offset, flat, mask,
+def _nf4_values(packed_ptr, absmax_ptr, levels_ptr, nested_code_ptr, nested_absmax_ptr, offset_ptr, flat, mask,
                 DOUBLE_QUANT: tl.constexpr):  # fmt: skip
     """fp32 values of the flattened NF4 elements `flat` (int64 indices)."""
     byte = tl.load(packed_ptr + flat // 2, mask=mask, other=0).to(tl.int32)
@@ -50,11 +51,9 @@ def _nf4_values(packed_ptr, absmax_ptr, levels_ptr, nested_code_ptr, nested_absm
     block = flat // 64
     if DOUBLE_QUANT:
         q = tl.load(absmax_ptr + block, mask=mask, other=0).to(tl.int32)
-        scale = (
-            tl.load(nested_code_ptr + q, mask=mask, other=0.0)
-            * tl.load(nested_absmax_ptr + block // 256, mask=mask, other=0.0)
-            + offset
-        )
+        scale = tl.load(nested_code_ptr + q, mask=mask, other=0.0) * tl.load(
+            nested_absmax_ptr + block // 256, mask=mask, other=0.0
+        ) + tl.load(offset_ptr)
     else:
         scale = tl.load(absmax_ptr + block, mask=mask, other=0.0)
     return level * scale
@@ -67,7 +66,7 @@ def nf4_dequantize_kernel(
     levels_ptr,
     nested_code_ptr,
     nested_absmax_ptr,
-    offset,
+    offset_ptr,
     out_ptr,
     numel,
     BLOCK: tl.constexpr,
@@ -82,7 +81,7 @@ def nf4_dequantize_kernel(
     pid = tl.program_id(0).to(tl.int64)
     flat = pid * BLOCK + tl.arange(0, BLOCK).to(tl.int64)
     mask = flat < numel
-    values = _nf4_values(packed_ptr, absmax_ptr, levels_ptr, nested_code_ptr, nested_absmax_ptr, offset, flat, mask,
+    values = _nf4_values(packed_ptr, absmax_ptr, levels_ptr, nested_code_ptr, nested_absmax_ptr, offset_ptr, flat, mask,
                          DOUBLE_QUANT)  # fmt: skip
     tl.store(out_ptr + flat, _round_to(values, OUT_DTYPE).to(out_ptr.dtype.element_ty), mask=mask)
 
@@ -95,7 +94,7 @@ def nf4_matmul_kernel(
     levels_ptr,
     nested_code_ptr,
     nested_absmax_ptr,
-    offset,
+    offset_ptr,
     partial_ptr,
     T,
     N,
@@ -130,7 +129,7 @@ def nf4_matmul_kernel(
         offs_k = k0 + tl.arange(0, BLOCK_K)
         mask_k = offs_k < k_end
         tile_mask = mask_n[:, None] & mask_k[None, :]
-        lt = _nf4_values(packed_ptr, absmax_ptr, levels_ptr, nested_code_ptr, nested_absmax_ptr, offset,
+        lt = _nf4_values(packed_ptr, absmax_ptr, levels_ptr, nested_code_ptr, nested_absmax_ptr, offset_ptr,
                          rows[:, None] + offs_k[None, :], tile_mask, DOUBLE_QUANT)  # fmt: skip
         lt = _round_to(lt, L_DTYPE)  # the core's values are its dtype's, as `dequantize_nf4` gives
         a = tl.load(
@@ -155,7 +154,7 @@ def nf4_matmul_t_kernel(
     levels_ptr,
     nested_code_ptr,
     nested_absmax_ptr,
-    offset,
+    offset_ptr,
     partial_ptr,
     T,
     N,
@@ -188,7 +187,7 @@ def nf4_matmul_t_kernel(
         offs_n = n0 + tl.arange(0, BLOCK_N)
         mask_n = offs_n < n_end
         flat = offs_n[:, None].to(tl.int64) * K + offs_k[None, :]
-        lt = _nf4_values(packed_ptr, absmax_ptr, levels_ptr, nested_code_ptr, nested_absmax_ptr, offset,
+        lt = _nf4_values(packed_ptr, absmax_ptr, levels_ptr, nested_code_ptr, nested_absmax_ptr, offset_ptr,
                          flat, mask_n[:, None] & mask_k[None, :], DOUBLE_QUANT)  # fmt: skip
         lt = _round_to(lt, L_DTYPE)
         a = tl.load(

@@ -7,6 +7,8 @@ GEMM. Both run Triton where `use_triton` says so and `fura_kernels.nf4` otherwis
 
 from __future__ import annotations
 
+import functools
+
 import torch
 
 from ..nf4 import NF4Tensor, dequantize_nf4, nf4_code
@@ -48,12 +50,20 @@ def fused_nf4_supported(state: NF4Tensor, tokens: int) -> bool:
     return tokens <= SMALL_T_MAX and state.shape[1] % state.blocksize == 0
 
 
+@functools.cache
+def _levels(device: torch.device) -> torch.Tensor:
+    """The NF4 level table on `device`, built once (not copied to the device at every launch)."""
+    return nf4_code(device)
+
+
 def _scale_args(state: NF4Tensor, device: torch.device):
-    levels = nf4_code(device)
+    """Kernel pointers for the scales. The double-quantisation offset stays a device tensor: a
+    Python float would cost a GPU-to-host sync per launch."""
+    levels = _levels(torch.device(device))
     if state.double_quant:
-        return levels, state.nested_code, state.nested_absmax, float(state.offset.item())
+        return levels, state.nested_code, state.nested_absmax, state.offset
     # Unused when DOUBLE_QUANT is off: any valid pointer will do.
-    return levels, levels, levels, 0.0
+    return levels, levels, levels, levels
 
 
 def nf4_dequantize(state: NF4Tensor, dtype: torch.dtype, out: torch.Tensor | None = None) -> torch.Tensor:
