@@ -16,7 +16,7 @@ import torch
 from tqdm.auto import tqdm
 
 from fura_kernels import convert_to_fura
-from fura_kernels.nf4 import quantize_nf4
+from fura_kernels.nf4 import NF4Tensor, quantize_nf4
 from fura_kernels.recipes.baselines import quantize_linears_bnb
 from fura_kernels.triton import block_diag_matmul, block_diag_matmul_backward
 from fura_kernels.triton.nf4_ops import SMALL_T_MAX, nf4_dequantize, nf4_matmul
@@ -24,7 +24,7 @@ from fura_kernels.triton.nf4_ops import SMALL_T_MAX, nf4_dequantize, nf4_matmul
 from . import floors
 from .floors import Ceilings
 from .methods import METHODS, LayerCase, build, make_step, trainable
-from .timing import measure, peak_memory, saved_for_backward_bytes
+from .timing import measure, measure_graph, peak_memory, saved_for_backward_bytes
 
 LLAMA3_8B = [
     LayerCase("llama3-8b.q_proj", 4096, 4096, 64, 64),
@@ -166,6 +166,17 @@ def ceilings(device: torch.device, dtype: torch.dtype, quick: bool) -> tuple[Cei
     return c, info
 
 
+def _time_kernel(fn, profile: Profile, device: torch.device) -> tuple[dict, dict]:
+    """(time, extra fields) of one kernel call. On a GPU the time is the CUDA-graph replay
+    time, the kernel's own cost (a decode loop captures its kernels the same way), and the
+    eagerly launched time, host launch overhead included, is kept beside it."""
+    eager = measure(fn, device, profile.warmup, profile.reps)
+    graph = measure_graph(fn, device, 1, max(profile.reps, 10), profile.input_sets)
+    if graph is None:
+        return eager, {"timing": "eager"}
+    return graph, {"timing": "cuda-graph", "eager_time_ms": eager}
+
+
 def _record(suite: str, name: str, method: str, case: LayerCase | None, tokens: int | None, dtype, t: dict, **extra):
     rec = {"suite": suite, "name": name, "method": method, "tokens": tokens, "dtype": str(dtype).removeprefix("torch."),
            "shape": asdict(case) if case else None, "time_ms": t}  # fmt: skip
@@ -180,6 +191,36 @@ def _rates(flops: float, nbytes: float, t_ms: float, floor_ms: float) -> dict:
 
 
 # --- kernels --------------------------------------------------------------------------------
+def _bnb_functional():
+    import bitsandbytes.functional
+
+    return bitsandbytes.functional
+
+
+def _bnb_nf4(core: torch.Tensor):
+    """bitsandbytes' NF4 state (double quantisation) of `core`, or None where it cannot run."""
+    if core.device.type != "cuda":
+        return None
+    try:
+        return _bnb_functional().quantize_4bit(core, blocksize=64, quant_type="nf4", compress_statistics=True)
+    except ImportError:
+        return None
+
+
+def _bnb_matmul_4bit(z: torch.Tensor, packed: torch.Tensor, quant_state) -> torch.Tensor:
+    import bitsandbytes
+
+    return bitsandbytes.matmul_4bit(z, packed.t(), quant_state=quant_state)
+
+
+def _bnb_dequant_then_gemm(z: torch.Tensor, packed: torch.Tensor, quant_state) -> torch.Tensor:
+    return z @ _bnb_functional().dequantize_4bit(packed, quant_state).t()
+
+
+def _dequant_then_gemm(z: torch.Tensor, state: NF4Tensor, scratch: torch.Tensor) -> torch.Tensor:
+    return z @ nf4_dequantize(state, z.dtype, out=scratch).t()
+
+
 def kernel_suite(profile: Profile, device: torch.device, dtype: torch.dtype, c: Ceilings, bar) -> list[dict]:
     records = []
     elem = torch.empty(0, dtype=dtype).element_size()
@@ -187,34 +228,55 @@ def kernel_suite(profile: Profile, device: torch.device, dtype: torch.dtype, c: 
         n, b, r = case.n, case.b, min(case.b, case.out_features)
         w = torch.randn(n, b, r, device=device, dtype=dtype) / b**0.5
         core = torch.randn(case.out_features, n * r, device=device, dtype=dtype) / (n * r) ** 0.5
-        state = quantize_nf4(core.cpu(), double_quant=True).to(device)
+        bnb_core = _bnb_nf4(core)  # (packed, quant_state) when bitsandbytes runs on this device
+        state = NF4Tensor.from_bnb(*bnb_core) if bnb_core else quantize_nf4(core.cpu(), double_quant=True).to(device)
         l_t = core.reshape(case.out_features, n, r)
-        merge_t = measure(_rotating(block_diag_matmul, l_t, w.transpose(1, 2)), device, profile.warmup, profile.reps)
+        merge_t, how = _time_kernel(_rotating(block_diag_matmul, l_t, w.transpose(1, 2)), profile, device)
         f, by = floors.merge_cost(case.in_features, case.out_features, r, elem)
-        records.append(_record("kernel", "weight_merge", "fura", case, None, dtype, merge_t,
+        records.append(_record("kernel", "weight_merge", "fura", case, None, dtype, merge_t, **how,
                                **_rates(f, by, merge_t["median"], floors.roofline_ms(f, by, c))))  # fmt: skip
         scratch = torch.empty(core.numel(), device=device, dtype=dtype)
-        dq_t = measure(_rotating(nf4_dequantize, state, dtype, scratch), device, profile.warmup, profile.reps)
         f, by = floors.nf4_dequant_cost(core.numel(), elem)
-        records.append(_record("kernel", "nf4_dequant", "qfura", case, None, dtype, dq_t,
-                               **_rates(f, by, dq_t["median"], floors.roofline_ms(f, by, c))))  # fmt: skip
+        dequant = {"qfura": _rotating(nf4_dequantize, state, dtype, scratch)}
+        if bnb_core:
+            dequant["bitsandbytes"] = _rotating(_bnb_functional().dequantize_4bit, *bnb_core)
+        for method, fn in dequant.items():
+            t, how = _time_kernel(fn, profile, device)
+            records.append(_record("kernel", "nf4_dequant", method, case, None, dtype, t, **how,
+                                   **_rates(f, by, t["median"], floors.roofline_ms(f, by, c))))  # fmt: skip
         for tokens in profile.tokens:
             xs = [torch.randn(tokens, n, b, device=device, dtype=dtype) for _ in range(profile.input_sets)]
             gs = [torch.randn(tokens, n, r, device=device, dtype=dtype) for _ in range(profile.input_sets)]
-            k1 = measure(_rotating(block_diag_matmul, xs, w), device, profile.warmup, profile.reps)
+            k1, how = _time_kernel(_rotating(block_diag_matmul, xs, w), profile, device)
             f, by = floors.k1_cost(tokens, case.in_features, n, r, elem)
-            records.append(_record("kernel", "K1", "fura", case, tokens, dtype, k1,
+            records.append(_record("kernel", "K1", "fura", case, tokens, dtype, k1, **how,
                                    **_rates(f, by, k1["median"], floors.roofline_ms(f, by, c))))  # fmt: skip
-            k3 = measure(_rotating(block_diag_matmul_backward, gs, xs, w), device, profile.warmup, profile.reps)
+            k3, how = _time_kernel(_rotating(block_diag_matmul_backward, gs, xs, w), profile, device)
             f, by = floors.k3_cost(tokens, case.in_features, n, r, elem)
-            records.append(_record("kernel", "K3", "fura", case, tokens, dtype, k3,
+            records.append(_record("kernel", "K3", "fura", case, tokens, dtype, k3, **how,
                                    **_rates(f, by, k3["median"], floors.roofline_ms(f, by, c))))  # fmt: skip
+            zs = [torch.randn(tokens, n * r, device=device, dtype=dtype) for _ in range(profile.input_sets)]
             if tokens <= SMALL_T_MAX:
-                zs = [torch.randn(tokens, n * r, device=device, dtype=dtype) for _ in range(profile.input_sets)]
-                g = measure(_rotating(nf4_matmul, zs, state), device, profile.warmup, profile.reps)
+                # Decode path: ours dequantises inside the K loop; bitsandbytes' inference path
+                # (`matmul_4bit`: its gemv kernel at T = 1, dequantise + matmul above).
                 f, by = floors.nf4_gemm_cost(tokens, n * r, case.out_features, elem)
-                records.append(_record("kernel", "nf4_small_t_gemm", "qfura", case, tokens, dtype, g,
-                                       **_rates(f, by, g["median"], floors.roofline_ms(f, by, c))))  # fmt: skip
+                timed = {"qfura": _rotating(nf4_matmul, zs, state)}
+                if bnb_core:
+                    timed["bitsandbytes"] = _rotating(_bnb_matmul_4bit, zs, *bnb_core)
+                name = "nf4_small_t_gemm"
+            else:
+                # Training path: the core is dequantised (ours into the shared scratch buffer),
+                # then one cuBLAS GEMM, as in QFuRALinearFunction's forward.
+                f, by = floors.gemm_cost(tokens, n * r, case.out_features, elem)
+                timed = {"qfura": _rotating(_dequant_then_gemm, zs, state, scratch)}
+                if bnb_core:
+                    timed["bitsandbytes"] = _rotating(_bnb_dequant_then_gemm, zs, *bnb_core)
+                name = "nf4_dequant_gemm"
+            with torch.no_grad():
+                for method, fn in timed.items():
+                    t, how = _time_kernel(fn, profile, device)
+                    records.append(_record("kernel", name, method, case, tokens, dtype, t, **how,
+                                           **_rates(f, by, t["median"], floors.roofline_ms(f, by, c))))  # fmt: skip
             bar.update(1)
     return records
 

@@ -16,33 +16,69 @@ def _quantile(values: Sequence[float], q: float) -> float:
     return ordered[lo] + (ordered[hi] - ordered[lo]) * (pos - lo)
 
 
-def measure(step: Callable[[int], None], device: torch.device, warmup: int, reps: int) -> dict:
-    """Time `step(i)` (i cycles through the caller's rotated input sets): median, 20th and 80th
-    percentiles in milliseconds. CUDA: one pair of events per call, after warm-up; CPU:
-    `perf_counter` around each call."""
-    for i in range(warmup):
-        step(i)
-    times = []
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-        for i in range(reps):
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            step(warmup + i)
-            end.record()
-            end.synchronize()
-            times.append(start.elapsed_time(end))
-    else:
-        for i in range(reps):
-            t0 = time.perf_counter()
-            step(warmup + i)
-            times.append((time.perf_counter() - t0) * 1e3)
+def _summary(times: list[float], reps: int) -> dict:
     return {
         "median": statistics.median(times),
         "p20": _quantile(times, 0.2),
         "p80": _quantile(times, 0.8),
         "reps": reps,
     }
+
+
+def measure(step: Callable[[int], None], device: torch.device, warmup: int, reps: int) -> dict:
+    """Time `step(i)` (i cycles through the caller's rotated input sets): median, 20th and 80th
+    percentiles in milliseconds.
+
+    CUDA: a pair of events around each call, calls issued back to back with one synchronisation
+    at the end, as a training loop runs. The host may queue work ahead of the GPU, so a step
+    whose launches outlast its GPU work measures its launch time: that is the cost a user pays.
+    CPU: `perf_counter` around each call."""
+    for i in range(warmup):
+        step(i)
+    times = []
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(reps)]
+        for i, (start, end) in enumerate(events):
+            start.record()
+            step(warmup + i)
+            end.record()
+        torch.cuda.synchronize(device)
+        times = [start.elapsed_time(end) for start, end in events]
+    else:
+        for i in range(reps):
+            t0 = time.perf_counter()
+            step(warmup + i)
+            times.append((time.perf_counter() - t0) * 1e3)
+    return _summary(times, reps)
+
+
+def measure_graph(step: Callable[[int], None], device: torch.device, warmup: int, reps: int, calls: int) -> dict | None:
+    """Device time of `step(i)` without launch overhead: `calls` calls (one per rotated input
+    set) captured in one CUDA graph and replayed; each replay's time over `calls`. None on a
+    CPU or where the step cannot be captured (a host synchronisation inside, say)."""
+    if device.type != "cuda":
+        return None
+    for i in range(warmup):  # compiles and autotunes outside the capture
+        step(i)
+    torch.cuda.synchronize(device)
+    graph = torch.cuda.CUDAGraph()
+    try:
+        with torch.cuda.graph(graph):
+            for i in range(calls):
+                step(i)
+    except RuntimeError:
+        torch.cuda.synchronize(device)
+        return None
+    graph.replay()
+    torch.cuda.synchronize(device)
+    events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(reps)]
+    for start, end in events:
+        start.record()
+        graph.replay()
+        end.record()
+    torch.cuda.synchronize(device)
+    return _summary([start.elapsed_time(end) / calls for start, end in events], reps)
 
 
 def peak_memory(step: Callable[[int], None], device: torch.device) -> int | None:

@@ -180,6 +180,6 @@ def compile_nf4_dequantize(dtype: str, arch: int) -> CompiledKernel:
         "DOUBLE_QUANT": "constexpr",
         "OUT_DTYPE": "constexpr",
     }
-    constexprs = {"BLOCK": nf4_ops.DEQUANT_BLOCK, "DOUBLE_QUANT": True, "OUT_DTYPE": dtype}
+    constexprs = {"GROUPS": nf4_ops.DEQUANT_GROUPS, "DOUBLE_QUANT": True, "OUT_DTYPE": dtype}
     aligned = ["packed_ptr", "absmax_ptr", "out_ptr", "numel"]
     return _compile(nf4_dequantize_kernel, signature, constexprs, aligned, arch, 4, 1)

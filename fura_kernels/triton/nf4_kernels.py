@@ -42,21 +42,32 @@ def _round_to(x, DTYPE: tl.constexpr):
 
 
 @triton.jit
-def _nf4_values(packed_ptr, absmax_ptr, levels_ptr, nested_code_ptr, nested_absmax_ptr, offset_ptr, flat, mask,
-                DOUBLE_QUANT: tl.constexpr):  # fmt: skip
-    """fp32 values of the flattened NF4 elements `flat` (int64 indices)."""
-    byte = tl.load(packed_ptr + flat // 2, mask=mask, other=0).to(tl.int32)
-    nibble = tl.where(flat % 2 == 0, byte >> 4, byte & 0xF)
-    level = tl.load(levels_ptr + nibble, mask=mask, other=0.0)
-    block = flat // 64
+def _nf4_pair_levels(packed_ptr, levels_ptr, byte_index, mask):
+    """fp32 levels of both values in each packed byte: the high nibble holds the even-indexed
+    value (bitsandbytes' layout). One byte load serves two values."""
+    byte = tl.load(packed_ptr + byte_index, mask=mask, other=0).to(tl.int32)
+    even = tl.load(levels_ptr + (byte >> 4), mask=mask, other=0.0)
+    odd = tl.load(levels_ptr + (byte & 0xF), mask=mask, other=0.0)
+    return even, odd
+
+
+@triton.jit
+def _block_scales(absmax_ptr, nested_code_ptr, nested_absmax_ptr, offset_ptr, block, mask, DOUBLE_QUANT: tl.constexpr):
+    """fp32 scales of the 64-value blocks `block` (int64 indices), one load per block rather
+    than one per value."""
     if DOUBLE_QUANT:
         q = tl.load(absmax_ptr + block, mask=mask, other=0).to(tl.int32)
-        scale = tl.load(nested_code_ptr + q, mask=mask, other=0.0) * tl.load(
+        return tl.load(nested_code_ptr + q, mask=mask, other=0.0) * tl.load(
             nested_absmax_ptr + block // 256, mask=mask, other=0.0
         ) + tl.load(offset_ptr)
     else:
-        scale = tl.load(absmax_ptr + block, mask=mask, other=0.0)
-    return level * scale
+        return tl.load(absmax_ptr + block, mask=mask, other=0.0)
+
+
+@triton.jit
+def _spread(scale, ROWS: tl.constexpr, GROUPS: tl.constexpr):
+    """(ROWS, GROUPS) block scales -> (ROWS, GROUPS * 32): one per packed byte of the tile."""
+    return tl.reshape(tl.broadcast_to(scale[:, :, None], (ROWS, GROUPS, 32)), (ROWS, GROUPS * 32))
 
 
 @triton.jit
@@ -69,21 +80,26 @@ def nf4_dequantize_kernel(
     offset_ptr,
     out_ptr,
     numel,
-    BLOCK: tl.constexpr,
+    GROUPS: tl.constexpr,
     DOUBLE_QUANT: tl.constexpr,
     OUT_DTYPE: tl.constexpr,
 ):
     """`out.flatten()[i] = level[code[i]] * scale[i // 64]` (fp32 math, rounded to nearest in
     out's dtype, named by OUT_DTYPE: "bf16", "fp16" or "fp32").
 
-    Grid: (cdiv(numel, BLOCK),). Works for any numel; out is contiguous.
+    Grid: (cdiv(numel, 64 * GROUPS),). Each program takes GROUPS whole scale blocks as a
+    (GROUPS, 32) tile of bytes: contiguous byte loads, one scale load per block, and the two
+    values of a byte written side by side (`tl.join`), so stores stay contiguous. Any numel.
     """
     pid = tl.program_id(0).to(tl.int64)
-    flat = pid * BLOCK + tl.arange(0, BLOCK).to(tl.int64)
-    mask = flat < numel
-    values = _nf4_values(packed_ptr, absmax_ptr, levels_ptr, nested_code_ptr, nested_absmax_ptr, offset_ptr, flat, mask,
-                         DOUBLE_QUANT)  # fmt: skip
-    tl.store(out_ptr + flat, _round_to(values, OUT_DTYPE).to(out_ptr.dtype.element_ty), mask=mask)
+    block = pid * GROUPS + tl.arange(0, GROUPS).to(tl.int64)
+    even_index = block[:, None] * 64 + 2 * tl.arange(0, 32)[None, :]
+    even, odd = _nf4_pair_levels(packed_ptr, levels_ptr, even_index // 2, even_index < numel)
+    scale = _block_scales(absmax_ptr, nested_code_ptr, nested_absmax_ptr, offset_ptr, block, block * 64 < numel,
+                          DOUBLE_QUANT)[:, None]  # fmt: skip
+    values = tl.join(_round_to(even * scale, OUT_DTYPE), _round_to(odd * scale, OUT_DTYPE))
+    index = tl.join(even_index, even_index + 1)
+    tl.store(out_ptr + index, values.to(out_ptr.dtype.element_ty), mask=index < numel)
 
 
 @triton.jit
@@ -110,38 +126,53 @@ def nf4_matmul_kernel(
     UPCAST: tl.constexpr,
 ):
     """Split-K partials of `y = a @ Lt^T`: `partial[s, n, t] = sum over k in split s of
-    Lt[n, k] * a[t, k]`, fp32. a (T, K) any strides, T <= BLOCK_T; Lt (N, K) NF4, its values
-    rounded to L_DTYPE (the dtype it was quantised from) before use.
+    Lt[n, k] * a[t, k]`, fp32. a (T, K) any strides, T <= BLOCK_T; Lt (N, K) NF4 with
+    K % 64 == 0, its values rounded to L_DTYPE (the dtype it was quantised from) before use.
+    BLOCK_K and k_per_split are multiples of 64.
 
-    Grid: (cdiv(N, BLOCK_N), n_splits). The dequantised Lt tile is the dot's M operand.
+    Grid: (cdiv(N, BLOCK_N), n_splits). Each K tile is read as packed bytes, so the even- and
+    odd-indexed columns come out as two (BLOCK_N, BLOCK_K / 2) halves: two dots against the
+    matching columns of `a` add up to the tile's product with no interleaving. The dequantised
+    tile is the dots' M operand; the few tokens are N.
     """
+    GROUPS: tl.constexpr = BLOCK_K // 64
     pid_n = tl.program_id(0)
     pid_s = tl.program_id(1)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_t = tl.arange(0, BLOCK_T)
     mask_n = offs_n < N
     mask_t = offs_t < T
-    rows = offs_n.to(tl.int64) * K
+    row_bytes = offs_n.to(tl.int64) * (K // 2)
+    row_blocks = offs_n.to(tl.int64) * (K // 64)
+    pairs = tl.arange(0, BLOCK_K // 2)
+    groups = tl.arange(0, GROUPS)
+    a_rows = a_ptr + offs_t[:, None].to(tl.int64) * stride_at
     acc = tl.zeros((BLOCK_N, BLOCK_T), dtype=tl.float32)
     k_start = pid_s * k_per_split
     k_end = tl.minimum(k_start + k_per_split, K)
     for k0 in range(k_start, k_end, BLOCK_K):
-        offs_k = k0 + tl.arange(0, BLOCK_K)
-        mask_k = offs_k < k_end
+        even_k = k0 + 2 * pairs
+        mask_k = even_k < k_end  # k_end is a multiple of 64: whole blocks, whole pairs
         tile_mask = mask_n[:, None] & mask_k[None, :]
-        lt = _nf4_values(packed_ptr, absmax_ptr, levels_ptr, nested_code_ptr, nested_absmax_ptr, offset_ptr,
-                         rows[:, None] + offs_k[None, :], tile_mask, DOUBLE_QUANT)  # fmt: skip
-        lt = _round_to(lt, L_DTYPE)  # the core's values are its dtype's, as `dequantize_nf4` gives
-        a = tl.load(
-            a_ptr + offs_t[:, None].to(tl.int64) * stride_at + offs_k[None, :] * stride_ak,
-            mask=mask_t[:, None] & mask_k[None, :],
-            other=0.0,
-        )
+        even, odd = _nf4_pair_levels(packed_ptr, levels_ptr, row_bytes[:, None] + (even_k // 2)[None, :], tile_mask)
+        scale = _block_scales(absmax_ptr, nested_code_ptr, nested_absmax_ptr, offset_ptr,
+                              row_blocks[:, None] + (k0 // 64 + groups)[None, :],
+                              mask_n[:, None] & (k0 + 64 * groups < k_end)[None, :], DOUBLE_QUANT)  # fmt: skip
+        scale = _spread(scale, BLOCK_N, GROUPS)
+        # The core's values are its dtype's, as `dequantize_nf4` gives them.
+        lt_even = _round_to(even * scale, L_DTYPE)
+        lt_odd = _round_to(odd * scale, L_DTYPE)
+        a_mask = mask_t[:, None] & mask_k[None, :]
+        a_even = tl.load(a_rows + even_k[None, :] * stride_ak, mask=a_mask, other=0.0)
+        a_odd = tl.load(a_rows + (even_k + 1)[None, :] * stride_ak, mask=a_mask, other=0.0)
         if UPCAST:
-            a = a.to(tl.float32)
+            a_even = a_even.to(tl.float32)
+            a_odd = a_odd.to(tl.float32)
         else:
-            lt = lt.to(a.dtype)
-        acc = tl.dot(lt, tl.trans(a), acc)
+            lt_even = lt_even.to(a_even.dtype)
+            lt_odd = lt_odd.to(a_even.dtype)
+        acc = tl.dot(lt_even, tl.trans(a_even), acc)
+        acc = tl.dot(lt_odd, tl.trans(a_odd), acc)
     out = partial_ptr + pid_s.to(tl.int64) * N * BLOCK_T + offs_n[:, None].to(tl.int64) * BLOCK_T + offs_t[None, :]
     tl.store(out, acc, mask=mask_n[:, None] & mask_t[None, :])
 
@@ -170,26 +201,37 @@ def nf4_matmul_t_kernel(
     UPCAST: tl.constexpr,
 ):
     """Split-N partials of `g = a @ Lt`: `partial[s, k, t] = sum over n in split s of
-    Lt[n, k] * a[t, n]`, fp32. a (T, N) any strides, T <= BLOCK_T; Lt (N, K) NF4.
+    Lt[n, k] * a[t, n]`, fp32. a (T, N) any strides, T <= BLOCK_T; Lt (N, K) NF4 with
+    K % 64 == 0; BLOCK_K a multiple of 64, n_per_split of BLOCK_N.
 
-    Grid: (cdiv(K, BLOCK_K), n_splits). The dequantised tile, transposed, is the M operand.
+    Grid: (cdiv(K, BLOCK_K), n_splits). As in `nf4_matmul_kernel` the tile comes out as its
+    even and odd columns; here they are output rows, accumulated apart and stored interleaved.
+    The dequantised tile, transposed, is the dots' M operand.
     """
+    GROUPS: tl.constexpr = BLOCK_K // 64
     pid_k = tl.program_id(0)
     pid_s = tl.program_id(1)
-    offs_k = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
+    even_k = pid_k * BLOCK_K + 2 * tl.arange(0, BLOCK_K // 2)
+    groups = tl.arange(0, GROUPS)
     offs_t = tl.arange(0, BLOCK_T)
-    mask_k = offs_k < K
+    mask_k = even_k < K
     mask_t = offs_t < T
-    acc = tl.zeros((BLOCK_K, BLOCK_T), dtype=tl.float32)
+    acc_even = tl.zeros((BLOCK_K // 2, BLOCK_T), dtype=tl.float32)
+    acc_odd = tl.zeros((BLOCK_K // 2, BLOCK_T), dtype=tl.float32)
     n_start = pid_s * n_per_split
     n_end = tl.minimum(n_start + n_per_split, N)
     for n0 in range(n_start, n_end, BLOCK_N):
         offs_n = n0 + tl.arange(0, BLOCK_N)
         mask_n = offs_n < n_end
-        flat = offs_n[:, None].to(tl.int64) * K + offs_k[None, :]
-        lt = _nf4_values(packed_ptr, absmax_ptr, levels_ptr, nested_code_ptr, nested_absmax_ptr, offset_ptr,
-                         flat, mask_n[:, None] & mask_k[None, :], DOUBLE_QUANT)  # fmt: skip
-        lt = _round_to(lt, L_DTYPE)
+        rows = offs_n.to(tl.int64)
+        even, odd = _nf4_pair_levels(packed_ptr, levels_ptr, rows[:, None] * (K // 2) + (even_k // 2)[None, :],
+                                     mask_n[:, None] & mask_k[None, :])  # fmt: skip
+        scale = _block_scales(absmax_ptr, nested_code_ptr, nested_absmax_ptr, offset_ptr,
+                              rows[:, None] * (K // 64) + (pid_k * GROUPS + groups)[None, :],
+                              mask_n[:, None] & (pid_k * BLOCK_K + 64 * groups < K)[None, :], DOUBLE_QUANT)  # fmt: skip
+        scale = _spread(scale, BLOCK_N, GROUPS)
+        lt_even = _round_to(even * scale, L_DTYPE)
+        lt_odd = _round_to(odd * scale, L_DTYPE)
         a = tl.load(
             a_ptr + offs_t[:, None].to(tl.int64) * stride_at + offs_n[None, :] * stride_an,
             mask=mask_t[:, None] & mask_n[None, :],
@@ -198,7 +240,11 @@ def nf4_matmul_t_kernel(
         if UPCAST:
             a = a.to(tl.float32)
         else:
-            lt = lt.to(a.dtype)
-        acc = tl.dot(tl.trans(lt), tl.trans(a), acc)
-    out = partial_ptr + pid_s.to(tl.int64) * K * BLOCK_T + offs_k[:, None].to(tl.int64) * BLOCK_T + offs_t[None, :]
-    tl.store(out, acc, mask=mask_k[:, None] & mask_t[None, :])
+            lt_even = lt_even.to(a.dtype)
+            lt_odd = lt_odd.to(a.dtype)
+        acc_even = tl.dot(tl.trans(lt_even), tl.trans(a), acc_even)
+        acc_odd = tl.dot(tl.trans(lt_odd), tl.trans(a), acc_odd)
+    out = partial_ptr + pid_s.to(tl.int64) * K * BLOCK_T + even_k[:, None].to(tl.int64) * BLOCK_T + offs_t[None, :]
+    out_mask = mask_k[:, None] & mask_t[None, :]
+    tl.store(out, acc_even, mask=out_mask)
+    tl.store(out + BLOCK_T, acc_odd, mask=out_mask)

@@ -27,21 +27,23 @@ except ImportError:  # no triton: PyTorch paths only
 # Above this many tokens, dequantise-then-cuBLAS beats a dequantise-in-GEMM kernel on Hopper
 # (FURA_SPEC.md §4); at or below it the fused kernel reads 0.52 bytes per weight instead of 2.
 SMALL_T_MAX = 64
-# Elements per program of the dequantisation pass: 16 scale blocks, enough work per program to
-# hide the scale and level lookups.
-DEQUANT_BLOCK = 1024
-# Fused GEMM tiles: 64 rows of the dequantised core as the MMA's M side (wgmma's minimum);
-# K tiles of 64, one NF4 scale block per row segment. 8 warps and 2 stages: with 4 warps the
-# dequantisation's gathers spill registers on sm_90 (up to 72 B of stack), with 3 stages shared
-# memory doubles to 112 KB for nothing (tests/kernels/test_compile.py checks all three).
+# Scale blocks (64 values, 32 bytes) per program of the dequantisation pass: 32 blocks make
+# 1 KB of codes per program, enough bytes in flight per program to hide the scale lookups.
+DEQUANT_GROUPS = 32
+# Fused GEMM tiles: 64 rows of the dequantised core as the MMA's M side (wgmma's minimum).
+# K tiles of 128 values are 64 bytes per row, read once, and split into even and odd columns
+# (64 each): the dot's K side, and in the transposed kernel its M side, stay at 64.
 NF4_BLOCK_N = 64
-NF4_BLOCK_K = 64
+NF4_BLOCK_K = 128
 NF4_WARPS = 8
 NF4_STAGES = 2
-# The reduction axis is cut into at most this many splits of at least 1024 values, a function
-# of the shape alone, so the fixed-order sum of partials is reproducible.
+# The reduction axis is split so that about NF4_TARGET_PROGRAMS programs run (a few per SM
+# on a large GPU: one tile of a 4096-row core is only 64 programs), in splits of at least
+# NF4_MIN_SPLIT values and at most NF4_MAX_SPLITS of them. The count is a function of the
+# shape alone, so the fixed-order sum of partials is reproducible on any GPU.
+NF4_TARGET_PROGRAMS = 512
 NF4_MAX_SPLITS = 16
-NF4_MIN_SPLIT = 1024
+NF4_MIN_SPLIT = 512
 
 
 def fused_nf4_supported(state: NF4Tensor, tokens: int) -> bool:
@@ -76,20 +78,21 @@ def nf4_dequantize(state: NF4Tensor, dtype: torch.dtype, out: torch.Tensor | Non
     target = out.reshape(-1)[:numel]
     if triton is not None and use_triton(target) and dtype in DTYPE_NAMES:
         levels, nested_code, nested_absmax, offset = _scale_args(state, target.device)
-        grid = (triton.cdiv(numel, DEQUANT_BLOCK),)
+        grid = (triton.cdiv(numel, 64 * DEQUANT_GROUPS),)
         # No fused multiply-add: `code * absmax2 + offset` must round like bitsandbytes' two steps.
         exact = {} if autotuning.INTERPRET else {"enable_fp_fusion": False}
         nf4_dequantize_kernel[grid](state.packed, state.absmax, levels, nested_code, nested_absmax, offset, target,
-                                    numel, BLOCK=DEQUANT_BLOCK, DOUBLE_QUANT=state.double_quant,
+                                    numel, GROUPS=DEQUANT_GROUPS, DOUBLE_QUANT=state.double_quant,
                                     OUT_DTYPE=DTYPE_NAMES[dtype], **exact)  # fmt: skip
     else:
         target.copy_(dequantize_nf4(state, dtype).reshape(-1))
     return target.view(rows, cols)
 
 
-def _splits(length: int) -> tuple[int, int]:
-    splits = min(max(triton.cdiv(length, NF4_MIN_SPLIT), 1), NF4_MAX_SPLITS)
-    per_split = triton.cdiv(triton.cdiv(length, splits), NF4_BLOCK_K) * NF4_BLOCK_K
+def _splits(length: int, step: int, out_tiles: int) -> tuple[int, int]:
+    """(values per split, a multiple of `step`; split count) for a reduction of `length`."""
+    wanted = min(NF4_MAX_SPLITS, triton.cdiv(NF4_TARGET_PROGRAMS, out_tiles), triton.cdiv(length, NF4_MIN_SPLIT))
+    per_split = triton.cdiv(triton.cdiv(length, max(wanted, 1)), step) * step
     return per_split, triton.cdiv(length, per_split)
 
 
@@ -106,8 +109,10 @@ def nf4_matmul(a: torch.Tensor, state: NF4Tensor, transpose: bool = False) -> to
         return a @ dense if transpose else a @ dense.t()
     levels, nested_code, nested_absmax, offset = _scale_args(state, a.device)
     block_t = max(autotuning.MIN_TILE, triton.next_power_of_2(tokens))
-    reduce_len, out_len = (rows, cols) if transpose else (cols, rows)
-    per_split, splits = _splits(reduce_len)
+    if transpose:  # reduce over the core's rows, in steps of BLOCK_N; output tiles of BLOCK_K columns
+        out_len, per_split, splits = cols, *_splits(rows, NF4_BLOCK_N, triton.cdiv(cols, NF4_BLOCK_K))
+    else:  # reduce over its columns, in steps of BLOCK_K; output tiles of BLOCK_N rows
+        out_len, per_split, splits = rows, *_splits(cols, NF4_BLOCK_K, triton.cdiv(rows, NF4_BLOCK_N))
     partial = torch.empty((splits, out_len, block_t), dtype=torch.float32, device=a.device)
     meta = dict(BLOCK_N=NF4_BLOCK_N, BLOCK_K=NF4_BLOCK_K, BLOCK_T=block_t, DOUBLE_QUANT=state.double_quant,
                 L_DTYPE=DTYPE_NAMES.get(state.dtype, "fp32"), UPCAST=autotuning.INTERPRET)  # fmt: skip
