@@ -80,7 +80,7 @@ def run(argv: list[str] | None = None) -> Path:
         out["note"] = results.CPU_NOTE
     path = results.write(out, args.out)
     print(f"results: {path}")
-    text = report.table(out, path.as_posix())
+    text = report.table([(out, path.as_posix())])
     print(text)
     for plot in report.plots(out, path.parent / "plots"):
         print(f"plot: {plot}")

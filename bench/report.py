@@ -1,6 +1,6 @@
 """Turn a results file into the README's benchmark table and PNG plots (nothing typed by hand).
 
-python -m bench.report bench/results/<device>/<run>.json --readme README.md
+python -m bench.report bench/results/<device>/<run>.json [more runs of that device] --readme README.md
 """
 
 from __future__ import annotations
@@ -11,6 +11,8 @@ from pathlib import Path
 from .results import load
 
 START, END = "<!-- bench-table:start -->", "<!-- bench-table:end -->"
+# The NF4 kernel rows the README shows: the per-layer passes, decode (1, 16) and training (8192).
+KERNEL_TOKENS = (None, 1, 16, 8192)
 LAYER_METHODS = ("fura", "lora_r32", "qfura", "qlora_r32", "reference", "full_ft", "dense_floor")
 
 
@@ -28,17 +30,35 @@ def _mb(value: int | None) -> str:
     return "n/a" if value is None else f"{value / 2**20:.3g}"
 
 
-def table(results: dict, source: str) -> str:
-    env = results["environment"]
+def _selection(results: dict) -> str:
+    """What a run covered, read off its records (a run can be narrowed by --cases/--tokens)."""
+    shapes = {r["shape"]["name"] for r in results["records"] if r.get("shape")}
+    tokens = sorted({r["tokens"] for r in results["records"] if r.get("tokens") is not None})
+    return f"{', '.join(results['suites'])}: {len(shapes)} layer shapes, T in {{{', '.join(map(str, tokens))}}}"
+
+
+def _timing(rec: dict) -> str:
+    return {"cuda-graph": "CUDA graph", "eager": "eager"}.get(rec.get("timing"), "eager, synced per call")
+
+
+def table(runs: list[tuple[dict, str]]) -> str:
+    """The README block for one or more results files of one device: `runs` pairs each
+    loaded file with its path as the README should link it."""
+    devices = {results["environment"]["device_name"] for results, _ in runs}
+    if len(devices) != 1:
+        raise ValueError(f"bench.report.table: results from several devices {sorted(devices)}; expected one")
+    env = runs[0][0]["environment"]
     lines = [
-        f"Device: **{env['device_name']}** · profile `{results['profile']}` · torch "
-        f"{env['versions'].get('torch')} · triton {env['versions'].get('triton')} · peft "
-        f"{env['versions'].get('peft')} · bitsandbytes {env['versions'].get('bitsandbytes')} · "
-        f"results file [`{source}`]({source}).",
+        f"Device: **{env['device_name']}** · torch {env['versions'].get('torch')} · triton "
+        f"{env['versions'].get('triton')} · peft {env['versions'].get('peft')} · bitsandbytes "
+        f"{env['versions'].get('bitsandbytes')}. Results files:",
+        "",
     ]
-    if results.get("note"):
-        lines += ["", f"> {results['note']}"]
-    layer = [r for r in results["records"] if r["suite"] == "layer"]
+    lines += [f"- [`{src}`]({src}) (profile `{res['profile']}`; {_selection(res)})" for res, src in runs]
+    for note in sorted({res["note"] for res, _ in runs if res.get("note")}):
+        lines += ["", f"> {note}"]
+    records = [rec for res, _ in runs for rec in res["records"]]
+    layer = [r for r in records if r["suite"] == "layer"]
     if layer:
         index = {(r["shape"]["name"], r["tokens"], r["method"]): r for r in layer}
         keys = sorted({(r["shape"]["name"], r["tokens"]) for r in layer})
@@ -47,8 +67,8 @@ def table(results: dict, source: str) -> str:
             "Layer training step (forward + backward + AdamW), median ms; ratios are time over time.",
             "",
             "| layer | T | FuRA | LoRA r=32 | FuRA / LoRA r=32 | FuRA / frozen dense | reference / FuRA "
-            "| QFuRA | QLoRA r=32 | saved for backward, FuRA / LoRA r=32 (MB) |",
-            "|---|---|---|---|---|---|---|---|---|---|",
+            "| QFuRA | QLoRA r=32 | QFuRA / QLoRA r=32 | saved for backward, FuRA / LoRA r=32 (MB) |",
+            "|---|---|---|---|---|---|---|---|---|---|---|",
         ]
         for name, tokens in keys:
             get = {m: index.get((name, tokens, m)) for m in LAYER_METHODS}
@@ -57,9 +77,28 @@ def table(results: dict, source: str) -> str:
             lines.append(
                 f"| {name} | {tokens} | {_ms(fura)} | {_ms(lora)} | {_ratio(fura, lora)} | "
                 f"{_ratio(fura, get['dense_floor'])} | {_ratio(get['reference'], fura)} | {_ms(get['qfura'])} | "
-                f"{_ms(get['qlora_r32'])} | {saved} |"
+                f"{_ms(get['qlora_r32'])} | {_ratio(get['qfura'], get['qlora_r32'])} | {saved} |"
             )
-    model = [r for r in results["records"] if r["suite"] == "model"]
+    ours = [r for r in records if r["suite"] == "kernel" and r["method"] == "qfura" and r["tokens"] in KERNEL_TOKENS]
+    theirs = {(r["name"], r["shape"]["name"], r["tokens"]): r for r in records
+              if r["suite"] == "kernel" and r["method"] == "bitsandbytes"}  # fmt: skip
+    pairs = [(r, theirs[key]) for r in ours if (key := (r["name"], r["shape"]["name"], r["tokens"])) in theirs]
+    if pairs:
+        lines += [
+            "",
+            "NF4 kernels against bitsandbytes on the same packed core (median ms; % of floor is the "
+            "roofline time over ours).",
+            "",
+            "| kernel | layer | T | QFuRA | bitsandbytes | QFuRA / bitsandbytes | QFuRA % of floor | timing |",
+            "|---|---|---|---|---|---|---|---|",
+        ]
+        for rec, other in pairs:
+            tokens = "-" if rec["tokens"] is None else rec["tokens"]
+            lines.append(
+                f"| {rec['name']} | {rec['shape']['name']} | {tokens} | {_ms(rec)} | {_ms(other)} | "
+                f"{_ratio(rec, other)} | {rec['pct_of_floor']:.1f} | {_timing(rec)} |"
+            )
+    model = [r for r in records if r["suite"] == "model"]
     if model:
         lines += [
             "",
@@ -127,19 +166,20 @@ def update_readme(readme: Path, text: str) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description="Regenerate the benchmark table and plots from a results file.")
-    parser.add_argument("results", type=Path, help="a results JSON written by fura-bench")
+    parser = argparse.ArgumentParser(description="Regenerate the benchmark table and plots from results files.")
+    parser.add_argument("results", type=Path, nargs="+", help="results JSON files written by fura-bench, one device")
     parser.add_argument("--readme", type=Path, help="README to rewrite between the bench-table markers")
-    parser.add_argument("--plots", type=Path, help="folder for PNG plots (default: beside the results file)")
+    parser.add_argument("--plots", type=Path, help="folder for PNG plots (default: beside the first results file)")
     args = parser.parse_args(argv)
-    results = load(args.results)
-    text = table(results, args.results.as_posix())
+    runs = [(load(path), path.as_posix()) for path in args.results]
+    text = table(runs)
     if args.readme:
         update_readme(args.readme, text)
     else:
         print(text)
-    for path in plots(results, args.plots or args.results.parent / "plots"):
-        print(f"plot: {path}")
+    for results, _ in runs:
+        for path in plots(results, args.plots or args.results[0].parent / "plots"):
+            print(f"plot: {path}")
 
 
 if __name__ == "__main__":

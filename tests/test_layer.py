@@ -274,3 +274,27 @@ def test_reference_forward_equals_dense_reconstruction():
     w = reference.dense_weight(btt_l, btt_r, btt_s)
     assert w.shape == (21, 24)
     assert max_rel_err(reference.forward(x, btt_l, btt_r, btt_s), x @ w.T) < 1e-13
+
+
+def test_eager_calls_skip_the_custom_op_but_modes_still_see_it():
+    """Eager calls on plain tensors run the op's body directly (no dispatcher round trip);
+    FlopCounterMode and fake tensors still go through the registered op, with equal results."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    from fura_kernels.triton import block_diag_matmul, block_diag_matmul_backward
+
+    x, w, g = torch.randn(5, 3, 16), torch.randn(3, 16, 8), torch.randn(5, 3, 8)
+    assert torch.equal(block_diag_matmul(x, w), torch.ops.fura_kernels.block_diag_matmul(x, w))
+    direct = block_diag_matmul_backward(g, x, w)
+    via_op = torch.ops.fura_kernels.block_diag_backward(g, x, w, True, True)
+    assert all(torch.equal(a, b) for a, b in zip(direct, via_op, strict=True))
+    assert block_diag_matmul_backward(g, x, w, compute_grad_x=False)[0] is None
+    with FlopCounterMode(display=False) as counter:
+        block_diag_matmul(x, w)
+        block_diag_matmul_backward(g, x, w)
+    counted = {str(op): flops for op, flops in counter.get_flop_counts()["Global"].items()}
+    assert counted == {"fura_kernels.block_diag_matmul": 2 * 5 * 3 * 16 * 8,
+                       "fura_kernels.block_diag_backward": 4 * 5 * 3 * 16 * 8}  # fmt: skip
+    with FakeTensorMode() as fake_mode:
+        fake = block_diag_matmul(fake_mode.from_tensor(x), fake_mode.from_tensor(w))
+    assert fake.shape == (5, 3, 8)

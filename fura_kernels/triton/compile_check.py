@@ -176,7 +176,7 @@ def compile_nf4_dequantize(dtype: str, arch: int) -> CompiledKernel:
         "offset_ptr": "*fp32",
         "out_ptr": TRITON_TYPES[dtype],
         "numel": "i32",
-        "BLOCK": "constexpr",
+        "GROUPS": "constexpr",
         "DOUBLE_QUANT": "constexpr",
         "OUT_DTYPE": "constexpr",
     }
