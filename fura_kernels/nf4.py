@@ -15,6 +15,7 @@ quantize_4bit` / `dequantize_4bit` (tests/test_nf4.py checks it), and `NF4Tensor
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -69,6 +70,28 @@ def _nearest_level(scaled: torch.Tensor, levels: torch.Tensor) -> torch.Tensor:
     """Index of the nearest level (ascending table); a value on a midpoint takes the lower."""
     midpoints = (levels[:-1] + levels[1:]) / 2
     return torch.bucketize(scaled, midpoints, out_int32=True)
+
+
+# bitsandbytes' CPU quantiser of 8-bit blockwise codes does not search the table for the
+# nearest entry: it rounds the normalised value to a grid of 65536 points on [-1, 1],
+# u = floor((x + 1) * 32767.5 + 0.5) in fp32, then takes the entry nearest to grid point u.
+# Near table midpoints and near zero (where entries lie closer than the grid step) that is
+# not the nearest entry. Measured on bitsandbytes 0.50.2 by bisecting its decision points,
+# which all sit on half-grid points; tests/test_nf4.py checks the result bit for bit.
+_GRID_HALF_SPAN = 32767.5
+
+
+@functools.cache
+def _grid_table() -> torch.Tensor:
+    """For each of the 65536 grid points, the index of the nearest dynamic-code entry."""
+    grid = torch.arange(65536, dtype=torch.float64) / _GRID_HALF_SPAN - 1
+    return _nearest_level(grid, dynamic_code().double()).long()
+
+
+def _dynamic_code_index(scaled: torch.Tensor) -> torch.Tensor:
+    """8-bit dynamic-code indices of values in [-1, 1], as bitsandbytes' CPU quantiser picks them."""
+    grid = torch.floor((scaled.float() + 1.0) * _GRID_HALF_SPAN + 0.5).clamp(0, 65535)
+    return _grid_table().to(scaled.device)[torch.nan_to_num(grid).long()]
 
 
 def _blockwise_absmax(flat: torch.Tensor, blocksize: int) -> torch.Tensor:
@@ -243,10 +266,10 @@ def quantize_nf4(weight: torch.Tensor, double_quant: bool = True) -> NF4Tensor:
         nested_absmax = _blockwise_absmax(centred, NESTED_BLOCKSIZE)
         code = dynamic_code(flat.device)
         scaled = _scale_blocks(centred, nested_absmax, NESTED_BLOCKSIZE)
-        # Nearest entry of the 256-value table, ties to the lower entry, as for the NF4 levels.
+        # The table entry bitsandbytes' CPU quantiser picks (see `_dynamic_code_index`).
         # A block whose deviations are all zero divides 0 by 0 in bitsandbytes and stores
         # index 0; any index decodes to the same scale there (0 * code + offset).
-        codes = _nearest_level(scaled, code)
+        codes = _dynamic_code_index(scaled)
         flat_zero = (nested_absmax == 0).repeat_interleave(NESTED_BLOCKSIZE)[: codes.numel()]
         state.absmax = torch.where(flat_zero, torch.zeros_like(codes), codes).to(torch.uint8)
         state.offset = offset.reshape(1)
