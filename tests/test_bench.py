@@ -77,3 +77,23 @@ def test_readme_table_is_generated_from_a_committed_results_file():
     for source in sources:
         assert (ROOT / source).is_file(), f"README table points to {source}, which is not in the repository"
     assert block == report.table([(results.load(ROOT / source), source) for source in sources])
+
+
+def test_narrowed_run_and_a_table_from_two_files(tiny_run, tmp_path):
+    """--cases/--tokens cut a run down (for a device time limit); the README block can combine
+    several runs of one device and says what each covered; bad selections are refused."""
+    path, data = tiny_run
+    narrow = cli.run(["--profile", "cpu-tiny", "--device", "cpu", "--only", "kernels", "--cases", "q_proj",
+                      "--tokens", "3", "--out", str(tmp_path)])  # fmt: skip
+    narrowed = results.load(narrow)
+    assert {r["tokens"] for r in narrowed["records"] if r["tokens"] is not None} == {3}
+    assert {r["suite"] for r in narrowed["records"]} == {"kernel"}
+    text = report.table([(data, "a.json"), (narrowed, "b.json")])
+    assert "- [`a.json`](a.json)" in text and "(profile `cpu-tiny`; kernels: 1 layer shapes, T in {3})" in text
+    other = json.loads(json.dumps(narrowed))
+    other["environment"]["device_name"] = "Another device"
+    with pytest.raises(ValueError, match="several devices"):
+        report.table([(data, "a.json"), (other, "c.json")])
+    for bad in (["--cases", "no_such_layer"], ["--tokens", "0"], ["--tokens", "x"]):
+        with pytest.raises(SystemExit, match="fura-bench: --"):
+            cli.run(["--profile", "cpu-tiny", "--device", "cpu", "--out", str(tmp_path), *bad])

@@ -176,10 +176,11 @@ def compile_nf4_dequantize(dtype: str, arch: int) -> CompiledKernel:
         "offset_ptr": "*fp32",
         "out_ptr": TRITON_TYPES[dtype],
         "numel": "i32",
+        "n_bytes": "i32",
         "GROUPS": "constexpr",
         "DOUBLE_QUANT": "constexpr",
         "OUT_DTYPE": "constexpr",
     }
     constexprs = {"GROUPS": nf4_ops.DEQUANT_GROUPS, "DOUBLE_QUANT": True, "OUT_DTYPE": dtype}
-    aligned = ["packed_ptr", "absmax_ptr", "out_ptr", "numel"]
+    aligned = ["packed_ptr", "absmax_ptr", "out_ptr", "numel", "n_bytes"]
     return _compile(nf4_dequantize_kernel, signature, constexprs, aligned, arch, 4, 1)

@@ -80,6 +80,7 @@ def nf4_dequantize_kernel(
     offset_ptr,
     out_ptr,
     numel,
+    n_bytes,
     GROUPS: tl.constexpr,
     DOUBLE_QUANT: tl.constexpr,
     OUT_DTYPE: tl.constexpr,
@@ -93,12 +94,17 @@ def nf4_dequantize_kernel(
     """
     pid = tl.program_id(0).to(tl.int64)
     block = pid * GROUPS + tl.arange(0, GROUPS).to(tl.int64)
-    even_index = block[:, None] * 64 + 2 * tl.arange(0, 32)[None, :]
-    even, odd = _nf4_pair_levels(packed_ptr, levels_ptr, even_index // 2, even_index < numel)
+    # Indices written as base + arange, never through a division, so the compiler can prove
+    # them contiguous and issue vector loads and stores.
+    byte_index = block[:, None] * 32 + tl.arange(0, 32)[None, :]
+    # n_bytes = ceil(numel / 2) as its own argument: its divisibility (a launch specialises on
+    # it) lets the compiler prove the mask uniform over a vector of bytes.
+    even, odd = _nf4_pair_levels(packed_ptr, levels_ptr, byte_index, byte_index < n_bytes)
     scale = _block_scales(absmax_ptr, nested_code_ptr, nested_absmax_ptr, offset_ptr, block, block * 64 < numel,
                           DOUBLE_QUANT)[:, None]  # fmt: skip
     values = tl.join(_round_to(even * scale, OUT_DTYPE), _round_to(odd * scale, OUT_DTYPE))
-    index = tl.join(even_index, even_index + 1)
+    values = tl.reshape(values, (GROUPS * 64,))  # (GROUPS, 32, 2) row-major: value order
+    index = pid * GROUPS * 64 + tl.arange(0, GROUPS * 64)
     tl.store(out_ptr + index, values.to(out_ptr.dtype.element_ty), mask=index < numel)
 
 
@@ -154,7 +160,7 @@ def nf4_matmul_kernel(
         even_k = k0 + 2 * pairs
         mask_k = even_k < k_end  # k_end is a multiple of 64: whole blocks, whole pairs
         tile_mask = mask_n[:, None] & mask_k[None, :]
-        even, odd = _nf4_pair_levels(packed_ptr, levels_ptr, row_bytes[:, None] + (even_k // 2)[None, :], tile_mask)
+        even, odd = _nf4_pair_levels(packed_ptr, levels_ptr, row_bytes[:, None] + (k0 // 2 + pairs)[None, :], tile_mask)
         scale = _block_scales(absmax_ptr, nested_code_ptr, nested_absmax_ptr, offset_ptr,
                               row_blocks[:, None] + (k0 // 64 + groups)[None, :],
                               mask_n[:, None] & (k0 + 64 * groups < k_end)[None, :], DOUBLE_QUANT)  # fmt: skip

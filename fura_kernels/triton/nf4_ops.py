@@ -82,7 +82,7 @@ def nf4_dequantize(state: NF4Tensor, dtype: torch.dtype, out: torch.Tensor | Non
         # No fused multiply-add: `code * absmax2 + offset` must round like bitsandbytes' two steps.
         exact = {} if autotuning.INTERPRET else {"enable_fp_fusion": False}
         nf4_dequantize_kernel[grid](state.packed, state.absmax, levels, nested_code, nested_absmax, offset, target,
-                                    numel, GROUPS=DEQUANT_GROUPS, DOUBLE_QUANT=state.double_quant,
+                                    numel, (numel + 1) // 2, GROUPS=DEQUANT_GROUPS, DOUBLE_QUANT=state.double_quant,
                                     OUT_DTYPE=DTYPE_NAMES[dtype], **exact)  # fmt: skip
     else:
         target.copy_(dequantize_nf4(state, dtype).reshape(-1))

@@ -51,8 +51,10 @@ def test_dequantize_matches_bitsandbytes(shape, double_quant):
 @pytest.mark.parametrize("transpose", [False, True], ids=["a@Lt^T", "a@Lt"])
 @pytest.mark.parametrize("tokens", [1, 16, 33, 64])
 @pytest.mark.parametrize("dtype", HALF + [torch.float32], ids=DTYPE_IDS.get)
-def test_fused_small_t_gemm(dtype, tokens, transpose):
-    rows, cols = 100, 1152  # N not a tile multiple; K = 18 scale blocks, several K splits
+# (100, 1152): N not a tile multiple, K = 18 scale blocks in several splits. (37, 320): K = 5
+# blocks, so the last 128-value K tile is half masked (an output tile, transposed).
+@pytest.mark.parametrize(("rows", "cols"), [(100, 1152), (37, 320)], ids=str)
+def test_fused_small_t_gemm(dtype, tokens, transpose, rows, cols):
     state, packed, bnb_state = _bnb_state(rows, cols, torch.bfloat16, True)
     assert fused_nf4_supported(state, tokens)
     dense64 = bnb_functional.dequantize_4bit(packed, bnb_state).double()
