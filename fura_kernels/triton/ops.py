@@ -35,6 +35,9 @@ def use_triton(t: torch.Tensor) -> bool:
     return t.device.type == "cuda"
 
 
+_PLAIN_TENSOR_TYPES = (torch.Tensor, torch.nn.Parameter)
+
+
 def _dispatch_free(*tensors: torch.Tensor | None) -> bool:
     """Whether a call may skip the custom op's dispatcher round trip and run its body directly.
 
@@ -45,7 +48,9 @@ def _dispatch_free(*tensors: torch.Tensor | None) -> bool:
     """
     if torch.compiler.is_compiling() or _get_current_dispatch_mode() is not None:
         return False
-    return all(type(t) is torch.Tensor for t in tensors if t is not None)
+    # Parameters count as plain: they override no torch function. Subclasses (FakeTensor,
+    # DTensor, ...) may, so they keep the op.
+    return all(type(t) in _PLAIN_TENSOR_TYPES for t in tensors if t is not None)
 
 
 def _block_diag_matmul_impl(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
