@@ -1,20 +1,30 @@
-"""FuRA adapter files (safetensors + JSON, no pickle) and merged export.
+"""FuRA adapter files (safetensors + JSON, no pickle), merged export, and `save_pretrained`.
 
 An adapter holds only what training changed: the trainable tensors of every FuRA layer. The
-frozen core is not stored; loading re-decomposes the base weight, which is why the base must be
-the same one: each layer records a fingerprint of its base weight (checked before anything is
-touched) and a probe of its frozen core (checked after re-decomposition, which catches a basis
-that came out different, FURA_SPEC.md §6).
+frozen core is not stored; loading onto a plain base re-decomposes the base weight, which is why
+the base must be the same one: each layer records a fingerprint of its base weight (checked
+before anything is touched) and a probe of its frozen core (checked after re-decomposition,
+which catches a basis that came out different, FURA_SPEC.md §6). Loading onto a model that is
+already converted checks the same two things against the layers in place, then loads R, S and
+the biases.
+
+The JSON is validated against a schema, and one checksum covers it and the weights file, so a
+hand-edited or truncated adapter is refused. Tensor names are limited to each layer's trainable
+tensors, and dtypes, shapes and finiteness are checked before anything is loaded. Every failure
+raises a ValueError naming the layer and the value, and leaves the model exactly as it was.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import math
 import warnings
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
+import jsonschema
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
@@ -22,53 +32,141 @@ from torch import nn
 
 from .config import FuRAConfig
 from .distributed import full_tensor, is_rank0
-from .factorization import weight_fingerprint
+from .factorization import resolve_block_shape, resolve_roles, weight_fingerprint
 from .layer import FusedBTTLinear
-from .qlayer import QFusedBTTLinear
+from .model import convert_to_fura, module_names, split_name
 
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 ADAPTER_CONFIG = "fura_config.json"
+# Where `save_pretrained` of a converted model writes the adapter, beside the merged weights.
+ADAPTER_SUBDIR = "fura_adapter"
 FORMAT = "fura-adapter"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # v2: the checksum covers the JSON too; the dense L core is named l_core.btt_l
 PROBE_SAMPLES = 64  # frozen-core values compared after re-decomposition
 PROBE_TOLERANCE = 1e-3  # relative; a sign flip or a rotated basis moves these by O(1)
+TRAINABLE_TENSORS = ("btt_r", "btt_s", "bias", "l_core.btt_l")
+
+_HEX64 = {"type": "string", "pattern": "^[0-9a-f]{64}$"}
+_POSITIVE = {"type": "integer", "minimum": 1}
+_LAYER_SCHEMA = {
+    "type": "object",
+    "additionalProperties": False,
+    "required": [
+        "in_features",
+        "out_features",
+        "bias",
+        "block_shape",
+        "tensors",
+        "aliases",
+        "base_fingerprint",
+        "core_probe",
+        "quantize",
+        "double_quant",
+    ],  # fmt: skip
+    "properties": {
+        "in_features": _POSITIVE,
+        "out_features": _POSITIVE,
+        "bias": {"type": "boolean"},
+        "block_shape": {
+            "type": "object",
+            "additionalProperties": False,
+            "required": list("mnabr"),
+            "properties": {k: _POSITIVE for k in "mnabr"},
+        },
+        "tensors": {"type": "array", "uniqueItems": True, "items": {"enum": list(TRAINABLE_TENSORS)}},
+        "aliases": {"type": "array", "items": {"type": "string"}},
+        "base_fingerprint": _HEX64,
+        "core_probe": {"type": "array", "minItems": 1, "items": {"type": "number"}},
+        "quantize": {"enum": [None, "nf4"]},
+        "double_quant": {"type": ["boolean", "null"]},
+    },
+}
+ADAPTER_SCHEMA = {
+    "type": "object",
+    "additionalProperties": False,
+    "required": [
+        "format",
+        "format_version",
+        "fura_kernels_version",
+        "config",
+        "layers",
+        "degenerate_layers",
+        "weights_sha256",
+        "checksum",
+    ],  # fmt: skip
+    "properties": {
+        "format": {"const": FORMAT},
+        "format_version": {"const": FORMAT_VERSION},
+        "fura_kernels_version": {"type": "string"},
+        "config": {"type": "object"},  # FuRAConfig validates its own fields
+        "layers": {"type": "object", "minProperties": 1, "additionalProperties": _LAYER_SCHEMA},
+        "degenerate_layers": {"type": "array", "items": {"type": "string"}},
+        "weights_sha256": _HEX64,
+        "checksum": _HEX64,
+    },
+}
 
 
-def _core_probe(layer: FusedBTTLinear) -> list[float]:
-    if isinstance(layer, QFusedBTTLinear):
-        core = layer.dequantized_l(torch.float32)
-    else:
-        core = full_tensor(layer.btt_l.detach()).float()
-    flat = core.reshape(-1)
+def _fura_layers(model: nn.Module) -> dict[str, tuple[FusedBTTLinear, list[str]]]:
+    """Primary name -> (FuRA layer, its other names), each shared layer once."""
+    modules = dict(model.named_modules(remove_duplicate=False))
+    return {
+        names[0]: (modules[names[0]], names[1:])
+        for names in module_names(model).values()
+        if isinstance(modules[names[0]], FusedBTTLinear)
+    }
+
+
+def _layer_state(name: str, layer: FusedBTTLinear, state_dict: Mapping[str, torch.Tensor] | None) -> dict:
+    """A layer's own state dict, from `state_dict` (a model's full state dict) when given, else
+    from the layer, gathered in full if sharded (a collective under FSDP2: every rank calls)."""
+    if state_dict is None:
+        return {k: full_tensor(v) for k, v in layer.state_dict().items()}
+    prefix = name + "."
+    return {k[len(prefix) :]: v for k, v in state_dict.items() if k.startswith(prefix)}
+
+
+def _core_probe(values: torch.Tensor) -> list[float]:
+    flat = values.reshape(-1)
     step = max(1, flat.numel() // PROBE_SAMPLES)
     return flat[::step][:PROBE_SAMPLES].cpu().tolist()
 
 
-def _fura_layers(model: nn.Module) -> dict[str, FusedBTTLinear]:
-    return {name: m for name, m in model.named_modules() if isinstance(m, FusedBTTLinear)}
+def _fingerprint_hex(state: Mapping[str, torch.Tensor]) -> str | None:
+    digest = state["fingerprint_sha256"]
+    return bytes(digest.cpu().tolist()).hex() if bool(digest.any()) else None
 
 
 def degenerate_layers(model: nn.Module) -> list[str]:
     """FuRA layers whose decomposition had repeated or zero singular values in some block: there
     the SVD basis is not unique, so a re-decomposition may rotate it."""
-    return [name for name, layer in _fura_layers(model).items() if layer.degenerate_blocks]
+    return [name for name, (layer, _) in _fura_layers(model).items() if layer.degenerate_blocks]
 
 
-def save_fura_adapter(model: nn.Module, directory: str | Path) -> Path:
+def _trainable_names(layer: FusedBTTLinear) -> list[str]:
+    return sorted(name for name, p in layer.named_parameters() if p.requires_grad)
+
+
+def save_fura_adapter(
+    model: nn.Module, directory: str | Path, *, state_dict: Mapping[str, torch.Tensor] | None = None
+) -> Path:
     """Write `adapter_model.safetensors` (trainable tensors only) and `fura_config.json`.
 
-    Under FSDP2 every rank must call it: sharded tensors are gathered in full, and rank 0 writes.
+    The tensors come from the model, or from `state_dict` (the model's full state dict, as HF
+    Trainer passes it under FSDP or DeepSpeed). Without `state_dict`, under FSDP2 every rank must
+    call it: sharded tensors are gathered in full, and rank 0 writes.
     """
     layers = _fura_layers(model)
     if not layers:
         raise ValueError(f"save_fura_adapter: {type(model).__name__} has no FuRA layers to save")
-    missing = [n for n, layer in layers.items() if getattr(layer, "base_fingerprint", None) is None]
+    states = {name: _layer_state(name, layer, state_dict) for name, (layer, _) in layers.items()}
+    missing = [name for name, state in states.items() if _fingerprint_hex(state) is None]
     if missing:
         raise ValueError(
             f"save_fura_adapter: layers {missing[:5]} carry no base-weight fingerprint (built on the meta device "
             "or by hand); convert the real base weights with convert_to_fura or from_linear"
         )
-    configs = {json.dumps(layer.config.to_dict(), sort_keys=True) for layer in layers.values()}
+    configs = {json.dumps(layer.config.to_dict(), sort_keys=True) for layer, _ in layers.values()}
     if len(configs) != 1:
         raise ValueError("save_fura_adapter: the FuRA layers use different configs; one adapter holds one config")
     degenerate = degenerate_layers(model)
@@ -80,22 +178,24 @@ def save_fura_adapter(model: nn.Module, directory: str | Path) -> Path:
         )
     tensors: dict[str, torch.Tensor] = {}
     entries: dict[str, Any] = {}
-    first = next(iter(layers.values()))
-    for name, layer in layers.items():
-        trainable = {p_name: p for p_name, p in layer.named_parameters() if p.requires_grad}
-        for p_name, p in trainable.items():
-            tensors[f"{name}.{p_name}"] = full_tensor(p.detach()).contiguous().cpu()
+    for name, (layer, aliases) in layers.items():
+        state = states[name]
+        trainable = _trainable_names(layer)
+        for t_name in trainable:
+            tensors[f"{name}.{t_name}"] = state[t_name].detach().contiguous().cpu()
+        core_state = {k[len("l_core.") :]: v for k, v in state.items() if k.startswith("l_core.")}
         shape = layer.block_shape
         entries[name] = {
             "in_features": layer.in_features,
             "out_features": layer.out_features,
             "bias": layer.bias is not None,
-            "block_shape": {"m": shape.m, "n": shape.n, "a": shape.a, "b": shape.b, "r": shape.r},
-            "tensors": sorted(trainable),
-            "base_fingerprint": layer.base_fingerprint,
-            "core_probe": _core_probe(layer),
-            "quantize": "nf4" if isinstance(layer, QFusedBTTLinear) else None,
-            "double_quant": getattr(layer, "double_quant", None),
+            "block_shape": {k: getattr(shape, k) for k in "mnabr"},
+            "tensors": trainable,
+            "aliases": aliases,
+            "base_fingerprint": _fingerprint_hex(state),
+            "core_probe": _core_probe(layer.l_core.probe_values(core_state)),
+            "quantize": layer.l_core.quant_type,
+            "double_quant": layer.l_core.double_quant,
         }
     from . import __version__
 
@@ -103,7 +203,7 @@ def save_fura_adapter(model: nn.Module, directory: str | Path) -> Path:
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
         "fura_kernels_version": __version__,
-        "config": first.config.to_dict(),
+        "config": next(iter(layers.values()))[0].config.to_dict(),
         "layers": entries,
         "degenerate_layers": degenerate,
     }
@@ -112,17 +212,25 @@ def save_fura_adapter(model: nn.Module, directory: str | Path) -> Path:
         return directory
     directory.mkdir(parents=True, exist_ok=True)
     save_file(tensors, str(directory / ADAPTER_WEIGHTS), metadata={"format": FORMAT})
-    meta["weights_sha256"] = _sha256(directory / ADAPTER_WEIGHTS)
+    meta["weights_sha256"] = _sha256_file(directory / ADAPTER_WEIGHTS)
+    meta["checksum"] = _checksum(meta)
     (directory / ADAPTER_CONFIG).write_text(json.dumps(meta, indent=1) + "\n")
     return directory
 
 
-def _sha256(path: Path) -> str:
+def _sha256_file(path: Path) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as f:
         for chunk in iter(lambda: f.read(1 << 20), b""):
             digest.update(chunk)
     return digest.hexdigest()
+
+
+def _checksum(meta: dict) -> str:
+    """sha256 of the canonical JSON of everything but the checksum itself (which includes the
+    weights file's own sha256), so an edit to either file is caught."""
+    body = {k: v for k, v in meta.items() if k != "checksum"}
+    return hashlib.sha256(json.dumps(body, sort_keys=True, separators=(",", ":"), allow_nan=False).encode()).hexdigest()
 
 
 def _read_adapter(directory: Path) -> tuple[dict, dict[str, torch.Tensor]]:
@@ -132,14 +240,27 @@ def _read_adapter(directory: Path) -> tuple[dict, dict[str, torch.Tensor]]:
             raise FileNotFoundError(f"load_fura_adapter: {path} does not exist")
     try:
         meta = json.loads(config_path.read_text())
-    except json.JSONDecodeError as err:
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
         raise ValueError(f"load_fura_adapter: {config_path} is not valid JSON: {err}") from None
-    if meta.get("format") != FORMAT or meta.get("format_version") != FORMAT_VERSION:
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+        raise ValueError(f"load_fura_adapter: {config_path} is not a {FORMAT} file")
+    version = meta.get("format_version")
+    if type(version) is not int or version != FORMAT_VERSION:
         raise ValueError(
-            f"load_fura_adapter: {config_path} is not a {FORMAT} v{FORMAT_VERSION} file "
-            f"(format={meta.get('format')!r}, version={meta.get('format_version')!r})"
+            f"load_fura_adapter: {config_path} has format_version={version!r}; this fura-kernels reads version "
+            f"{FORMAT_VERSION} (re-save the adapter with this version)"
         )
-    if meta.get("weights_sha256") != _sha256(weights_path):
+    error = jsonschema.exceptions.best_match(jsonschema.Draft202012Validator(ADAPTER_SCHEMA).iter_errors(meta))
+    if error is not None:
+        raise ValueError(f"load_fura_adapter: {config_path}: at {error.json_path}: {error.message}")
+    for name, entry in meta["layers"].items():
+        if not all(math.isfinite(v) for v in entry["core_probe"]):
+            raise ValueError(f"load_fura_adapter: {config_path}: layer {name!r} has a non-finite core_probe value")
+    if meta["checksum"] != _checksum(meta):
+        raise ValueError(
+            f"load_fura_adapter: {config_path} does not match its checksum: the metadata was edited or corrupted"
+        )
+    if meta["weights_sha256"] != _sha256_file(weights_path):
         raise ValueError(
             f"load_fura_adapter: {weights_path} does not match the checksum in {config_path}: "
             "the file was modified or belongs to another adapter"
@@ -151,81 +272,148 @@ def _read_adapter(directory: Path) -> tuple[dict, dict[str, torch.Tensor]]:
     return meta, tensors
 
 
-def _validate(model: nn.Module, meta: dict, tensors: dict[str, torch.Tensor]) -> None:
-    """Every check that needs no conversion: names, shapes, fingerprints, tensor inventory."""
-    expected: set[str] = set()
+def _expected_tensors(layer_or_shape, config: FuRAConfig, bias: bool) -> dict[str, tuple[tuple, torch.dtype]]:
+    """Trainable tensor name -> (shape, dtype) for a FuRA layer, or for the layer a plain linear
+    of that block shape becomes under `config`."""
+    if isinstance(layer_or_shape, FusedBTTLinear):
+        params = dict(layer_or_shape.named_parameters())
+        return {name: (tuple(params[name].shape), params[name].dtype) for name in _trainable_names(layer_or_shape)}
+    shape = layer_or_shape
+    roles = resolve_roles(shape, config)
+    m, n, a, b, r = (getattr(shape, k) for k in "mnabr")
+    dtype = config.trainable_dtype
+    expected = {}
+    if roles.train_r:
+        expected["btt_r"] = ((n, b, m * r), dtype)
+    if roles.s_trainable:
+        expected["btt_s"] = ((m, n, r), dtype)
+    if bias and config.train_bias:
+        expected["bias"] = ((m * a,), dtype)
+    if roles.train_l:
+        expected["l_core.btt_l"] = ((m, n * r, a), dtype)
+    return expected
+
+
+def _check_probe(name: str, values: torch.Tensor, stored: list[float]) -> None:
+    probe = torch.tensor(_core_probe(values))
+    stored_t = torch.tensor(stored)
+    if probe.shape != stored_t.shape or (probe - stored_t).abs().max() > PROBE_TOLERANCE * stored_t.abs().max().clamp(
+        min=1e-30
+    ):
+        raise ValueError(
+            f"load_fura_adapter: the frozen core of {name!r} differs from the one the adapter was trained against "
+            "(another SVD basis or another base); it cannot be applied"
+        )
+
+
+def _refuse(message: str) -> NoReturn:
+    raise ValueError(f"load_fura_adapter: {message}")
+
+
+def _plan(model: nn.Module, meta: dict, tensors: dict[str, torch.Tensor], config: FuRAConfig) -> dict[str, bool]:
+    """Every check that needs no conversion. Returns name -> whether the layer is converted already."""
+    model_config = getattr(model, "config", None)
+    in_place: dict[str, bool] = {}
     for name, entry in meta["layers"].items():
         try:
             module = model.get_submodule(name)
         except AttributeError:
-            raise ValueError(f"load_fura_adapter: the base model has no module {name!r}") from None
-        if not isinstance(module, nn.Linear):
-            raise ValueError(f"load_fura_adapter: {name!r} is a {type(module).__name__}, expected the base nn.Linear")
-        if (module.in_features, module.out_features) != (entry["in_features"], entry["out_features"]):
-            raise ValueError(
-                f"load_fura_adapter: {name!r} is {module.in_features}->{module.out_features} in the base, "
-                f"{entry['in_features']}->{entry['out_features']} in the adapter"
-            )
-        if weight_fingerprint(module.weight) != entry["base_fingerprint"]:
-            raise ValueError(
-                f"load_fura_adapter: the base weight of {name!r} is not the one this adapter was trained on "
-                "(fingerprint mismatch): load the same base checkpoint, in the same dtype"
-            )
-        expected.update(f"{name}.{t}" for t in entry["tensors"])
-    missing, extra = expected - set(tensors), set(tensors) - expected
+            _refuse(f"the base model has no module {name!r}")
+        sizes = (entry["in_features"], entry["out_features"])
+        if isinstance(module, FusedBTTLinear | nn.Linear) and (module.in_features, module.out_features) != sizes:
+            _refuse(f"{name!r} is {module.in_features}->{module.out_features} in the model, {sizes[0]}->{sizes[1]} "
+                    "in the adapter")  # fmt: skip
+        if isinstance(module, FusedBTTLinear):
+            where = f"the FuRA layer {name!r}"
+            if module.config != config:
+                _refuse(f"{where} was converted with {module.config}, the adapter with {config}")
+            stored_as, ours = entry["quantize"] or "dense", module.l_core.quant_type or "dense"
+            if ours != stored_as:
+                _refuse(f"{where} stores its core as {ours}, the adapter's as {stored_as}")
+            if module.base_fingerprint != entry["base_fingerprint"]:
+                _refuse(f"{where} was converted from another base weight than the one this adapter was trained on "
+                        "(fingerprint mismatch)")  # fmt: skip
+            _check_probe(name, module.l_core.probe_values(), entry["core_probe"])
+            shape, expected = module.block_shape, _expected_tensors(module, config, entry["bias"])
+        elif isinstance(module, nn.Linear):
+            if weight_fingerprint(module.weight) != entry["base_fingerprint"]:
+                _refuse(f"the base weight of {name!r} is not the one this adapter was trained on (fingerprint "
+                        "mismatch): load the same base checkpoint, in the same dtype")  # fmt: skip
+            shape = resolve_block_shape(module.in_features, module.out_features, config, name, model_config)
+            expected = _expected_tensors(shape, config, entry["bias"])
+        else:
+            _refuse(f"{name!r} is a {type(module).__name__}, expected the base nn.Linear or a FuRA layer")
+        in_place[name] = isinstance(module, FusedBTTLinear)
+        if [getattr(shape, k) for k in "mnabr"] != [entry["block_shape"][k] for k in "mnabr"]:
+            _refuse(f"{name!r} has blocks {shape}, the adapter {entry['block_shape']}")
+        if sorted(entry["tensors"]) != sorted(expected):
+            _refuse(f"layer {name!r} lists tensors {sorted(entry['tensors'])}, but its trainable tensors are "
+                    f"{sorted(expected)}; an adapter holds exactly those")  # fmt: skip
+        for t_name, (t_shape, t_dtype) in expected.items():
+            key = f"{name}.{t_name}"
+            value = tensors.get(key)
+            if value is None:
+                continue  # reported with the inventory below
+            if tuple(value.shape) != t_shape or value.dtype != t_dtype:
+                _refuse(f"{key} is {value.dtype} {tuple(value.shape)} in the adapter; expected {t_dtype} {t_shape}")
+            if not bool(torch.isfinite(value).all()):
+                _refuse(f"{key} holds NaN or inf values")
+    expected_keys = {f"{n}.{t}" for n, e in meta["layers"].items() for t in e["tensors"]}
+    missing, extra = expected_keys - set(tensors), set(tensors) - expected_keys
     if missing or extra:
-        raise ValueError(
-            f"load_fura_adapter: tensor inventory mismatch: missing {sorted(missing)[:5]}, extra {sorted(extra)[:5]}"
-        )
+        _refuse(f"tensor inventory mismatch: missing {sorted(missing)[:5]}, extra {sorted(extra)[:5]}")
+    return in_place
 
 
 def load_fura_adapter(model: nn.Module, directory: str | Path, *, progress: bool = True) -> nn.Module:
-    """Convert a freshly loaded base `model` the way the adapter's model was, and load the trained
-    tensors. Checks everything first; on any error the model is left exactly as it was."""
-    from .model import convert_to_fura
+    """Load an adapter into `model` and return it.
 
+    A layer that is still the base `nn.Linear` is converted the way the adapter's model was
+    (re-decomposed, then checked against the stored probe); a layer that is already a FuRA layer
+    (to resume training or swap adapters) is checked against the adapter's fingerprint and probe
+    in place. Then the trained tensors (R, S, biases) are loaded. Everything that can be checked
+    is checked first; on any error the model is left exactly as it was."""
     meta, tensors = _read_adapter(Path(directory))
-    _validate(model, meta, tensors)
-    config = FuRAConfig(**meta["config"])
-    names = list(meta["layers"])
-    quantize = {entry["quantize"] for entry in meta["layers"].values()}
-    if len(quantize) != 1:
-        raise ValueError("load_fura_adapter: the adapter mixes quantised and plain layers")
-    quantize_as = quantize.pop()
-    double_quant = all(e["double_quant"] is not False for e in meta["layers"].values())
-    originals = {name: model.get_submodule(name) for name in names}
-    flags = {id(p): p.requires_grad for p in model.parameters()}
-    convert_to_fura(model, names, config, quantize=quantize_as, double_quant=double_quant, progress=progress)
     try:
-        for name, entry in meta["layers"].items():
+        config = FuRAConfig(**meta["config"])
+    except (TypeError, ValueError) as err:
+        raise ValueError(f"load_fura_adapter: the adapter's config is invalid: {err}") from None
+    in_place = _plan(model, meta, tensors, config)
+    fresh = [name for name, converted in in_place.items() if not converted]
+    quantize = {meta["layers"][name]["quantize"] for name in fresh}
+    double_quant = {meta["layers"][name]["double_quant"] for name in fresh}
+    if len(quantize) > 1 or len(double_quant) > 1:
+        raise ValueError("load_fura_adapter: the adapter mixes quantised and plain layers (or NF4 formats)")
+    originals = {name: model.get_submodule(name) for name in fresh}
+    flags = {id(p): p.requires_grad for p in model.parameters()}
+    snapshots = {
+        name: {t: p.detach().clone() for t, p in model.get_submodule(name).named_parameters() if p.requires_grad}
+        for name, converted in in_place.items()
+        if converted
+    }
+    if fresh:
+        convert_to_fura(model, fresh, config, quantize=quantize.pop(), double_quant=double_quant.pop() is not False,
+                        progress=progress)  # fmt: skip
+    try:
+        for name in fresh:
             layer = model.get_submodule(name)
-            shape = layer.block_shape
-            if [shape.m, shape.n, shape.a, shape.b, shape.r] != [entry["block_shape"][k] for k in "mnabr"]:
-                raise ValueError(
-                    f"load_fura_adapter: {name!r} decomposed to {shape}, adapter has {entry['block_shape']}"
-                )
-            probe = torch.tensor(_core_probe(layer))
-            stored = torch.tensor(entry["core_probe"])
-            if (probe - stored).abs().max() > PROBE_TOLERANCE * stored.abs().max().clamp(min=1e-30):
-                raise ValueError(
-                    f"load_fura_adapter: the re-decomposed frozen core of {name!r} differs from the one the adapter "
-                    "was trained against (another SVD basis); it cannot be applied"
-                )
-            params = dict(layer.named_parameters())
-            for t_name in entry["tensors"]:
-                value = tensors[f"{name}.{t_name}"]
-                if params[t_name].shape != value.shape:
-                    raise ValueError(
-                        f"load_fura_adapter: {name}.{t_name} has shape {tuple(value.shape)} in the adapter, "
-                        f"{tuple(params[t_name].shape)} in the layer"
-                    )
-            with torch.no_grad():
+            _check_probe(name, layer.l_core.probe_values(), meta["layers"][name]["core_probe"])
+        with torch.no_grad():
+            for name, entry in meta["layers"].items():
+                params = dict(model.get_submodule(name).named_parameters())
                 for t_name in entry["tensors"]:
                     params[t_name].copy_(tensors[f"{name}.{t_name}"])
     except BaseException:
-        for name, original in originals.items():
-            parent_name, _, attr = name.rpartition(".")
-            setattr(model.get_submodule(parent_name) if parent_name else model, attr, original)
+        with torch.no_grad():
+            for name, saved in snapshots.items():
+                params = dict(model.get_submodule(name).named_parameters())
+                for t_name, value in saved.items():
+                    params[t_name].copy_(value)
+        for names in module_names(model).values():
+            if names[0] in originals:
+                for alias in names:
+                    parent, attr = split_name(model, alias)
+                    setattr(parent, attr, originals[names[0]])
         for p in model.parameters():
             if id(p) in flags:
                 p.requires_grad_(flags[id(p)])
@@ -233,30 +421,58 @@ def load_fura_adapter(model: nn.Module, directory: str | Path, *, progress: bool
     return model
 
 
-def merged_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
-    """The model's state dict with every FuRA layer replaced by its merged `weight` (and `bias`)."""
+def merged_state_dict(
+    model: nn.Module, state_dict: Mapping[str, torch.Tensor] | None = None
+) -> dict[str, torch.Tensor]:
+    """The model's state dict (or `state_dict`, its full state dict) with every FuRA layer replaced
+    by its merged `weight` (and `bias`) under each of its names, in the base's dtype."""
     layers = _fura_layers(model)
-    state: dict[str, torch.Tensor] = {}
-    for key, value in model.state_dict().items():
-        owner = key.rpartition(".")[0]
-        if owner in layers:
-            continue
-        state[key] = value
+    source = model.state_dict() if state_dict is None else state_dict
+    owners = {alias for name, (_, aliases) in layers.items() for alias in (name, *aliases)}
+
+    def owned(key: str) -> bool:
+        parts = key.split(".")
+        return any(".".join(parts[:i]) in owners for i in range(1, len(parts)))
+
+    state = {key: value for key, value in source.items() if not owned(key)}
     with torch.no_grad():
-        for name, layer in layers.items():
-            merged = layer.to_linear()
-            state[f"{name}.weight"] = merged.weight.detach()
-            if merged.bias is not None:
-                state[f"{name}.bias"] = merged.bias.detach()
+        for name, (layer, aliases) in layers.items():
+            local = None if state_dict is None else _layer_state(name, layer, state_dict)
+            merged = layer.to_linear(local)
+            for alias in (name, *aliases):
+                state[f"{alias}.weight"] = merged.weight.detach()
+                if merged.bias is not None:
+                    state[f"{alias}.bias"] = merged.bias.detach()
     return state
 
 
 def save_merged(model: nn.Module, directory: str | Path, **save_pretrained_kwargs: Any) -> Path:
     """Save a Hugging Face model with its FuRA layers merged, as `save_pretrained` would save the
-    base: it reloads with `AutoModelForCausalLM.from_pretrained` and gives the same outputs. The
-    in-memory model is not changed."""
+    base: it reloads with `AutoModelForCausalLM.from_pretrained` and gives the same outputs. No
+    adapter is written (`save_pretrained` of a converted model writes both). The in-memory model is
+    not changed."""
     if not hasattr(model, "save_pretrained"):
         raise TypeError(f"save_merged: {type(model).__name__} has no save_pretrained (a transformers model is needed)")
     directory = Path(directory)
-    model.save_pretrained(directory, state_dict=merged_state_dict(model), **save_pretrained_kwargs)
+    state_dict = save_pretrained_kwargs.pop("state_dict", None)
+    type(model).save_pretrained(model, directory, state_dict=merged_state_dict(model, state_dict),
+                                **save_pretrained_kwargs)  # fmt: skip
     return directory
+
+
+def fura_save_pretrained(self: nn.Module, save_directory, *args: Any, **kwargs: Any) -> None:
+    """`save_pretrained` of a model converted by `convert_to_fura` (installed on the instance).
+
+    Writes what the base architecture can load: the merged dense weights under the base's own
+    names and dtypes, so `AutoModelForCausalLM.from_pretrained(save_directory)` gives the trained
+    model; and the FuRA adapter in `save_directory/fura_adapter`, from which training resumes
+    (`load_fura_adapter`). A `state_dict` passed in (HF Trainer does so under FSDP and DeepSpeed)
+    is merged the same way. With no FuRA layer left (after `merge_fura`), it is the class's own
+    `save_pretrained`."""
+    base_save = type(self).save_pretrained
+    if not _fura_layers(self):
+        return base_save(self, save_directory, *args, **kwargs)
+    state_dict = kwargs.pop("state_dict", None)
+    base_save(self, save_directory, *args, state_dict=merged_state_dict(self, state_dict), **kwargs)
+    if kwargs.get("is_main_process", True):
+        save_fura_adapter(self, Path(save_directory) / ADAPTER_SUBDIR, state_dict=state_dict)

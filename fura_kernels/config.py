@@ -19,6 +19,13 @@ SVD_DTYPES = (torch.float32, torch.float64)
 INITS = ("svd", "qr")
 
 
+TRAINABLE_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
 def _as_dtype(value: Any, field_name: str) -> torch.dtype:
     if isinstance(value, torch.dtype):
         return value
@@ -30,22 +37,24 @@ def _as_dtype(value: Any, field_name: str) -> torch.dtype:
 
 
 def _as_factor_pair(value: Any, field_name: str) -> tuple[int, int] | None:
+    """A pair of ints from a tuple or list (JSON gives lists); a string, floats or bools are
+    refused rather than read digit by digit or truncated."""
     if value is None:
         return None
-    try:
-        blocks, size = (int(v) for v in value)
-    except (TypeError, ValueError):
-        raise TypeError(
-            f"FuRAConfig.{field_name}: expected a pair (num_blocks, block_size) of ints, got {value!r}"
-        ) from None
+    if not isinstance(value, tuple | list) or len(value) != 2 or not all(_is_int(v) for v in value):
+        raise TypeError(f"FuRAConfig.{field_name}: expected a pair (num_blocks, block_size) of ints, got {value!r}")
+    blocks, size = (int(v) for v in value)
     if blocks < 1 or size < 1:
         raise ValueError(f"FuRAConfig.{field_name}: both factors must be >= 1, got {value!r}")
     return blocks, size
 
 
-@dataclass
+@dataclass(frozen=True)
 class FuRAConfig:
-    """How each `nn.Linear` is factorised into `L · diag(S) · R` and which parts train."""
+    """How each `nn.Linear` is factorised into `L · diag(S) · R` and which parts train.
+
+    Frozen: every field is validated once, when the config is built; change one with
+    `config.replace(field=value)`, which validates the copy again."""
 
     decomp_mode: str = field(
         default="output_one_block",
@@ -135,6 +144,9 @@ class FuRAConfig:
     )
 
     def __post_init__(self) -> None:
+        for name in ("train_bias", "factorize_by_head"):
+            if not isinstance(getattr(self, name), bool):
+                raise TypeError(f"FuRAConfig.{name}: expected True or False, got {getattr(self, name)!r}")
         if self.decomp_mode not in DECOMP_MODES:
             raise ValueError(f"FuRAConfig.decomp_mode: expected one of {DECOMP_MODES}, got {self.decomp_mode!r}")
         if self.train_position not in TRAIN_POSITIONS:
@@ -161,8 +173,10 @@ class FuRAConfig:
                 f"FuRAConfig.rank={self.rank!r} with init='qr': a truncated QR is not a best low-rank "
                 "approximation; use rank='full' or init='svd'"
             )
-        self.input_factorization = _as_factor_pair(self.input_factorization, "input_factorization")
-        self.output_factorization = _as_factor_pair(self.output_factorization, "output_factorization")
+        # Normalised values are written through object.__setattr__: the dataclass is frozen.
+        _set = object.__setattr__
+        _set(self, "input_factorization", _as_factor_pair(self.input_factorization, "input_factorization"))
+        _set(self, "output_factorization", _as_factor_pair(self.output_factorization, "output_factorization"))
         if self.decomp_mode == "input_one_block" and self.input_factorization is not None:
             raise ValueError(
                 f"FuRAConfig.input_factorization={self.input_factorization} conflicts with "
@@ -173,12 +187,15 @@ class FuRAConfig:
                 f"FuRAConfig.output_factorization={self.output_factorization} conflicts with "
                 "decomp_mode='output_one_block', which keeps the output side as one block; use 'square'"
             )
-        self.svd_dtype = _as_dtype(self.svd_dtype, "svd_dtype")
+        _set(self, "svd_dtype", _as_dtype(self.svd_dtype, "svd_dtype"))
         if self.svd_dtype not in SVD_DTYPES:
             raise ValueError(f"FuRAConfig.svd_dtype: expected torch.float32 or torch.float64, got {self.svd_dtype}")
-        self.trainable_dtype = _as_dtype(self.trainable_dtype, "trainable_dtype")
-        if not self.trainable_dtype.is_floating_point:
-            raise ValueError(f"FuRAConfig.trainable_dtype: expected a floating dtype, got {self.trainable_dtype}")
+        _set(self, "trainable_dtype", _as_dtype(self.trainable_dtype, "trainable_dtype"))
+        if self.trainable_dtype not in TRAINABLE_DTYPES:
+            raise ValueError(
+                f"FuRAConfig.trainable_dtype: expected one of {TRAINABLE_DTYPES} (AdamW needs a dtype it can step), "
+                f"got {self.trainable_dtype}"
+            )
         if self.svd_block_batch is not None and (
             isinstance(self.svd_block_batch, bool)
             or not isinstance(self.svd_block_batch, int)

@@ -286,3 +286,26 @@ def degenerate_block_count(s: torch.Tensor) -> int:
     repeated = ((s[..., :-1] - s[..., 1:]) / scale < DEGENERATE_GAP).any(dim=-1)
     zero = (s[..., -1] / scale[..., 0]) < DEGENERATE_GAP
     return int((repeated | zero).sum().item())
+
+
+def qfura_layout_problem(shape: BlockShape, roles: CoreRoles, config: FuRAConfig) -> str | None:
+    """Why a layer cannot be QFuRA (a frozen L in NF4, default layout), or None if it can.
+
+    Pure shape arithmetic, so `convert_to_fura` asks it for every layer before any SVD."""
+    if shape.m != 1:
+        return (
+            f"QFuRA stores a frozen L core in the default layout (one output block), but "
+            f"decomp_mode={config.decomp_mode!r} gives m={shape.m} output blocks; use decomp_mode='output_one_block'"
+        )
+    if not roles.train_l:
+        return None
+    if config.train_position != "small":
+        return f"train_position={config.train_position!r} trains L, which QFuRA keeps frozen in NF4; use 'small'"
+    why = f"out_features={shape.out_features} <= b={shape.b}"
+    if shape.n == 1:
+        why += f" (in_features={shape.in_features} is one input block: it has no divisor pair closer than 1 x itself)"
+    return (
+        f"{why}, so L ({shape.l_numel:,} values) is not larger than R ({shape.r_numel:,}) and "
+        "train_position='small' trains L (ties go to L), but QFuRA keeps L frozen in NF4; leave this layer out "
+        "(exclude_modules) or give it more input blocks with input_factorization"
+    )

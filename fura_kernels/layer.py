@@ -2,14 +2,15 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
 import torch
 from torch import nn
 
 from . import reference
-from .autograd import fura_linear
 from .config import FuRAConfig
+from .cores import QUANT_TYPES, DenseCore, NF4Core
 from .factorization import (
     BlockShape,
     CoreRoles,
@@ -17,6 +18,7 @@ from .factorization import (
     block_svd,
     cores_from_svd,
     degenerate_block_count,
+    qfura_layout_problem,
     resolve_block_shape,
     resolve_roles,
     weight_fingerprint,
@@ -27,19 +29,19 @@ class FusedBTTLinear(nn.Module):
     """`y = x · (L · diag(S) · R)^T + bias`, trained through the minimal fused Function.
 
     Build it from a trained layer with `FusedBTTLinear.from_linear(linear)`: at init
-    `dense_weight()` equals `linear.weight` (to fp32 SVD rounding at full rank). Parameters:
+    `dense_weight()` equals `linear.weight` (to fp32 SVD rounding at full rank). It holds:
 
-    - `btt_l` (m, n*r, a) and `btt_r` (n, b, m*r): the cores (layout in
-      `fura_kernels.reference`); the trained one(s) in `config.trainable_dtype`, a frozen one in
-      the original linear's dtype, both as `nn.Parameter` so `.to()`, `state_dict()` and
-      sharding see them;
+    - `l_core`: the L core (m, n*r, a) as a component, a `DenseCore` (parameter
+      `l_core.btt_l`, frozen in the original linear's dtype or trained in
+      `config.trainable_dtype`) or, for QFuRA, an `NF4Core`; `btt_l` reads the dense parameter
+      (None for an NF4 core);
+    - `btt_r` (n, b, m*r): the R core, trained in `config.trainable_dtype` (or frozen);
     - `btt_s` (m, n, r): the singular values when `s_merged_to` keeps them apart, else None;
     - `bias`: as on `nn.Linear`.
 
+    All are registered tensors, so `.to()`, `state_dict()`, `to_empty()` and sharding see them.
     Compute runs in the input's dtype (or autocast's, inside an autocast region).
     """
-
-    _dense_l = True  # whether btt_l holds real values (QFusedBTTLinear stores L in NF4)
 
     def __init__(
         self,
@@ -52,13 +54,18 @@ class FusedBTTLinear(nn.Module):
         model_config: Any = None,
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
+        quant_type: str | None = None,
+        double_quant: bool = True,
     ) -> None:
         """An uninitialised layer of the right shapes (fill it with `from_linear` or a state dict).
 
-        `dtype` is the original linear's dtype: the storage of a frozen core.
+        `dtype` is the original linear's dtype: the storage of a frozen core. `quant_type="nf4"`
+        stores the frozen L core in NF4 (`QFusedBTTLinear` sets it); `double_quant` applies then.
         """
         super().__init__()
         self.config = config if config is not None else FuRAConfig()
+        if not isinstance(self.config, FuRAConfig):
+            raise TypeError(f"FusedBTTLinear: config must be a FuRAConfig, got {type(self.config).__name__}")
         self.in_features = in_features
         self.out_features = out_features
         self.module_name = module_name
@@ -73,17 +80,12 @@ class FusedBTTLinear(nn.Module):
         self.roles: CoreRoles = resolve_roles(self.block_shape, self.config)
         m, n, a, b, r = (getattr(self.block_shape, f) for f in "mnabr")
         train_dtype = self.config.trainable_dtype
+        roles = self.roles
+        self.l_core = self._make_l_core(quant_type, double_quant, device)
 
         def param(shape, trainable: bool, storage: torch.dtype) -> nn.Parameter:
             return nn.Parameter(torch.empty(shape, device=device, dtype=storage), requires_grad=trainable)
 
-        roles = self.roles
-        # A subclass that stores L another way (QFuRA: NF4) builds no dense L at all.
-        l_device = "meta" if not self._dense_l else device
-        self.btt_l = nn.Parameter(
-            torch.empty((m, n * r, a), device=l_device, dtype=train_dtype if roles.train_l else self.base_dtype),
-            requires_grad=roles.train_l,
-        )
         self.btt_r = param((n, b, m * r), roles.train_r, train_dtype if roles.train_r else self.base_dtype)
         if roles.s_separate:
             # S is tiny; it stays in the trainable dtype even when frozen, so no precision is lost.
@@ -95,6 +97,26 @@ class FusedBTTLinear(nn.Module):
             self.bias = param((out_features,), train_bias, train_dtype if train_bias else self.base_dtype)
         else:
             self.register_parameter("bias", None)
+        self._register_load_state_dict_pre_hook(_accept_merged_weights_only_if_equal, with_module=True)
+
+    def _make_l_core(self, quant_type: str | None, double_quant: bool, device) -> nn.Module:
+        shape, roles = self.block_shape, self.roles
+        if quant_type is None:
+            dtype = self.config.trainable_dtype if roles.train_l else self.base_dtype
+            return DenseCore((shape.m, shape.n * shape.r, shape.a), dtype, device, trainable=roles.train_l)
+        if quant_type not in QUANT_TYPES:
+            raise ValueError(
+                f"{self._where}: quant_type={quant_type!r} is not supported; expected one of {QUANT_TYPES}"
+            )
+        problem = qfura_layout_problem(shape, roles, self.config)
+        if problem:
+            raise ValueError(f"{self._where}: {problem}")
+        return NF4Core(self.out_features, shape.n * shape.r, self.base_dtype, device, double_quant, label=self._where)
+
+    @property
+    def btt_l(self) -> nn.Parameter | None:
+        """The dense L core (m, n*r, a), or None when the core is stored quantised."""
+        return self.l_core.dense_parameter
 
     @classmethod
     def from_linear(
@@ -143,7 +165,7 @@ class FusedBTTLinear(nn.Module):
         layer.degenerate_blocks = degenerate_block_count(s) if config.init == "svd" else 0
         btt_l, btt_r, btt_s = cores_from_svd(u, s, vh, layer.roles)
         with torch.no_grad():
-            layer.btt_l.copy_(btt_l)
+            layer.l_core.btt_l.copy_(btt_l)
             layer.btt_r.copy_(btt_r)
             if layer.btt_s is not None:
                 layer.btt_s.copy_(btt_s)
@@ -204,40 +226,49 @@ class FusedBTTLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         self._check_input(x)
         device_type = x.device.type
-        if torch.is_autocast_enabled(device_type):
+        # The meta device has no autocast state to ask about (nn.Linear runs there, so must we).
+        if device_type != "meta" and torch.is_autocast_enabled(device_type):
             x = x.to(torch.get_autocast_dtype(device_type))
-        return fura_linear(x, self.btt_l, self.btt_r, self.btt_s, self.bias)
+        return self.l_core.linear(x, self.btt_r, self.btt_s, self.bias)
 
-    def _merge_dtype(self) -> torch.dtype:
-        params = [p for p in (self.btt_l, self.btt_r, self.btt_s) if p is not None]
-        dtype = params[0].dtype
-        for p in params[1:]:
-            dtype = torch.promote_types(dtype, p.dtype)
-        return dtype
+    def dense_weight(self, state: Mapping[str, torch.Tensor] | None = None) -> torch.Tensor:
+        """The dense `out x in` weight, differentiable, in the cores' promoted dtype.
 
-    def dense_weight(self) -> torch.Tensor:
-        """The dense `out x in` weight, differentiable, in the cores' promoted dtype."""
-        dtype = self._merge_dtype()
-        s = self.btt_s.to(dtype) if self.btt_s is not None else None
-        return reference.dense_weight(self.btt_l.to(dtype), self.btt_r.to(dtype), s)
+        With `state` (this layer's own state dict, e.g. a slice of a gathered full state dict),
+        the weight is built from those tensors instead of the layer's."""
+        tensors = dict(self.named_parameters()) if state is None else state
+        btt_r, btt_s = tensors["btt_r"], tensors.get("btt_s")
+        dtype = torch.promote_types(self.l_core.dtype, btt_r.dtype)
+        if btt_s is not None:
+            dtype = torch.promote_types(dtype, btt_s.dtype)
+        core_state = None if state is None else _sub_state(state, "l_core.")
+        s = btt_s.to(dtype) if btt_s is not None else None
+        return reference.dense_weight(self.l_core.materialize(dtype, core_state), btt_r.to(dtype), s)
 
     def _storage_dtype(self) -> torch.dtype:
         """The dtype a merged layer is stored in: the frozen core's, or the original's."""
-        for core, trained in ((self.btt_l, self.roles.train_l), (self.btt_r, self.roles.train_r)):
-            if not trained:
-                return core.dtype
+        if not self.roles.train_l:
+            return self.l_core.dtype
+        if not self.roles.train_r:
+            return self.btt_r.dtype
         return self.base_dtype
 
     @torch.no_grad()
-    def to_linear(self) -> nn.Linear:
-        """A plain `nn.Linear` with the merged weight, on the layer's device, in its storage dtype."""
-        dtype = self._storage_dtype()
+    def to_linear(self, state: Mapping[str, torch.Tensor] | None = None) -> nn.Linear:
+        """A plain `nn.Linear` with the merged weight, in the layer's storage dtype, on the layer's
+        device (or, with `state`, on the device of those tensors)."""
+        weight = self.dense_weight(state)
+        bias = self.bias if state is None else state.get("bias")
         linear = nn.Linear(
-            self.in_features, self.out_features, bias=self.bias is not None, device=self.device, dtype=dtype
+            self.in_features,
+            self.out_features,
+            bias=bias is not None,
+            device=weight.device,
+            dtype=self._storage_dtype(),
         )
-        linear.weight.copy_(self.dense_weight())
-        if self.bias is not None:
-            linear.bias.copy_(self.bias)
+        linear.weight.copy_(weight)
+        if bias is not None:
+            linear.bias.copy_(bias)
         return linear
 
     def extra_repr(self) -> str:
@@ -249,3 +280,43 @@ class FusedBTTLinear(nn.Module):
             f"mode={self.config.decomp_mode}, trains={'+'.join(trained) or 'nothing'}, "
             f"s_merged_to={self.config.s_merged_to}"
         )
+
+
+def _accept_merged_weights_only_if_equal(layer: FusedBTTLinear, state_dict, prefix, *args) -> None:
+    """Load-state-dict pre-hook: a checkpoint that holds this layer's merged `weight` instead of
+    its cores (what `save_pretrained` of a converted model writes) is accepted only if it equals
+    this layer's own merge, that is, if the FuRA adapter saved beside it was loaded first; its
+    merged keys are then consumed. Otherwise the load would keep stale cores behind a warning
+    (HF Trainer resumes with `strict=False`), so it raises instead."""
+    key = prefix + "weight"
+    if key not in state_dict or prefix + "btt_r" in state_dict:
+        return
+    where = layer._where if layer.module_name else f"FuRA layer {prefix[:-1]!r}"
+    stored = state_dict[key]
+    bias = state_dict.get(prefix + "bias")
+    with torch.no_grad():
+        ours = layer.to_linear()
+        same = stored.shape == ours.weight.shape and _equal_to_rounding(stored, ours.weight)
+        if bias is not None:
+            same = same and layer.bias is not None and _equal_to_rounding(bias, ours.bias)
+    if not same:
+        raise ValueError(
+            f"{where}: the checkpoint holds a merged weight for this layer ({key}) that differs from the layer's "
+            "own. It was written by save_pretrained of a FuRA model: load the adapter saved beside it first, "
+            "with fura_kernels.load_fura_adapter(model, '<checkpoint>/fura_adapter'), or load the checkpoint "
+            "into the plain base architecture with from_pretrained"
+        )
+    state_dict.pop(key)
+    state_dict.pop(prefix + "bias", None)
+
+
+def _equal_to_rounding(stored: torch.Tensor, ours: torch.Tensor) -> bool:
+    """Equal up to one rounding of the stored dtype (another device may round the merge otherwise)."""
+    eps = torch.finfo(stored.dtype).eps if stored.dtype.is_floating_point else 0.0
+    a, b = stored.detach().double().cpu(), ours.detach().double().cpu()
+    return bool(torch.allclose(a, b, rtol=eps, atol=eps * b.abs().max().item() * 1e-3))
+
+
+def _sub_state(state: Mapping[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
+    """The entries of `state` under `prefix`, with the prefix removed."""
+    return {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import re
+import types
+import warnings
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
@@ -12,9 +14,10 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .config import FuRAConfig
-from .factorization import resolve_block_shape
+from .cores import QUANT_TYPES, NF4Core
+from .factorization import qfura_layout_problem, resolve_block_shape, resolve_roles
 from .layer import FusedBTTLinear
-from .qlayer import QUANT_TYPES, QFusedBTTLinear
+from .qlayer import QFusedBTTLinear
 
 TargetModules = str | Iterable[str]
 ALL_LINEAR = "all-linear"
@@ -22,14 +25,20 @@ ALL_LINEAR = "all-linear"
 
 @dataclass
 class ConversionReport:
-    """What `convert_to_fura` did."""
+    """What `convert_to_fura` did.
+
+    Parameter counts are counted as users count them (PEFT does the same for 4-bit bases): an
+    NF4 frozen core counts as the number of values it stores, not as its packed bytes.
+    """
 
     converted: list[str] = field(default_factory=list)
     trainable_params: int = 0
     total_params: int = 0
     quantize: str | None = None
-    nf4_bytes: int = 0  # bytes of the NF4 frozen cores (not counted as parameters)
+    nf4_bytes: int = 0  # bytes of the NF4 frozen cores
     max_nf4_relative_error: float = 0.0  # worst per-layer quantisation error of a frozen core
+    aliases: dict[str, list[str]] = field(default_factory=dict)  # converted name -> its other names
+    refused: dict[str, str] = field(default_factory=dict)  # matched but not converted: name -> why
 
     @property
     def trainable_fraction(self) -> float:
@@ -45,10 +54,38 @@ class ConversionReport:
                 f"; frozen cores in {self.quantize}: {self.nf4_bytes:,} bytes, worst relative "
                 f"quantisation error {self.max_nf4_relative_error:.2e}"
             )
+        if self.refused:
+            text += "; not converted: " + "; ".join(f"{name} ({why})" for name, why in self.refused.items())
         return text
 
 
-def _name_matches(name: str, patterns: TargetModules) -> bool:
+def _normalize_patterns(patterns: Any, arg: str) -> str | list[str] | None:
+    """A regex string, `all-linear`, or a list of suffixes (any iterable, read once), checked."""
+    expected = (
+        f"{arg} must be a list of module-name suffixes, a regex string"
+        f"{' or ' + repr(ALL_LINEAR) if arg == 'target_modules' else ''}"
+    )
+    if patterns is None:
+        if arg == "target_modules":
+            raise TypeError(f"convert_to_fura: {expected}; got None")
+        return None
+    if isinstance(patterns, str):
+        if patterns == ALL_LINEAR and arg == "target_modules":
+            return patterns
+        try:
+            re.compile(patterns)
+        except re.error as err:
+            raise ValueError(f"convert_to_fura: {arg}={patterns!r} is not a valid regex: {err}") from None
+        return patterns
+    if not isinstance(patterns, Iterable):
+        raise TypeError(f"convert_to_fura: {expected}; got {patterns!r}")
+    items = list(patterns)  # a generator can be read only once
+    if not all(isinstance(p, str) for p in items):
+        raise TypeError(f"convert_to_fura: {expected}; got {items!r}")
+    return items
+
+
+def _name_matches(name: str, patterns: str | list[str]) -> bool:
     """PEFT-style matching: a regex string must match the whole name; a list matches a name
     equal to an entry or ending in '.' + entry."""
     if isinstance(patterns, str):
@@ -56,22 +93,19 @@ def _name_matches(name: str, patterns: TargetModules) -> bool:
     return any(name == p or name.endswith("." + p) for p in patterns)
 
 
-def _check_patterns(patterns: Any, arg: str) -> None:
-    if patterns is None:
-        return
-    if isinstance(patterns, str):
-        if patterns == ALL_LINEAR and arg == "target_modules":
-            return
-        try:
-            re.compile(patterns)
-        except re.error as err:
-            raise ValueError(f"convert_to_fura: {arg}={patterns!r} is not a valid regex: {err}") from None
-        return
-    if not isinstance(patterns, Iterable) or not all(isinstance(p, str) for p in patterns):
-        raise TypeError(
-            f"convert_to_fura: {arg} must be a list of module-name suffixes, a regex string"
-            f"{' or ' + repr(ALL_LINEAR) if arg == 'target_modules' else ''}; got {patterns!r}"
-        )
+def module_names(model: nn.Module) -> dict[int, list[str]]:
+    """Every name each submodule is reachable under (a module shared as `s.b = s.a` has two),
+    keyed by `id(module)`, in `named_modules` order; the first name is the primary one."""
+    names: dict[int, list[str]] = {}
+    for name, module in model.named_modules(remove_duplicate=False):
+        names.setdefault(id(module), []).append(name)
+    return names
+
+
+def split_name(model: nn.Module, name: str) -> tuple[nn.Module, str]:
+    """`(parent module, attribute)` of a dotted module name."""
+    parent_name, _, attr = name.rpartition(".")
+    return (model.get_submodule(parent_name) if parent_name else model), attr
 
 
 def _output_layer_names(model: nn.Module) -> set[str]:
@@ -88,46 +122,101 @@ def _output_layer_names(model: nn.Module) -> set[str]:
     return names
 
 
+def _refusal(model: nn.Module, names: list[str], linear: nn.Linear, owners: dict[int, list[str]]) -> str | None:
+    """Why converting this linear would change what the model computes, or None if it is safe."""
+    if type(linear).forward is not nn.Linear.forward:
+        return f"{type(linear).__name__} overrides nn.Linear.forward; a FuRA layer would drop its own computation"
+    for name in names:
+        parent, _ = split_name(model, name)
+        if isinstance(parent, nn.MultiheadAttention):
+            return (
+                "nn.MultiheadAttention reads out_proj.weight and out_proj.bias itself instead of calling out_proj, "
+                "so a FuRA layer there would never run"
+            )
+    for param_name in ("weight", "bias"):
+        param = getattr(linear, param_name, None)
+        others = (
+            [o for o in owners.get(id(param), []) if o.rpartition(".")[0] not in names] if param is not None else []
+        )
+        if others:
+            return f"its {param_name} is shared with {others[0]} (tied weights); converting it would untie them"
+    if not linear.weight.dtype.is_floating_point:
+        return f"its weight dtype {linear.weight.dtype} is not floating point (a quantised linear)"
+    return None
+
+
+@dataclass
+class _Selection:
+    targets: list[tuple[list[str], nn.Linear]]  # (every name, module) of each linear to convert
+    refused: dict[str, str]
+    converted_matches: list[str]  # FuRA layers the patterns match (for "already converted")
+
+
+def _select(model: nn.Module, target_modules: Any, exclude_modules: Any) -> _Selection:
+    target_modules = _normalize_patterns(target_modules, "target_modules")
+    exclude_modules = _normalize_patterns(exclude_modules, "exclude_modules")
+    skip = _output_layer_names(model) if target_modules == ALL_LINEAR else set()
+    param_owners: dict[int, list[str]] = {}
+    for name, param in model.named_parameters(remove_duplicate=False):
+        param_owners.setdefault(id(param), []).append(name)
+    modules = dict(model.named_modules(remove_duplicate=False))
+    selection = _Selection([], {}, [])
+
+    def selected(names: list[str]) -> bool:
+        if target_modules != ALL_LINEAR and not any(_name_matches(n, target_modules) for n in names):
+            return False
+        return exclude_modules is None or not any(_name_matches(n, exclude_modules) for n in names)
+
+    for names in module_names(model).values():
+        module = modules[names[0]]
+        if isinstance(module, FusedBTTLinear):
+            if selected(names):
+                selection.converted_matches.append(names[0])
+            continue
+        if not isinstance(module, nn.Linear) or any(n in skip for n in names) or not selected(names):
+            continue
+        reason = _refusal(model, names, module, param_owners)
+        if reason:
+            selection.refused[names[0]] = reason
+        else:
+            selection.targets.append((names, module))
+    return selection
+
+
 def find_target_linears(
     model: nn.Module, target_modules: TargetModules, exclude_modules: TargetModules | None = None
 ) -> list[str]:
-    """Names of the `nn.Linear` modules that `target_modules` selects and `exclude_modules` does not."""
-    _check_patterns(target_modules, "target_modules")
-    _check_patterns(exclude_modules, "exclude_modules")
-    if not isinstance(target_modules, str):
-        target_modules = list(target_modules)
-    if exclude_modules is not None and not isinstance(exclude_modules, str):
-        exclude_modules = list(exclude_modules)
-    skip = _output_layer_names(model) if target_modules == ALL_LINEAR else set()
-    names = []
-    for name, module in model.named_modules():
-        if not isinstance(module, nn.Linear) or name in skip:
-            continue
-        if target_modules != ALL_LINEAR and not _name_matches(name, target_modules):
-            continue
-        if exclude_modules is not None and _name_matches(name, exclude_modules):
-            continue
-        names.append(name)
-    return names
-
-
-def _split_name(model: nn.Module, name: str) -> tuple[nn.Module, str]:
-    parent_name, _, attr = name.rpartition(".")
-    return (model.get_submodule(parent_name) if parent_name else model), attr
+    """Names of the `nn.Linear` modules that `target_modules` selects, `exclude_modules` does not,
+    and that are safe to convert (one name per module; a shared module is selected once)."""
+    return [names[0] for names, _ in _select(model, target_modules, exclude_modules).targets]
 
 
 def count_parameters(model: nn.Module) -> tuple[int, int]:
-    """`(trainable, total)` parameter counts, each shared tensor counted once."""
+    """`(trainable, total)` parameter counts, each shared tensor counted once. Quantised weights
+    count as the values they hold: an NF4 core of QFuRA, and bitsandbytes' packed 4-bit
+    parameters (two values a byte), as PEFT counts them."""
     seen: set[int] = set()
     trainable = total = 0
     for p in model.parameters():
         if id(p) in seen:
             continue
         seen.add(id(p))
-        total += p.numel()
+        numel = p.numel()
+        if type(p).__name__ == "Params4bit":  # bitsandbytes packs two 4-bit values in each byte
+            numel *= 2 * p.element_size()
+        total += numel
         if p.requires_grad:
-            trainable += p.numel()
+            trainable += numel
+    total += sum(core.shape[0] * core.shape[1] for core in model.modules() if isinstance(core, NF4Core))
     return trainable, total
+
+
+def print_trainable_parameters(model: nn.Module) -> None:
+    """Print trainable and total parameter counts, in the words and format of PEFT's
+    `print_trainable_parameters`, counted as `count_parameters` counts them."""
+    trainable, total = count_parameters(model)
+    percent = 100 * trainable / total if total else 0.0
+    print(f"trainable params: {trainable:,d} || all params: {total:,d} || trainable%: {percent:.4f}")
 
 
 def convert_to_fura(
@@ -168,35 +257,39 @@ def convert_to_fura(
         raise ValueError(
             f"convert_to_fura: quantize={quantize!r} is not supported; expected None or one of {QUANT_TYPES}"
         )
-    names = find_target_linears(model, target_modules, exclude_modules)
-    if not names:
-        linears = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)]
-        sample = ", ".join(linears[:8]) + (", ..." if len(linears) > 8 else "")
-        raise ValueError(
-            f"convert_to_fura: target_modules={target_modules!r} (exclude_modules={exclude_modules!r}) "
-            f"matched no nn.Linear in {type(model).__name__}; its linears are: {sample or 'none'}"
+    selection = _select(model, target_modules, exclude_modules)
+    if not selection.targets:
+        _raise_nothing_to_convert(model, selection, target_modules, exclude_modules)
+    if selection.refused:
+        warnings.warn(
+            "convert_to_fura: left these matched linears as they are: "
+            + "; ".join(f"{name}: {why}" for name, why in selection.refused.items()),
+            stacklevel=2,
         )
     model_config = getattr(model, "config", None)
-    for name in names:  # fail fast, before any SVD: shapes, head counts and ranks for every layer
-        linear = model.get_submodule(name)
-        resolve_block_shape(linear.in_features, linear.out_features, config, name, model_config)
+    for names, linear in selection.targets:  # fail fast, before any SVD: shapes, head counts, ranks, QFuRA layout
+        shape = resolve_block_shape(linear.in_features, linear.out_features, config, names[0], model_config)
+        if quantize is not None:
+            problem = qfura_layout_problem(shape, resolve_roles(shape, config), config)
+            if problem:
+                raise ValueError(f"convert_to_fura: layer {names[0]!r} cannot be QFuRA: {problem}")
 
     requires_grad_before = {id(p): p.requires_grad for p in model.parameters()}
     replaced: list[tuple[nn.Module, str, nn.Module]] = []
     try:
-        for name in tqdm(names, desc="FuRA: converting", unit="layer", disable=not progress):
-            parent, attr = _split_name(model, name)
-            original = getattr(parent, attr)
+        for names, original in tqdm(selection.targets, desc="FuRA: converting", unit="layer", disable=not progress):
             source = _on_device(original, device)
             if quantize is None:
-                layer = FusedBTTLinear.from_linear(source, config, module_name=name, model_config=model_config)
+                layer = FusedBTTLinear.from_linear(source, config, module_name=names[0], model_config=model_config)
             else:
                 layer = QFusedBTTLinear.from_linear(
-                    source, config, double_quant=double_quant, module_name=name, model_config=model_config
+                    source, config, double_quant=double_quant, module_name=names[0], model_config=model_config
                 )
             del source
-            setattr(parent, attr, layer)
-            replaced.append((parent, attr, original))
+            for name in names:  # a shared module stays one layer under every name
+                parent, attr = split_name(model, name)
+                setattr(parent, attr, layer)
+                replaced.append((parent, attr, original))
         fura_trainable = {
             id(p)
             for module in model.modules()
@@ -214,14 +307,44 @@ def convert_to_fura(
             if id(p) in requires_grad_before:
                 p.requires_grad_(requires_grad_before[id(p)])
         raise
+    attach_model_methods(model)
     trainable, total = count_parameters(model)
-    report = ConversionReport(converted=names, trainable_params=trainable, total_params=total, quantize=quantize)
-    qlayers = [m for m in model.modules() if isinstance(m, QFusedBTTLinear)]
-    if quantize is not None and qlayers:
-        report.nf4_bytes = sum(q.nf4_bytes() for q in qlayers)
-        errors = [q.nf4_relative_error for q in qlayers if q.nf4_relative_error == q.nf4_relative_error]
-        report.max_nf4_relative_error = max(errors, default=0.0)
+    report = ConversionReport(
+        converted=[names[0] for names, _ in selection.targets],
+        trainable_params=trainable,
+        total_params=total,
+        quantize=quantize,
+        aliases={names[0]: names[1:] for names, _ in selection.targets if len(names) > 1},
+        refused=selection.refused,
+    )
+    cores = [m for m in model.modules() if isinstance(m, NF4Core)]
+    if quantize is not None and cores:
+        report.nf4_bytes = sum(core.storage_bytes() for core in cores)
+        errors = [m.nf4_relative_error for m in model.modules() if isinstance(m, QFusedBTTLinear)]
+        report.max_nf4_relative_error = max((e for e in errors if e == e), default=0.0)
     return report
+
+
+def _raise_nothing_to_convert(model: nn.Module, selection: _Selection, target_modules, exclude_modules) -> None:
+    patterns = f"target_modules={target_modules!r} (exclude_modules={exclude_modules!r})"
+    if selection.refused:
+        raise ValueError(
+            f"convert_to_fura: {patterns} matched only linears that cannot be converted safely: "
+            + "; ".join(f"{name}: {why}" for name, why in selection.refused.items())
+        )
+    if selection.converted_matches:
+        sample = ", ".join(selection.converted_matches[:4]) + (", ..." if len(selection.converted_matches) > 4 else "")
+        raise ValueError(
+            f"convert_to_fura: {type(model).__name__} is already converted: {patterns} matches FuRA layers "
+            f"({sample}) and no plain nn.Linear. To load trained weights use load_fura_adapter; to convert again, "
+            "merge_fura(model) first"
+        )
+    linears = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)]
+    sample = ", ".join(linears[:8]) + (", ..." if len(linears) > 8 else "")
+    raise ValueError(
+        f"convert_to_fura: {patterns} matched no nn.Linear in {type(model).__name__}; its linears are: "
+        f"{sample or 'none'}"
+    )
 
 
 def _on_device(linear: nn.Linear, device: torch.device | str | None) -> nn.Linear:
@@ -236,15 +359,33 @@ def _on_device(linear: nn.Linear, device: torch.device | str | None) -> nn.Linea
 
 
 def merge_fura(model: nn.Module) -> nn.Module:
-    """Replace every `FusedBTTLinear` in `model` with its merged `nn.Linear`, in place.
+    """Replace every `FusedBTTLinear` in `model` with its merged `nn.Linear`, in place (a layer
+    shared under several names stays one module under all of them).
 
     Returns the model (or the merged linear, when `model` is itself a `FusedBTTLinear`).
     """
     if isinstance(model, FusedBTTLinear):
         return model.to_linear()
-    names = [name for name, module in model.named_modules() if isinstance(module, FusedBTTLinear)]
-    merged = [(name, model.get_submodule(name).to_linear()) for name in names]
-    for name, linear in merged:
-        parent, attr = _split_name(model, name)
-        setattr(parent, attr, linear)
+    modules = dict(model.named_modules(remove_duplicate=False))
+    merged = [
+        (names, modules[names[0]].to_linear())
+        for names in module_names(model).values()
+        if isinstance(modules[names[0]], FusedBTTLinear)
+    ]
+    for names, linear in merged:
+        for name in names:
+            parent, attr = split_name(model, name)
+            setattr(parent, attr, linear)
     return model
+
+
+def attach_model_methods(model: nn.Module) -> None:
+    """Give a converted model FuRA-aware `save_pretrained` (a transformers model) and PEFT's
+    `print_trainable_parameters`; see `fura_kernels.adapters.fura_save_pretrained`."""
+    from .adapters import fura_save_pretrained
+
+    if isinstance(model, FusedBTTLinear):
+        return
+    if callable(getattr(type(model), "save_pretrained", None)):
+        model.save_pretrained = types.MethodType(fura_save_pretrained, model)
+    model.print_trainable_parameters = types.MethodType(print_trainable_parameters, model)

@@ -19,7 +19,7 @@ from fura_kernels import (
     save_fura_adapter,
     save_merged,
 )
-from fura_kernels.adapters import ADAPTER_CONFIG, ADAPTER_WEIGHTS
+from fura_kernels.adapters import ADAPTER_CONFIG, ADAPTER_WEIGHTS, _checksum, _sha256_file
 from fura_kernels.factorization import canonicalize_signs
 
 from .helpers import max_rel_err, tiny_llama, train_causal_lm
@@ -122,22 +122,36 @@ def test_mismatched_base_raises_and_changes_nothing(trained):
     _unchanged(other, snap)
 
 
-def _copy_adapter(src, dst, edit_tensors=None, edit_bytes=None):
+def _copy_adapter(src, dst, edit_tensors=None, edit_bytes=None, edit_meta=None, reseal=True):
+    """A copy of an adapter with its tensors, bytes or JSON edited. With `reseal`, the checksums
+    are recomputed: a self-consistent but wrong adapter, which the structural checks must catch."""
     dst.mkdir()
     meta = json.loads((src / ADAPTER_CONFIG).read_text())
     tensors = load_file(str(src / ADAPTER_WEIGHTS))
-    if edit_tensors:
-        edit_tensors(tensors)
-        save_file(tensors, str(dst / ADAPTER_WEIGHTS))
-        from fura_kernels.adapters import _sha256
-
-        meta["weights_sha256"] = _sha256(dst / ADAPTER_WEIGHTS)  # a consistent, but wrong, adapter
-    else:
+    if edit_bytes:
         data = bytearray((src / ADAPTER_WEIGHTS).read_bytes())
         edit_bytes(data)
         (dst / ADAPTER_WEIGHTS).write_bytes(bytes(data))
+    else:
+        if edit_tensors:
+            edit_tensors(tensors)
+        save_file(tensors, str(dst / ADAPTER_WEIGHTS))
+        if reseal:
+            meta["weights_sha256"] = _sha256_file(dst / ADAPTER_WEIGHTS)
+    if edit_meta:
+        edit_meta(meta)
+    if reseal and not edit_bytes:
+        meta["checksum"] = _checksum(meta)
     (dst / ADAPTER_CONFIG).write_text(json.dumps(meta))
     return dst
+
+
+Q_PROJ = "model.layers.0.self_attn.q_proj"
+UP_S = "model.layers.0.mlp.up_proj.btt_s"
+
+
+def _layer(meta, name=Q_PROJ):
+    return meta["layers"][name]
 
 
 @pytest.mark.parametrize(
@@ -149,10 +163,74 @@ def _copy_adapter(src, dst, edit_tensors=None, edit_bytes=None):
         (dict(edit_tensors=lambda t: t.update({"model.layers.0.extra": torch.zeros(3)})), "extra .*extra"),
         (
             dict(edit_tensors=lambda t: t.update({"model.layers.0.mlp.up_proj.btt_r": torch.zeros(4, 16, 5)})),
-            "up_proj.btt_r has shape \\(4, 16, 5\\)",
+            "up_proj.btt_r is torch.float32 \\(4, 16, 5\\) in the adapter; expected torch.float32 \\(8, 8, 8\\)",
         ),
+        # The frozen core named as a trainable tensor: it used to overwrite L after the probe check.
+        (
+            dict(
+                edit_tensors=lambda t: t.update(
+                    {"model.layers.0.self_attn.q_proj.l_core.btt_l": torch.randn(1, 64, 64)}
+                ),
+                edit_meta=lambda m: _layer(m)["tensors"].append("l_core.btt_l"),
+            ),
+            "q_proj' lists tensors .*'l_core.btt_l'.*but its trainable tensors are \\['bias', 'btt_r', 'btt_s'\\]",
+        ),
+        (dict(edit_meta=lambda m: _layer(m)["tensors"].append("btt_l")), "is not one of \\['btt_r'"),
+        (
+            dict(edit_meta=lambda m: _layer(m)["core_probe"].__setitem__(0, float("nan")), reseal=False),
+            "non-finite core_probe",
+        ),
+        (
+            dict(edit_tensors=lambda t: t[UP_S].__setitem__((0, 0, 0), float("nan"))),
+            "up_proj.btt_s holds NaN or inf",
+        ),
+        (
+            dict(
+                edit_tensors=lambda t: t.update(
+                    {"model.layers.0.mlp.up_proj.btt_s": torch.ones(1, 8, 8, dtype=torch.int64)}
+                )
+            ),
+            "up_proj.btt_s is torch.int64 \\(1, 8, 8\\) in the adapter; expected torch.float32",
+        ),
+        (
+            dict(
+                edit_tensors=lambda t: t.update(
+                    {"model.layers.0.mlp.up_proj.btt_s": t["model.layers.0.mlp.up_proj.btt_s"].half()}
+                )
+            ),
+            "up_proj.btt_s is torch.float16",
+        ),
+        (dict(edit_meta=lambda m: m.update(format_version=True)), "format_version=True"),
+        (dict(edit_meta=lambda m: m.pop("layers")), "'layers' is a required property"),
+        (dict(edit_meta=lambda m: m.update(layers=[])), "\\[\\] is not of type 'object'"),
+        (dict(edit_meta=lambda m: _layer(m).pop("block_shape")), "'block_shape' is a required property"),
+        (dict(edit_meta=lambda m: _layer(m).update(in_features="64")), "'64' is not of type 'integer'"),
+        (dict(edit_meta=lambda m: m["config"].update(rank="half")), "adapter's config is invalid.*'half'"),
+        (dict(edit_meta=lambda m: m["config"].update(colour=1)), "adapter's config is invalid.*colour"),
+        # Metadata edited without resealing: the checksum now covers the JSON too.
+        (dict(edit_meta=lambda m: _layer(m).update(bias=False), reseal=False), "metadata was edited"),
     ],
-    ids=["flipped-byte", "zeroed-header", "missing-tensor", "extra-tensor", "wrong-shape"],
+    ids=[
+        "flipped-byte",
+        "zeroed-header",
+        "missing-tensor",
+        "extra-tensor",
+        "wrong-shape",
+        "frozen-core-named",
+        "unknown-name",
+        "nan-probe",
+        "nan-tensor",
+        "int64-tensor",
+        "fp16-tensor",
+        "format-version-bool",
+        "no-layers",
+        "layers-list",
+        "no-block-shape",
+        "string-size",
+        "bad-config-value",
+        "unknown-config-field",
+        "unsealed-edit",
+    ],
 )
 def test_bad_adapter_files_raise_and_change_nothing(trained, tmp_path, edit, message):
     _, directory = trained

@@ -37,7 +37,7 @@ def test_quantised_core_is_the_fura_core_in_nf4():
     qlayer = QFusedBTTLinear.from_fura(fura)
     core = fura.btt_l.detach()[0].t().contiguous()
     packed, state = bnb_functional.quantize_4bit(core, blocksize=64, quant_type="nf4", compress_statistics=True)
-    assert torch.equal(qlayer.nf4_packed, packed)  # quantised through bitsandbytes, bit for bit
+    assert torch.equal(qlayer.l_core.packed, packed)  # quantised through bitsandbytes, bit for bit
     assert torch.equal(dequantize_nf4(qlayer.nf4_state()), bnb_functional.dequantize_4bit(packed, state))
     assert torch.equal(qlayer.btt_r, fura.btt_r) and torch.equal(qlayer.btt_s, fura.btt_s)
     rel = (qlayer.dequantized_l(torch.float32) - fura.btt_l.float()).norm() / fura.btt_l.float().norm()
@@ -94,17 +94,43 @@ def test_meta_conversion_with_nf4():
     report = convert_to_fura(quantised, "all-linear", quantize="nf4", progress=False)
     assert report.trainable_params == convert_to_fura(plain, "all-linear", progress=False).trainable_params
     q_proj = quantised.model.layers[0].self_attn.q_proj
-    assert isinstance(q_proj, QFusedBTTLinear) and q_proj.nf4_packed.device.type == "meta"
-    assert "quant=nf4" in repr(q_proj)
+    assert isinstance(q_proj, QFusedBTTLinear) and q_proj.l_core.packed.device.type == "meta"
+    assert "NF4Core(shape=(256, 256), double_quant=True" in repr(q_proj)
 
 
-def test_dtype_moves_keep_nf4_buffers():
-    layer = QFusedBTTLinear.from_linear(nn.Linear(128, 64).to(torch.bfloat16))
-    before = {n: b.clone() for n, b in layer.named_buffers()}
-    layer.to(torch.float16)
-    for name, buf in layer.named_buffers():
-        assert buf.dtype == before[name].dtype and torch.equal(buf, before[name]), name
+@pytest.mark.parametrize("double_quant", [True, False], ids=["double-quant", "single-quant"])
+def test_meta_qfura_materializes(double_quant):
+    """A QFuRA model built on the meta device is allocated with `to_empty` and filled from a
+    full state dict, like any module (it used to fail: "Cannot copy out of meta tensor")."""
+    from fura_kernels.distributed import materialize_from_meta
+
+    config = dict(hidden_size=128, intermediate_size=256)
+    source = tiny_llama(seed=2, **config)
+    convert_to_fura(source, "all-linear", quantize="nf4", double_quant=double_quant, progress=False)
+    train_causal_lm(source, steps=2)
+    with torch.device("meta"):
+        target = type(source)(source.config)
+    convert_to_fura(target, "all-linear", quantize="nf4", double_quant=double_quant, progress=False)
+    materialize_from_meta(target, "cpu", source.state_dict())
+    ids = torch.randint(0, source.config.vocab_size, (2, 9))
+    with torch.no_grad():
+        assert max_rel_err(target.eval()(input_ids=ids).logits, source(input_ids=ids).logits) < 1e-6
+    for name, buf in source.state_dict().items():
+        assert torch.equal(target.state_dict()[name], buf), name
+
+
+@pytest.mark.parametrize("double_quant", [True, False], ids=["double-quant", "single-quant"])
+def test_dtype_moves_keep_nf4_buffers(double_quant):
+    layer = QFusedBTTLinear.from_linear(nn.Linear(128, 64).to(torch.bfloat16), double_quant=double_quant)
+    before = {n: b.clone() for n, b in layer.state_dict().items()}
+    layer.to(torch.float16).half().float().to(torch.float16)
+    for name, buf in layer.state_dict().items():
+        if name.startswith("l_core."):  # the NF4 statistics keep their bits through every cast
+            assert buf.dtype == before[name].dtype and torch.equal(buf, before[name]), name
+    assert layer.l_core.dtype == torch.float16  # the dtype it dequantises to follows the module
     assert layer.btt_r.dtype == torch.float16 and layer.to_linear().weight.dtype == torch.float16
+    dequantized = layer.dequantized_l()
+    assert dequantized.dtype == torch.float16 and torch.isfinite(dequantized).all()
 
 
 def test_works_without_bitsandbytes(monkeypatch):
@@ -112,12 +138,12 @@ def test_works_without_bitsandbytes(monkeypatch):
     lin = nn.Linear(128, 64)
     layer = QFusedBTTLinear.from_linear(lin)
     core = FusedBTTLinear.from_linear(lin).btt_l.detach()[0].t().contiguous()
-    assert torch.equal(layer.nf4_packed, quantize_nf4(core, True).packed)
+    assert torch.equal(layer.l_core.packed, quantize_nf4(core, True).packed)
 
 
 # --- bad input ---------------------------------------------------------------------------------
 def test_unsupported_configurations():
-    with pytest.raises(ValueError, match="'blk'.*trains L.*train_position='large'"):
+    with pytest.raises(ValueError, match="'blk'.*train_position='large' trains L"):
         QFusedBTTLinear.from_linear(nn.Linear(64, 48), module_name="blk", train_position="large")
     with pytest.raises(ValueError, match="'blk'.*m=6 output blocks"):
         QFusedBTTLinear.from_linear(nn.Linear(64, 48), module_name="blk", decomp_mode="square")
@@ -131,9 +157,9 @@ def test_corrupt_or_mismatched_state_leaves_the_layer_unchanged():
     bad = quantize_nf4(torch.randn(64, 128), True)
     bad.absmax = bad.absmax[:-3]
     with pytest.raises(ValueError, match="QFusedBTTLinear 'blk': corrupt NF4 state"):
-        layer._load_state(bad)
+        layer.l_core.load_state(bad)
     with pytest.raises(ValueError, match="does not match the layer's core"):
-        layer._load_state(quantize_nf4(torch.randn(32, 128), True))
+        layer.l_core.load_state(quantize_nf4(torch.randn(32, 128), True))
     for name, buf in layer.named_buffers():
         assert torch.equal(buf, before[name])
 

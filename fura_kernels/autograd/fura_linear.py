@@ -12,27 +12,8 @@ from __future__ import annotations
 import torch
 
 from ..reference import core_dims
-from ..triton import accumulate_dtype, block_diag_matmul, block_diag_matmul_backward
-
-
-def _stage(x3: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-    """One side of the factorisation: block-diagonal, or a single dense GEMM when one block."""
-    if w.shape[0] == 1:
-        return torch.matmul(x3.reshape(x3.shape[0], -1), w[0]).unsqueeze(1)
-    return block_diag_matmul(x3, w)
-
-
-def _stage_backward(
-    grad3: torch.Tensor, x3: torch.Tensor | None, w: torch.Tensor, need_grad_x: bool, need_grad_w: bool
-) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-    if w.shape[0] != 1:
-        return block_diag_matmul_backward(grad3, x3, w, need_grad_x, need_grad_w)
-    grad2 = grad3.reshape(grad3.shape[0], -1)
-    grad_x = torch.matmul(grad2, w[0].t()).unsqueeze(1) if need_grad_x else None
-    grad_w = None
-    if need_grad_w:
-        grad_w = torch.matmul(x3.reshape(x3.shape[0], -1).t(), grad2).to(accumulate_dtype(grad2.dtype)).unsqueeze(0)
-    return grad_x, grad_w
+from ..triton import accumulate_dtype, block_diag_matmul
+from .common import backward_with_graph, check_input, no_autocast, stage, stage_backward
 
 
 def _input_to_output_blocks(z: torch.Tensor, m: int, n: int, r: int) -> torch.Tensor:
@@ -122,6 +103,10 @@ class FuRALinearFunction(torch.autograd.Function):
     weight-sized is saved, and `dS` comes from the `b x r` blocks of `G^R`, not from a
     `T x in x out` weight-gradient GEMM.
 
+    Second derivatives: a backward with `create_graph=True` takes
+    `common.backward_with_graph`, which differentiates the einsum reference instead of the
+    kernels (which are not differentiable), so Hessian-vector products are exact.
+
     Dispatch: a stage with one block is a dense GEMM (cuBLAS on a GPU); a stage with several
     goes to the block-diagonal ops of `fura_kernels.triton` (Triton K1/K3 on a GPU, PyTorch on
     the CPU).
@@ -137,7 +122,7 @@ class FuRALinearFunction(torch.autograd.Function):
         need_g_r = ctx.needs_input_grad[2] or (s_needs_grad and fold_into_r)
         merge_weight = use_weight_side_merge(tokens, m, n, a, need_g_l, recomputing_in_backward())
         zp = None
-        with torch.autocast(x.device.type, enabled=False):
+        with no_autocast(x.device.type):
             l_eff, r_eff = _fold_s(btt_l, btt_r, btt_s, fold_into_r, x.dtype)
             if merge_weight:
                 # W_eff[:, j] = L_j^T · R'_j^T, by K1 on a transposed view of L (no copy); then
@@ -147,8 +132,8 @@ class FuRALinearFunction(torch.autograd.Function):
                 y = torch.nn.functional.linear(x, w_eff)
             else:
                 xb = x.reshape(tokens, n, b)
-                zp = _input_to_output_blocks(_stage(xb, r_eff), m, n, r)
-                y = _stage(zp, l_eff).reshape(tokens, m * a)
+                zp = _input_to_output_blocks(stage(xb, r_eff), m, n, r)
+                y = stage(zp, l_eff).reshape(tokens, m * a)
             if bias is not None:
                 y = y + bias.to(x.dtype)
         ctx.fold_into_r = fold_into_r
@@ -160,20 +145,23 @@ class FuRALinearFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dy):
         x, zp, btt_l, btt_r, btt_s = ctx.saved_tensors
+        if torch.is_grad_enabled():  # create_graph=True: the backward itself must be differentiable
+            return tuple(backward_with_graph("fura_linear", dy, x, btt_l, btt_r, btt_s, ctx.bias_dtype,
+                                             ctx.needs_input_grad))  # fmt: skip
         m, n, a, b, r = core_dims(btt_l, btt_r)
         needs_x, needs_l, needs_r, needs_s, needs_bias = ctx.needs_input_grad
         fold_into_r = ctx.fold_into_r
         tokens = dy.shape[0]
         dx = d_l = d_r = d_s = d_bias = None
-        with torch.autocast(dy.device.type, enabled=False):
+        with no_autocast(dy.device.type):
             l_eff, r_eff = _fold_s(btt_l, btt_r, btt_s, fold_into_r, dy.dtype)
             need_dz = needs_x or ctx.need_g_r
-            dzp, g_l = _stage_backward(dy.reshape(tokens, m, a), zp, l_eff, need_dz, ctx.need_g_l)
+            dzp, g_l = stage_backward(dy.reshape(tokens, m, a), zp, l_eff, need_dz, ctx.need_g_l)
             g_r = None
             if need_dz:
                 dz = _output_to_input_blocks(dzp, m, n, r)
                 xb = x.reshape(tokens, n, b) if x is not None else None
-                dxb, g_r = _stage_backward(dz, xb, r_eff, needs_x, ctx.need_g_r)
+                dxb, g_r = stage_backward(dz, xb, r_eff, needs_x, ctx.need_g_r)
                 if needs_x:
                     dx = dxb.reshape(tokens, n * b)
             acc = accumulate_dtype(dy.dtype)
@@ -203,6 +191,7 @@ def fura_linear(
     bias: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Apply `FuRALinearFunction` to `x` of shape (..., in); computes in `x.dtype`."""
+    check_input(x, "fura_linear")
     lead = x.shape[:-1]
     y = FuRALinearFunction.apply(x.reshape(-1, x.shape[-1]), btt_l, btt_r, btt_s, bias)
     return y.reshape(*lead, y.shape[-1])

@@ -7,7 +7,8 @@ import torch
 from ..nf4 import NF4Tensor
 from ..triton import block_diag_matmul, use_triton
 from ..triton.nf4_ops import SCRATCH, fused_nf4_supported, nf4_dequantize, nf4_matmul
-from .fura_linear import _stage, _stage_backward, recomputing_in_backward, use_weight_side_merge
+from .common import backward_with_graph, check_input, no_autocast, stage, stage_backward
+from .fura_linear import recomputing_in_backward, use_weight_side_merge
 
 
 class QFuRALinearFunction(torch.autograd.Function):
@@ -39,13 +40,13 @@ class QFuRALinearFunction(torch.autograd.Function):
         n, b, r = btt_r.shape
         tokens, out = x.shape[0], state.shape[0]
         dtype = x.dtype
-        with torch.autocast(x.device.type, enabled=False):
+        with no_autocast(x.device.type):
             r_eff = btt_r.to(dtype)
             if btt_s is not None:
                 r_eff = r_eff * btt_s.to(dtype).reshape(n, 1, r)
             triton_path = use_triton(x)
             if triton_path and fused_nf4_supported(state, tokens):
-                y = nf4_matmul(_stage(x.reshape(tokens, n, b), r_eff).reshape(tokens, n * r), state)
+                y = nf4_matmul(stage(x.reshape(tokens, n, b), r_eff).reshape(tokens, n * r), state)
             else:
                 scratch = SCRATCH.get(out * n * r, dtype, x.device) if triton_path else None
                 lt = nf4_dequantize(state, dtype, out=scratch)
@@ -53,7 +54,7 @@ class QFuRALinearFunction(torch.autograd.Function):
                     w_eff = block_diag_matmul(lt.reshape(out, n, r), r_eff.transpose(1, 2)).reshape(out, n * b)
                     y = torch.nn.functional.linear(x, w_eff)
                 else:
-                    y = _stage(x.reshape(tokens, n, b), r_eff).reshape(tokens, n * r) @ lt.t()
+                    y = stage(x.reshape(tokens, n, b), r_eff).reshape(tokens, n * r) @ lt.t()
             if bias is not None:
                 y = y + bias.to(dtype)
         needs_r = ctx.needs_input_grad[1] or (btt_s is not None and ctx.needs_input_grad[2])
@@ -68,10 +69,16 @@ class QFuRALinearFunction(torch.autograd.Function):
         x, btt_r, btt_s = ctx.saved_tensors
         state: NF4Tensor = ctx.state
         needs_x, needs_r, needs_s, needs_bias, _ = ctx.needs_input_grad
+        if torch.is_grad_enabled():  # create_graph=True: the backward itself must be differentiable
+            btt_l = nf4_dequantize(state, dy.dtype).t().unsqueeze(0)  # frozen: a constant here
+            needs = (needs_x, False, needs_r, needs_s, needs_bias)
+            dx, _, d_r, d_s, d_bias = backward_with_graph("qfura_linear", dy, x, btt_l, btt_r, btt_s, ctx.bias_dtype,
+                                                          needs)  # fmt: skip
+            return dx, d_r, d_s, d_bias, None
         n, b, r = btt_r.shape
         tokens, out = dy.shape[0], state.shape[0]
         dx = d_r = d_s = d_bias = None
-        with torch.autocast(dy.device.type, enabled=False):
+        with no_autocast(dy.device.type):
             acc = torch.promote_types(dy.dtype, torch.float32)
             if needs_x or ctx.need_g_r:
                 triton_path = use_triton(dy)
@@ -84,7 +91,7 @@ class QFuRALinearFunction(torch.autograd.Function):
                 if btt_s is not None:
                     r_eff = r_eff * btt_s.to(dy.dtype).reshape(n, 1, r)
                 xb = None if x is None else x.reshape(tokens, n, b)
-                dxb, g_r = _stage_backward(g.reshape(tokens, n, r), xb, r_eff, needs_x, ctx.need_g_r)
+                dxb, g_r = stage_backward(g.reshape(tokens, n, r), xb, r_eff, needs_x, ctx.need_g_r)
                 if needs_x:
                     dx = dxb.reshape(tokens, n * b)
                 if needs_r:
@@ -105,6 +112,7 @@ def qfura_linear(
     bias: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Apply `QFuRALinearFunction` to `x` of shape (..., in); computes in `x.dtype`."""
+    check_input(x, "qfura_linear")
     lead = x.shape[:-1]
     y = QFuRALinearFunction.apply(x.reshape(-1, x.shape[-1]), btt_r, btt_s, bias, state)
     return y.reshape(*lead, y.shape[-1])

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import torch
 
+from .common import no_autocast
+
 
 def _check(inner: torch.Tensor, btt_l: torch.Tensor, btt_s: torch.Tensor | None) -> None:
     if inner.dim() != 3 or btt_l.dim() != 3 or inner.shape[0] != btt_l.shape[0] or inner.shape[2] != btt_l.shape[1]:
@@ -45,7 +47,7 @@ class Step2SScaledBmm(torch.autograd.Function):
     @staticmethod
     def forward(ctx, inner, btt_l, btt_s):
         m, _, nr = inner.shape
-        with torch.autocast(inner.device.type, enabled=False):
+        with no_autocast(inner.device.type):
             scaled = inner if btt_s is None else inner * btt_s.reshape(m, 1, nr).to(inner.dtype)
             out = torch.bmm(scaled, btt_l.to(inner.dtype))
         ctx.save_for_backward(inner, btt_l, btt_s)
@@ -56,7 +58,7 @@ class Step2SScaledBmm(torch.autograd.Function):
         inner, btt_l, btt_s = ctx.saved_tensors
         m, _, nr = inner.shape
         d_inner = d_l = d_s = None
-        with torch.autocast(dout.device.type, enabled=False):
+        with no_autocast(dout.device.type):
             s = None if btt_s is None else btt_s.reshape(m, 1, nr).to(dout.dtype)
             g = torch.bmm(dout, btt_l.to(dout.dtype).transpose(1, 2))
             if ctx.needs_input_grad[0]:

@@ -91,9 +91,10 @@ def tile_cap(size: int) -> int:
 
 
 def split_rows(tokens: int) -> tuple[int, int]:
-    """`(rows_per_split, n_splits)` for K3's reduction over T: a function of T alone."""
+    """`(rows_per_split, n_splits)` for K3's reduction over T: a function of T alone. An empty
+    batch has no split (and a positive row count, so nothing divides by zero)."""
     n = min(max(triton.cdiv(tokens, SPLIT_MIN_ROWS), 1), SPLIT_MAX)
-    rows = triton.cdiv(triton.cdiv(tokens, n), SPLIT_ROW_ALIGN) * SPLIT_ROW_ALIGN
+    rows = max(triton.cdiv(triton.cdiv(tokens, n), SPLIT_ROW_ALIGN), 1) * SPLIT_ROW_ALIGN
     return rows, triton.cdiv(tokens, rows)
 
 

@@ -1,0 +1,86 @@
+"""Steps that both FuRA Functions (dense and NF4 L core) share: the block stages, autocast
+handling, and the differentiable backward that serves second derivatives."""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+
+from .. import reference
+from ..triton import accumulate_dtype, block_diag_matmul, block_diag_matmul_backward
+
+
+def no_autocast(device_type: str):
+    """Autocast off inside a Function (it computes in its input's dtype). The meta device has
+    no autocast state, and nothing to turn off."""
+    if device_type == "meta":
+        return contextlib.nullcontext()
+    return torch.autocast(device_type, enabled=False)
+
+
+def check_input(x: torch.Tensor, op: str) -> None:
+    if not isinstance(x, torch.Tensor) or not x.dtype.is_floating_point:
+        what = x.dtype if isinstance(x, torch.Tensor) else type(x).__name__
+        raise TypeError(f"{op}: input dtype {what} is not floating point; expected float32, float16 or bfloat16")
+
+
+def stage(x3: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """One side of the factorisation: block-diagonal, or a single dense GEMM when one block."""
+    if w.shape[0] == 1:  # explicit sizes: reshape cannot infer a -1 when T = 0
+        return torch.matmul(x3.reshape(x3.shape[0], x3.shape[2]), w[0]).unsqueeze(1)
+    return block_diag_matmul(x3, w)
+
+
+def stage_backward(
+    grad3: torch.Tensor, x3: torch.Tensor | None, w: torch.Tensor, need_grad_x: bool, need_grad_w: bool
+) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """The backward of `stage`: `(grad3 @ w^T, x3^T @ grad3)` per block, the second in at least fp32."""
+    if w.shape[0] != 1:
+        return block_diag_matmul_backward(grad3, x3, w, need_grad_x, need_grad_w)
+    grad2 = grad3.reshape(grad3.shape[0], grad3.shape[2])
+    grad_x = torch.matmul(grad2, w[0].t()).unsqueeze(1) if need_grad_x else None
+    grad_w = None
+    if need_grad_w:
+        x2 = x3.reshape(x3.shape[0], x3.shape[2])
+        grad_w = torch.matmul(x2.t(), grad2).to(accumulate_dtype(grad2.dtype)).unsqueeze(0)
+    return grad_x, grad_w
+
+
+def backward_with_graph(
+    op: str,
+    dy: torch.Tensor,
+    x: torch.Tensor | None,
+    btt_l: torch.Tensor,
+    btt_r: torch.Tensor,
+    btt_s: torch.Tensor | None,
+    bias_dtype: torch.dtype | None,
+    needs: tuple[bool, bool, bool, bool, bool],
+) -> list[torch.Tensor | None]:
+    """First derivatives of `y = x · W^T + bias` as differentiable functions of their inputs, for
+    a backward run with `create_graph=True` (Hessian-vector products, gradient penalties).
+
+    The fused kernels are not differentiable, so this recomputes the forward with the einsum
+    reference (`fura_kernels.reference`, no weight-sized tensor) and differentiates it with
+    autograd, keeping the graph. `needs` is `(x, L, R, S, bias)`. Slow, but never wrong."""
+    needs_x, needs_l, needs_r, needs_s, needs_bias = needs
+    if x is None:
+        raise RuntimeError(
+            f"{op}: second derivatives need the layer input, which this configuration does not save "
+            "(R and an S folded into R are frozen); use a configuration that trains R, or first derivatives only"
+        )
+    dtype = dy.dtype
+    wanted = [(t, need) for t, need in ((x, needs_x), (btt_l, needs_l), (btt_r, needs_r), (btt_s, needs_s))]
+    inputs = [t for t, need in wanted if need]
+    with torch.enable_grad():
+        s = btt_s.to(dtype) if btt_s is not None else None
+        y = reference.forward(x.to(dtype), btt_l.to(dtype), btt_r.to(dtype), s)
+        grads = iter(torch.autograd.grad(y, inputs, dy, create_graph=True, allow_unused=True)) if inputs else iter(())
+    out: list[torch.Tensor | None] = []
+    for t, need in wanted:
+        grad = next(grads) if need else None
+        if need and grad is None:
+            grad = torch.zeros_like(t)
+        out.append(grad)
+    out.append(dy.sum(dim=0, dtype=accumulate_dtype(dtype)).to(bias_dtype) if needs_bias else None)
+    return out
