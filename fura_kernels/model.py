@@ -122,17 +122,26 @@ def _output_layer_names(model: nn.Module) -> set[str]:
     return names
 
 
+# Modules that read a child linear's weight themselves instead of calling the child, so a FuRA
+# layer in its place would never run (or would crash on `.weight`): parent type -> child names.
+READS_CHILD_WEIGHTS: dict[type, tuple[str, ...]] = {
+    nn.MultiheadAttention: ("out_proj",),  # F.multi_head_attention_forward takes out_proj.weight
+    nn.TransformerEncoderLayer: ("linear1", "linear2"),  # its inference fast path takes linear*.weight
+}
+
+
 def _refusal(model: nn.Module, names: list[str], linear: nn.Linear, owners: dict[int, list[str]]) -> str | None:
     """Why converting this linear would change what the model computes, or None if it is safe."""
     if type(linear).forward is not nn.Linear.forward:
         return f"{type(linear).__name__} overrides nn.Linear.forward; a FuRA layer would drop its own computation"
     for name in names:
-        parent, _ = split_name(model, name)
-        if isinstance(parent, nn.MultiheadAttention):
-            return (
-                "nn.MultiheadAttention reads out_proj.weight and out_proj.bias itself instead of calling out_proj, "
-                "so a FuRA layer there would never run"
-            )
+        parent, attr = split_name(model, name)
+        for parent_type, children in READS_CHILD_WEIGHTS.items():
+            if isinstance(parent, parent_type) and attr in children:
+                return (
+                    f"nn.{parent_type.__name__} reads {attr}.weight itself instead of calling {attr}, so a FuRA "
+                    "layer there would not run"
+                )
     for param_name in ("weight", "bias"):
         param = getattr(linear, param_name, None)
         others = (

@@ -55,6 +55,14 @@ def test_not_a_linear():
         (dict(decomp_mode="input_one_block", input_factorization=(2, 12)), ValueError, "conflicts"),
         (dict(input_factorization=(2,)), TypeError, "input_factorization.*\\(2,\\)"),
         (dict(init="qr", s_merged_to="output", rank=4), ValueError, "truncated QR"),
+        # A string used to be read digit by digit, floats truncated, truthy strings taken as True.
+        (dict(input_factorization="24"), TypeError, "input_factorization.*got '24'"),
+        (dict(input_factorization=(2.5, 9.6)), TypeError, "input_factorization.*got \\(2.5, 9.6\\)"),
+        (dict(input_factorization=(True, 24)), TypeError, "input_factorization"),
+        (dict(train_bias="no"), TypeError, "train_bias: expected True or False, got 'no'"),
+        (dict(factorize_by_head=1), TypeError, "factorize_by_head: expected True or False, got 1"),
+        (dict(trainable_dtype=torch.float8_e4m3fn), ValueError, "trainable_dtype.*float8_e4m3fn"),
+        (dict(trainable_dtype="int32"), ValueError, "trainable_dtype.*int32"),
     ],
 )
 def test_config_rules(kwargs, error, message):
@@ -123,3 +131,30 @@ def test_bad_target_modules_type():
         convert_to_fura(tiny_llama(), 42, progress=False)
     with pytest.raises(ValueError, match="not a valid regex"):
         convert_to_fura(tiny_llama(), "(unclosed", progress=False)
+
+
+def test_config_is_frozen_and_replace_validates():
+    config = FuRAConfig()
+    with pytest.raises(AttributeError):
+        config.rank = 0  # used to skip validation
+    with pytest.raises(ValueError, match="rank must be >= 1"):
+        config.replace(rank=0)
+    assert config.replace(input_factorization=[4, 6]).input_factorization == (4, 6)  # JSON gives lists
+
+
+@pytest.mark.parametrize("dtype", [torch.int64, torch.int32, torch.bool])
+def test_public_fura_linear_refuses_integer_input(layer, dtype):
+    """It used to return zeros."""
+    from fura_kernels import fura_linear
+
+    with pytest.raises(TypeError, match=f"fura_linear: input dtype {dtype} is not floating point"):
+        fura_linear(torch.ones(3, 24, dtype=dtype), layer.btt_l, layer.btt_r, layer.btt_s, layer.bias)
+
+
+def test_meta_forward_like_nn_linear():
+    """nn.Linear runs on the meta device (shape inference); the autocast lookup used to fail there."""
+    linear = nn.Linear(24, 16, device="meta")
+    layer = FusedBTTLinear.from_linear(linear)
+    x = torch.empty(2, 5, 24, device="meta")
+    assert layer(x).shape == linear(x).shape == (2, 5, 16)
+    assert layer(x).device.type == "meta"

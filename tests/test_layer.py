@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
-from fura_kernels import FusedBTTLinear, reference
+from fura_kernels import FusedBTTLinear, QFusedBTTLinear, reference
 from fura_kernels.autograd import use_weight_side_merge
 
 from .helpers import DTYPE_IDS, assert_within_rule, max_rel_err, unfused_same_dtype
@@ -298,3 +298,29 @@ def test_eager_calls_skip_the_custom_op_but_modes_still_see_it():
     with FakeTensorMode() as fake_mode:
         fake = block_diag_matmul(fake_mode.from_tensor(x), fake_mode.from_tensor(w))
     assert fake.shape == (5, 3, 8)
+
+
+EMPTY_CASES = {
+    "blocks": (lambda: FusedBTTLinear.from_linear(nn.Linear(24, 16)), 24),
+    "prime-in-one-block": (lambda: FusedBTTLinear.from_linear(nn.Linear(7, 16)), 7),
+    "input-one-block": (lambda: FusedBTTLinear.from_linear(nn.Linear(24, 16), decomp_mode="input_one_block"), 24),
+    "square": (lambda: FusedBTTLinear.from_linear(nn.Linear(24, 16), decomp_mode="square"), 24),
+    "qfura-one-block": (lambda: QFusedBTTLinear.from_linear(nn.Linear(7, 128)), 7),
+    "qfura-blocks": (lambda: QFusedBTTLinear.from_linear(nn.Linear(64, 128)), 64),
+}
+
+
+@pytest.mark.parametrize("lead", [(0,), (3, 0)], ids=["2d", "3d"])
+@pytest.mark.parametrize("case", EMPTY_CASES.values(), ids=EMPTY_CASES.keys())
+def test_empty_batch_behaves_like_nn_linear(case, lead):
+    """nn.Linear returns an empty output for an empty batch; FuRA used to raise a reshape error."""
+    build, in_f = case
+    layer = build()
+    x = torch.randn(*lead, in_f, requires_grad=True)
+    y = layer(x)
+    assert y.shape == (*lead, layer.out_features)
+    y.sum().backward()
+    assert x.grad.shape == x.shape
+    for name, p in layer.named_parameters():
+        if p.requires_grad:
+            assert p.grad is not None and not p.grad.any(), name

@@ -146,3 +146,21 @@ def test_layer_gradients_on_the_triton_path(dtype, case):
     names = ["x"] + [n for n, p in layer.named_parameters() if p.requires_grad]
     for name, g, g_same, g_ref in zip(names, ours, same, ref, strict=True):
         assert_within_rule(g, g_same, g_ref, dtype, f"{mode} d{name}")
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS.get)
+def test_empty_batch_on_the_triton_path(dtype):
+    """T = 0: K1 returns an empty output and K3 a zero block gradient (its split count used to
+    divide by zero); a layer behaves like nn.Linear."""
+    w = torch.randn(3, 16, 8, dtype=dtype)
+    assert use_triton(w)
+    assert block_diag_matmul(torch.randn(0, 3, 16, dtype=dtype), w).shape == (0, 3, 8)
+    dx, dw = block_diag_matmul_backward(torch.randn(0, 3, 8, dtype=dtype), torch.randn(0, 3, 16, dtype=dtype), w)
+    assert dx.shape == (0, 3, 16) and dw.shape == (3, 16, 8) and not dw.any()
+    assert autotuning.split_rows(0)[1] == 0
+    layer = FusedBTTLinear.from_linear(nn.Linear(48, 20))
+    x = torch.randn(2, 0, 48, dtype=dtype, requires_grad=True)
+    y = layer(x)
+    assert y.shape == (2, 0, 20) and y.dtype == dtype
+    y.sum().backward()
+    assert x.grad.shape == x.shape and not layer.btt_r.grad.any() and not layer.btt_s.grad.any()
