@@ -13,6 +13,8 @@ from pathlib import Path
 
 import torch
 
+from fura_kernels.optional import check_installed
+
 from . import environment, report, results
 from .suites import PROFILES, Profile, run_suites
 
@@ -89,8 +91,14 @@ def run(argv: list[str] | None = None) -> Path:
     return path
 
 
+# What the [bench] extra brings; checked first, so a missing one is a one-line install hint
+# rather than a traceback halfway through a run.
+BENCH_MODULES = ("jsonschema", "matplotlib", "peft")
+
+
 def main(argv: list[str] | None = None) -> None:
     """Console entry point (`fura-bench`): exit status 0 on success."""
+    check_installed(BENCH_MODULES, "bench", "fura-bench")
     run(argv)
 
 

@@ -60,9 +60,8 @@ def reset_rotary_buffers(model: nn.Module, device: torch.device | str) -> None:
     so `to_empty` leaves them as garbage) for transformers models."""
     for module in model.modules():
         if hasattr(module, "inv_freq") and hasattr(module, "config") and hasattr(module, "rope_type"):
-            if module.rope_type == "default":
-                init = module.compute_default_rope_parameters
-            else:
+            init = getattr(module, "compute_default_rope_parameters", None)
+            if module.rope_type != "default" or init is None:  # transformers < 5 keeps "default" in the table
                 from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 
                 init = ROPE_INIT_FUNCTIONS[module.rope_type]

@@ -20,6 +20,8 @@ from dataclasses import dataclass
 
 import torch
 
+from .optional import require
+
 BLOCKSIZE = 64
 NESTED_BLOCKSIZE = 256
 
@@ -241,11 +243,7 @@ class NF4Tensor:
 
 def require_bitsandbytes(what: str):
     """Import bitsandbytes or raise an ImportError that says who needed it and how to get it."""
-    try:
-        import bitsandbytes
-    except ImportError as err:
-        raise ImportError(f"{what} needs bitsandbytes: pip install 'fura-kernels[quant]'") from err
-    return bitsandbytes
+    return require("bitsandbytes", "quant", what)
 
 
 def quantize_nf4(weight: torch.Tensor, double_quant: bool = True) -> NF4Tensor:

@@ -201,6 +201,7 @@ def _layer(meta, name=Q_PROJ):
             "up_proj.btt_s is torch.float16",
         ),
         (dict(edit_meta=lambda m: m.update(format_version=True)), "format_version=True"),
+        (dict(edit_meta=lambda m: m.update(format_version=1)), "format_version=1; this fura-kernels reads version 2"),
         (dict(edit_meta=lambda m: m.pop("layers")), "'layers' is a required property"),
         (dict(edit_meta=lambda m: m.update(layers=[])), "\\[\\] is not of type 'object'"),
         (dict(edit_meta=lambda m: _layer(m).pop("block_shape")), "'block_shape' is a required property"),

@@ -27,6 +27,7 @@ from tqdm.auto import tqdm
 from ..adapters import save_fura_adapter, save_merged
 from ..config import FuRAConfig
 from ..model import convert_to_fura
+from ..optional import check_installed
 from .baselines import quantize_linears_bnb
 from .tiny_model import shipped_data_path
 
@@ -276,6 +277,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
+    check_installed(("accelerate", "peft") if args.method in ("lora", "qlora") else ("accelerate",), "sft",
+                    "python -m fura_kernels.recipes.sft")  # fmt: skip
     if args.method == "qlora" and args.merge:
         raise SystemExit(
             "sft: --merge with --method qlora is not supported: PEFT cannot merge LoRA into a 4-bit base on every "

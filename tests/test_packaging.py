@@ -1,0 +1,77 @@
+"""What a new user meets first: install hints for missing extras, declared floors, the license."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+import tomllib
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_fura_bench_without_its_extra_prints_an_install_hint(monkeypatch):
+    """It used to fail with a raw `No module named 'jsonschema'`."""
+    import importlib.util
+
+    from bench import cli
+
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name: None if name == "peft" else object())
+    with pytest.raises(SystemExit, match=r"^fura-bench needs peft: pip install 'fura-kernels\[bench\]'$"):
+        cli.main(["--quick"])
+
+
+def test_sft_without_its_extra_prints_an_install_hint(monkeypatch):
+    import importlib.util
+
+    from fura_kernels.recipes import sft
+
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name: None if name == "accelerate" else object())
+    with pytest.raises(SystemExit, match=r"sft needs accelerate: pip install 'fura-kernels\[sft\]'$"):
+        sft.main(["--model", "unused", "--output-dir", "unused"])
+
+
+def test_missing_bitsandbytes_names_the_quant_extra(monkeypatch):
+    from fura_kernels.nf4 import require_bitsandbytes
+
+    monkeypatch.setitem(sys.modules, "bitsandbytes", None)
+    with pytest.raises(ImportError, match=r"QLoRA baseline needs bitsandbytes: pip install 'fura-kernels\[quant\]'"):
+        require_bitsandbytes("QLoRA baseline")
+
+
+def _requirements():
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    groups = {"core": project["dependencies"], **project["optional-dependencies"]}
+    return {name: [r.split(";")[0].strip() for r in reqs] for name, reqs in groups.items()}
+
+
+def test_each_dependency_has_one_floor_across_extras():
+    floors: dict[str, set[str]] = {}
+    for reqs in _requirements().values():
+        for req in reqs:
+            name = req.split(">=")[0].split("[")[0].strip()
+            floors.setdefault(name, set()).add(req)
+    assert {n: f for n, f in floors.items() if len(f) > 1} == {}
+
+
+def test_installed_versions_meet_the_declared_floors():
+    from importlib.metadata import PackageNotFoundError, version
+
+    from packaging.version import Version
+
+    for reqs in _requirements().values():
+        for req in reqs:
+            name, _, floor = req.partition(">=")
+            try:
+                installed = version(name.split("[")[0].strip())
+            except PackageNotFoundError:
+                continue
+            assert Version(installed.split("+")[0]) >= Version(floor), f"{name} {installed} < {floor}"
+
+
+def test_license_file_is_the_declared_apache_2():
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    assert project["license"] == "Apache-2.0"
+    text = (ROOT / "LICENSE").read_text()
+    assert text.lstrip().startswith("Apache License") and "Version 2.0, January 2004" in text
