@@ -224,6 +224,7 @@ def _layer(meta, name=Q_PROJ):
         "int64-tensor",
         "fp16-tensor",
         "format-version-bool",
+        "format-version-1",
         "no-layers",
         "layers-list",
         "no-block-shape",
