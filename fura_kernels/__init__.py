@@ -6,7 +6,9 @@ Public API:
 - `FusedBTTLinear`: a drop-in `nn.Linear` with weight `L · diag(S) · R`;
 - `QFusedBTTLinear`: the same with the frozen L in NF4 (QFuRA); `quantize_nf4` / `dequantize_nf4` /
   `NF4Tensor`: bitsandbytes' NF4 format in plain PyTorch;
-- `convert_to_fura`, `merge_fura`, `find_target_linears`, `ConversionReport`: whole models;
+- `DenseCore` / `NF4Core`: the L core a layer holds (dense, or NF4 for QFuRA);
+- `convert_to_fura`, `merge_fura`, `find_target_linears`, `ConversionReport`, `count_parameters`,
+  `print_trainable_parameters`: whole models;
 - `fura_linear` / `FuRALinearFunction`: the fused Function itself;
 - `step2_s_scaled_bmm`: a drop-in for the reference's second stage (`FURA_FUSED_STEP2=1`);
 - `save_fura_adapter`, `load_fura_adapter`, `save_merged`: adapter files and merged export;
@@ -19,9 +21,17 @@ from . import reference
 from .adapters import load_fura_adapter, save_fura_adapter, save_merged
 from .autograd import FuRALinearFunction, fura_linear, step2_s_scaled_bmm
 from .config import FuRAConfig
+from .cores import DenseCore, NF4Core
 from .factorization import BlockShape, closest_factor_pair
 from .layer import FusedBTTLinear
-from .model import ConversionReport, convert_to_fura, count_parameters, find_target_linears, merge_fura
+from .model import (
+    ConversionReport,
+    convert_to_fura,
+    count_parameters,
+    find_target_linears,
+    merge_fura,
+    print_trainable_parameters,
+)
 from .nf4 import NF4Tensor, dequantize_nf4, quantize_nf4
 from .qlayer import QFusedBTTLinear
 
@@ -33,9 +43,11 @@ except PackageNotFoundError:  # running from a source tree that was never instal
 __all__ = [
     "BlockShape",
     "ConversionReport",
+    "DenseCore",
     "FuRAConfig",
     "FuRALinearFunction",
     "FusedBTTLinear",
+    "NF4Core",
     "NF4Tensor",
     "QFusedBTTLinear",
     "closest_factor_pair",
@@ -46,6 +58,7 @@ __all__ = [
     "load_fura_adapter",
     "fura_linear",
     "merge_fura",
+    "print_trainable_parameters",
     "quantize_nf4",
     "reference",
     "save_fura_adapter",

@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from .config import FuRAConfig
-from .cores import QUANT_TYPES, NF4Core
+from .cores import QUANT_TYPES
 from .layer import FusedBTTLinear
 from .nf4 import NF4Tensor
 
@@ -140,6 +140,3 @@ def _check_quant_type(quant_type: str, module_name: str | None) -> None:
         raise ValueError(
             f"QFusedBTTLinear{where}: quant_type={quant_type!r} is not supported; expected one of {QUANT_TYPES}"
         )
-
-
-__all__ = ["NF4Core", "QFusedBTTLinear", "QUANT_TYPES"]

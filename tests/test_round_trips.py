@@ -34,6 +34,12 @@ def trained():
     return model, ids
 
 
+def _converted_base(seed=0):
+    model = tiny_llama(seed=seed)
+    convert_to_fura(model, "all-linear", progress=False)
+    return model
+
+
 def _trainable_state(model):
     return {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
 
@@ -91,8 +97,7 @@ def test_adapter_onto_a_fresh_base(trained, tmp_path):
 def test_adapter_onto_an_already_converted_base(trained, tmp_path):
     model, ids = trained
     save_fura_adapter(model, tmp_path)
-    converted = tiny_llama(seed=0)
-    convert_to_fura(converted, "all-linear", progress=False)
+    converted = _converted_base()
     layers_before = {n: m for n, m in converted.named_modules() if isinstance(m, FusedBTTLinear)}
     assert max_rel_err(_logits(converted, ids), _logits(model, ids)) > 1e-3  # not trained yet
     load_fura_adapter(converted, tmp_path, progress=False)
@@ -104,19 +109,20 @@ def test_adapter_onto_an_already_converted_base(trained, tmp_path):
 def test_swapping_adapters_on_a_converted_model(trained, tmp_path):
     model, ids = trained
     save_fura_adapter(model, tmp_path / "a")
-    other = tiny_llama(seed=0)
-    convert_to_fura(other, "all-linear", progress=False)
+    other = _converted_base()
     train_causal_lm(other, steps=3, seed=5)
+    logits_b = _logits(other, ids)
     save_fura_adapter(other, tmp_path / "b")
     load_fura_adapter(other, tmp_path / "a", progress=False)
     assert max_rel_err(_logits(other, ids), _logits(model, ids)) <= TOLERANCE
+    load_fura_adapter(other, tmp_path / "b", progress=False)  # and back
+    assert max_rel_err(_logits(other, ids), logits_b) <= TOLERANCE
 
 
 def test_adapter_onto_a_model_converted_from_another_base_is_refused(trained, tmp_path):
     model, ids = trained
     save_fura_adapter(model, tmp_path)
-    other = tiny_llama(seed=9)
-    convert_to_fura(other, "all-linear", progress=False)
+    other = _converted_base(seed=9)
     before = _trainable_state(other)
     with pytest.raises(ValueError, match="FuRA layer 'model.layers.0.self_attn.q_proj' was converted from another"):
         load_fura_adapter(other, tmp_path, progress=False)
@@ -139,8 +145,7 @@ def test_a_failed_in_place_load_restores_every_tensor(trained, tmp_path, monkeyp
     """A failure after some layers were written (here: the last copy) puts every tensor back."""
     model, _ = trained
     save_fura_adapter(model, tmp_path)
-    converted = tiny_llama(seed=0)
-    convert_to_fura(converted, "all-linear", progress=False)
+    converted = _converted_base()
     before = _trainable_state(converted)
     bias = converted.model.layers[1].self_attn.o_proj.bias  # late in the load order
     calls = {"n": 0}
@@ -166,8 +171,7 @@ def test_resuming_from_a_merged_checkpoint_needs_the_adapter_first(trained, tmp_
     model, ids = trained
     model.save_pretrained(tmp_path)
     merged = load_file(str(tmp_path / "model.safetensors"))
-    resumed = tiny_llama(seed=0)
-    convert_to_fura(resumed, "all-linear", progress=False)
+    resumed = _converted_base()
     with pytest.raises(ValueError, match="q_proj'.*merged weight.*load_fura_adapter"):
         resumed.load_state_dict(merged, strict=False)
     load_fura_adapter(resumed, tmp_path / ADAPTER_SUBDIR, progress=False)
