@@ -226,12 +226,15 @@ def kernel_suite(profile: Profile, device: torch.device, dtype: torch.dtype, c: 
     elem = torch.empty(0, dtype=dtype).element_size()
     for case in profile.cases:
         n, b, r = case.n, case.b, min(case.b, case.out_features)
-        w = torch.randn(n, b, r, device=device, dtype=dtype) / b**0.5
+        # As a training step calls the kernels: R in its fp32 storage and S as a scale folded
+        # in the kernel (K1 on R's columns, the merge on R^T's rows, K3 with dR and dS).
+        w = torch.randn(n, b, r, device=device) / b**0.5
+        s = torch.rand(n, r, device=device) + 0.5
         core = torch.randn(case.out_features, n * r, device=device, dtype=dtype) / (n * r) ** 0.5
         bnb_core = _bnb_nf4(core)  # (packed, quant_state) when bitsandbytes runs on this device
         state = NF4Tensor.from_bnb(*bnb_core) if bnb_core else quantize_nf4(core.cpu(), double_quant=True).to(device)
         l_t = core.reshape(case.out_features, n, r)
-        merge_t, how = _time_kernel(_rotating(block_diag_matmul, l_t, w.transpose(1, 2)), profile, device)
+        merge_t, how = _time_kernel(_rotating(block_diag_matmul, l_t, w.transpose(1, 2), s, True), profile, device)
         f, by = floors.merge_cost(case.in_features, case.out_features, r, elem)
         records.append(_record("kernel", "weight_merge", "fura", case, None, dtype, merge_t, **how,
                                **_rates(f, by, merge_t["median"], floors.roofline_ms(f, by, c))))  # fmt: skip
@@ -247,11 +250,13 @@ def kernel_suite(profile: Profile, device: torch.device, dtype: torch.dtype, c: 
         for tokens in profile.tokens:
             xs = [torch.randn(tokens, n, b, device=device, dtype=dtype) for _ in range(profile.input_sets)]
             gs = [torch.randn(tokens, n, r, device=device, dtype=dtype) for _ in range(profile.input_sets)]
-            k1, how = _time_kernel(_rotating(block_diag_matmul, xs, w), profile, device)
+            k1, how = _time_kernel(_rotating(block_diag_matmul, xs, w, s), profile, device)
             f, by = floors.k1_cost(tokens, case.in_features, n, r, elem)
             records.append(_record("kernel", "K1", "fura", case, tokens, dtype, k1, **how,
                                    **_rates(f, by, k1["median"], floors.roofline_ms(f, by, c))))  # fmt: skip
-            k3, how = _time_kernel(_rotating(block_diag_matmul_backward, gs, xs, w), profile, device)
+            k3, how = _time_kernel(
+                _rotating(block_diag_matmul_backward, gs, xs, w, s, True, True, True), profile, device
+            )
             f, by = floors.k3_cost(tokens, case.in_features, n, r, elem)
             records.append(_record("kernel", "K3", "fura", case, tokens, dtype, k3, **how,
                                    **_rates(f, by, k3["median"], floors.roofline_ms(f, by, c))))  # fmt: skip

@@ -31,25 +31,28 @@ def _run(benchmark, fn, *args):
 
 
 @pytest.mark.parametrize("case", CASES, ids=lambda c: c.name)
+def _trained_core(case):
+    """R in its fp32 storage and S, as a training step hands them to the kernels."""
+    return torch.randn(case.n, case.b, case.b, device=DEVICE), torch.rand(case.n, case.b, device=DEVICE) + 0.5
+
+
 def test_k1(benchmark, case):
     x = torch.randn(TOKENS, case.n, case.b, device=DEVICE, dtype=DTYPE)
-    w = torch.randn(case.n, case.b, case.b, device=DEVICE, dtype=DTYPE)
-    _run(benchmark, block_diag_matmul, x, w)
+    _run(benchmark, block_diag_matmul, x, *_trained_core(case))
 
 
 @pytest.mark.parametrize("case", CASES, ids=lambda c: c.name)
 def test_k3(benchmark, case):
     x = torch.randn(TOKENS, case.n, case.b, device=DEVICE, dtype=DTYPE)
     g = torch.randn(TOKENS, case.n, case.b, device=DEVICE, dtype=DTYPE)
-    w = torch.randn(case.n, case.b, case.b, device=DEVICE, dtype=DTYPE)
-    _run(benchmark, block_diag_matmul_backward, g, x, w)
+    _run(benchmark, block_diag_matmul_backward, g, x, *_trained_core(case), True, True, True)
 
 
 @pytest.mark.parametrize("case", CASES, ids=lambda c: c.name)
 def test_weight_side_merge(benchmark, case):
     core = torch.randn(case.out_features, case.n, case.b, device=DEVICE, dtype=DTYPE)
-    w = torch.randn(case.n, case.b, case.b, device=DEVICE, dtype=DTYPE)
-    _run(benchmark, block_diag_matmul, core, w.transpose(1, 2))
+    w, s = _trained_core(case)
+    _run(benchmark, block_diag_matmul, core, w.transpose(1, 2), s, True)
 
 
 @pytest.mark.parametrize("case", CASES, ids=lambda c: c.name)

@@ -284,9 +284,10 @@ def test_eager_calls_skip_the_custom_op_but_modes_still_see_it():
     from fura_kernels.triton import block_diag_matmul, block_diag_matmul_backward
 
     x, w, g = torch.randn(5, 3, 16), torch.randn(3, 16, 8), torch.randn(5, 3, 8)
-    assert torch.equal(block_diag_matmul(x, w), torch.ops.fura_kernels.block_diag_matmul(x, w))
-    direct = block_diag_matmul_backward(g, x, w)
-    via_op = torch.ops.fura_kernels.block_diag_backward(g, x, w, True, True)
+    s = torch.rand(3, 8) + 0.5
+    assert torch.equal(block_diag_matmul(x, w, s), torch.ops.fura_kernels.block_diag_matmul(x, w, s, False))
+    direct = block_diag_matmul_backward(g, x, w, s, True, True, True)
+    via_op = torch.ops.fura_kernels.block_diag_backward(g, x, w, s, True, True, True)
     assert all(torch.equal(a, b) for a, b in zip(direct, via_op, strict=True))
     assert block_diag_matmul_backward(g, x, w, compute_grad_x=False)[0] is None
     with FlopCounterMode(display=False) as counter:

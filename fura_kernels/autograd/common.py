@@ -9,6 +9,7 @@ import torch
 
 from .. import reference
 from ..triton import accumulate_dtype, block_diag_matmul, block_diag_matmul_backward
+from ..triton.block_diag import fold_scale, torch_block_diag_backward
 
 
 def no_autocast(device_type: str):
@@ -25,26 +26,44 @@ def check_input(x: torch.Tensor, op: str) -> None:
         raise TypeError(f"{op}: input dtype {what} is not floating point; expected float32, float16 or bfloat16")
 
 
-def stage(x3: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-    """One side of the factorisation: block-diagonal, or a single dense GEMM when one block."""
+def s_for_r(btt_s: torch.Tensor, m: int, n: int, r: int) -> torch.Tensor:
+    """S laid out to scale btt_r's columns: (n, m*r); a view in the default layout (m = 1)."""
+    if m == 1:
+        return btt_s.reshape(n, r)
+    return btt_s.permute(1, 0, 2).reshape(n, m * r)
+
+
+def ds_from_r_layout(d_s: torch.Tensor, m: int, n: int, r: int) -> torch.Tensor:
+    """The inverse of `s_for_r`: (n, m*r) -> (m, n, r); a view when m = 1."""
+    if m == 1:
+        return d_s.reshape(1, n, r)
+    return d_s.reshape(n, m, r).permute(1, 0, 2)
+
+
+def stage(x3: torch.Tensor, w: torch.Tensor, scale: torch.Tensor | None = None, scale_rows: bool = False):
+    """One side of the factorisation, `x3[:, j] @ (w[j] * scale[j])` in x3's dtype: K1 over the
+    blocks (the fold happens inside the kernel), or one dense GEMM when there is one block."""
     if w.shape[0] == 1:  # explicit sizes: reshape cannot infer a -1 when T = 0
-        return torch.matmul(x3.reshape(x3.shape[0], x3.shape[2]), w[0]).unsqueeze(1)
-    return block_diag_matmul(x3, w)
+        w_eff = fold_scale(w[0], None if scale is None else scale[0], scale_rows, x3.dtype)
+        return torch.matmul(x3.reshape(x3.shape[0], x3.shape[2]), w_eff).unsqueeze(1)
+    return block_diag_matmul(x3, w, scale, scale_rows)
 
 
 def stage_backward(
-    grad3: torch.Tensor, x3: torch.Tensor | None, w: torch.Tensor, need_grad_x: bool, need_grad_w: bool
-) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-    """The backward of `stage`: `(grad3 @ w^T, x3^T @ grad3)` per block, the second in at least fp32."""
+    grad3: torch.Tensor,
+    x3: torch.Tensor | None,
+    w: torch.Tensor,
+    scale: torch.Tensor | None,
+    need_grad_x: bool,
+    need_grad_w: bool,
+    need_grad_scale: bool,
+) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
+    """The backward of `stage` (scale along w's columns): `(dx, dw, dscale)` with
+    `dw = (x^T grad) * scale` in w's dtype and `dscale = sum over K of (x^T grad) * w` in the
+    scale's: one K3 launch over the blocks, or dense GEMMs when there is one block."""
     if w.shape[0] != 1:
-        return block_diag_matmul_backward(grad3, x3, w, need_grad_x, need_grad_w)
-    grad2 = grad3.reshape(grad3.shape[0], grad3.shape[2])
-    grad_x = torch.matmul(grad2, w[0].t()).unsqueeze(1) if need_grad_x else None
-    grad_w = None
-    if need_grad_w:
-        x2 = x3.reshape(x3.shape[0], x3.shape[2])
-        grad_w = torch.matmul(x2.t(), grad2).to(accumulate_dtype(grad2.dtype)).unsqueeze(0)
-    return grad_x, grad_w
+        return block_diag_matmul_backward(grad3, x3, w, scale, need_grad_x, need_grad_w, need_grad_scale)
+    return torch_block_diag_backward(grad3, x3, w, scale, need_grad_x, need_grad_w, need_grad_scale)
 
 
 def backward_with_graph(

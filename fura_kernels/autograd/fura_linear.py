@@ -13,7 +13,16 @@ import torch
 
 from ..reference import core_dims
 from ..triton import accumulate_dtype, block_diag_matmul
-from .common import backward_with_graph, check_input, no_autocast, stage, stage_backward
+from ..triton.block_diag import fold_scale
+from .common import (
+    backward_with_graph,
+    check_input,
+    ds_from_r_layout,
+    no_autocast,
+    s_for_r,
+    stage,
+    stage_backward,
+)
 
 
 def _input_to_output_blocks(z: torch.Tensor, m: int, n: int, r: int) -> torch.Tensor:
@@ -24,23 +33,6 @@ def _input_to_output_blocks(z: torch.Tensor, m: int, n: int, r: int) -> torch.Te
 def _output_to_input_blocks(zp: torch.Tensor, m: int, n: int, r: int) -> torch.Tensor:
     """(T, m, n*r) -> (T, n, m*r), the inverse of `_input_to_output_blocks`."""
     return zp.reshape(zp.shape[0], m, n, r).transpose(1, 2).reshape(zp.shape[0], n, m * r)
-
-
-def _s_for_r(btt_s: torch.Tensor, m: int, n: int, r: int) -> torch.Tensor:
-    """S laid out to scale btt_r's columns: (n, 1, m*r)."""
-    return btt_s.permute(1, 0, 2).reshape(n, 1, m * r)
-
-
-def _fold_s(btt_l, btt_r, btt_s, fold_into_r: bool, dtype: torch.dtype):
-    m, n, _, _, r = core_dims(btt_l, btt_r)
-    l_eff, r_eff = btt_l.to(dtype), btt_r.to(dtype)
-    if btt_s is not None:
-        s = btt_s.to(dtype)
-        if fold_into_r:
-            r_eff = r_eff * _s_for_r(s, m, n, r)
-        else:
-            l_eff = l_eff * s.reshape(m, n * r, 1)
-    return l_eff, r_eff
 
 
 def recomputing_in_backward() -> bool:
@@ -98,8 +90,9 @@ class FuRALinearFunction(torch.autograd.Function):
         dbias = sum over T of dy
 
     Saved for backward: `x` only if `G^R` is needed, `zp` only if `G^L` is needed, and the
-    parameters themselves (references, not copies). `R'` / `L'` are refolded in backward
-    rather than saved: the fold touches only the smaller core. In the default mode nothing
+    parameters themselves (references, not copies). `R'` is never materialised: K1 and K3 read
+    the fp32 `R` and `S` and fold on the fly, and K3's epilogue writes `dR` and `dS` in their
+    storage dtypes, so a default-layout step launches no cast, fold or reduction of its own. In the default mode nothing
     weight-sized is saved, and `dS` comes from the `b x r` blocks of `G^R`, not from a
     `T x in x out` weight-gradient GEMM.
 
@@ -121,21 +114,31 @@ class FuRALinearFunction(torch.autograd.Function):
         need_g_l = ctx.needs_input_grad[1] or (s_needs_grad and not fold_into_r)
         need_g_r = ctx.needs_input_grad[2] or (s_needs_grad and fold_into_r)
         merge_weight = use_weight_side_merge(tokens, m, n, a, need_g_l, recomputing_in_backward())
+        dtype = x.dtype
+        # S goes to the kernels as a scale on R's columns (or L's rows), folded on the fly:
+        # R stays in its fp32 storage and nothing is cast or folded by a launch of its own.
+        scale_r = s_for_r(btt_s, m, n, r) if btt_s is not None and fold_into_r else None
+        scale_l = btt_s.reshape(m, n * r) if btt_s is not None and not fold_into_r else None
+        bias_c = bias.to(dtype) if bias is not None else None
         zp = None
         with no_autocast(x.device.type):
-            l_eff, r_eff = _fold_s(btt_l, btt_r, btt_s, fold_into_r, x.dtype)
             if merge_weight:
-                # W_eff[:, j] = L_j^T · R'_j^T, by K1 on a transposed view of L (no copy); then
-                # one dense GEMM. W_eff is a temporary: backward never needs it.
-                l_t = l_eff[0].t().reshape(a, n, r)
-                w_eff = block_diag_matmul(l_t, r_eff.transpose(1, 2)).reshape(a, n * b)
-                y = torch.nn.functional.linear(x, w_eff)
+                # W_eff[:, j] = L_j^T · R'_j^T, by K1 on a transposed view of L (no copy), S on the
+                # rows of R^T; then one dense GEMM. W_eff is a temporary: backward never needs it.
+                l_0 = fold_scale(btt_l[0], None if scale_l is None else scale_l[0], True, dtype)
+                l_t = l_0.t().reshape(a, n, r)
+                w_eff = block_diag_matmul(l_t, btt_r.transpose(1, 2), scale_r, True).reshape(a, n * b)
+                y = torch.nn.functional.linear(x, w_eff, bias_c)
             else:
-                xb = x.reshape(tokens, n, b)
-                zp = _input_to_output_blocks(stage(xb, r_eff), m, n, r)
-                y = stage(zp, l_eff).reshape(tokens, m * a)
-            if bias is not None:
-                y = y + bias.to(x.dtype)
+                zp = _input_to_output_blocks(stage(x.reshape(tokens, n, b), btt_r, scale_r), m, n, r)
+                if m == 1:  # the big GEMM, with the bias in its epilogue
+                    l_0 = fold_scale(btt_l[0], None if scale_l is None else scale_l[0], True, dtype)
+                    z2 = zp.reshape(tokens, n * r)
+                    y = torch.addmm(bias_c, z2, l_0) if bias_c is not None else torch.mm(z2, l_0)
+                else:
+                    y = stage(zp, btt_l, scale_l, True).reshape(tokens, m * a)
+                    if bias_c is not None:
+                        y = y + bias_c
         ctx.fold_into_r = fold_into_r
         ctx.bias_dtype = bias.dtype if bias is not None else None
         ctx.need_g_l, ctx.need_g_r = need_g_l, need_g_r
@@ -152,32 +155,39 @@ class FuRALinearFunction(torch.autograd.Function):
         needs_x, needs_l, needs_r, needs_s, needs_bias = ctx.needs_input_grad
         fold_into_r = ctx.fold_into_r
         tokens = dy.shape[0]
+        dtype = dy.dtype
+        acc = accumulate_dtype(dtype)
         dx = d_l = d_r = d_s = d_bias = None
+        scale_r = s_for_r(btt_s, m, n, r) if btt_s is not None and fold_into_r else None
         with no_autocast(dy.device.type):
-            l_eff, r_eff = _fold_s(btt_l, btt_r, btt_s, fold_into_r, dy.dtype)
             need_dz = needs_x or ctx.need_g_r
-            dzp, g_l = stage_backward(dy.reshape(tokens, m, a), zp, l_eff, need_dz, ctx.need_g_l)
-            g_r = None
+            dzp = g_l = None
+            if m == 1:  # the big GEMM of the backward (and L's block gradient, if L trains)
+                l_0 = btt_l[0].to(dtype)
+                if btt_s is not None and not fold_into_r:
+                    l_0 = fold_scale(btt_l[0], btt_s.reshape(1, n * r)[0], True, dtype)
+                dy2 = dy.reshape(tokens, a)
+                dzp = torch.mm(dy2, l_0.t()).reshape(tokens, 1, n * r) if need_dz else None
+                if ctx.need_g_l:
+                    g_l = torch.mm(zp.reshape(tokens, n * r).t(), dy2).to(acc).unsqueeze(0)
+            else:
+                # L in at least fp32 (S folded in), so its block gradient keeps fp32 precision.
+                l_acc = btt_l.to(acc) if btt_s is None or fold_into_r else btt_l.to(acc) * btt_s.reshape(m, n * r, 1)
+                dzp, g_l, _ = stage_backward(dy.reshape(tokens, m, a), zp, l_acc, None, need_dz, ctx.need_g_l, False)
             if need_dz:
                 dz = _output_to_input_blocks(dzp, m, n, r)
                 xb = x.reshape(tokens, n, b) if x is not None else None
-                dxb, g_r = stage_backward(dz, xb, r_eff, needs_x, ctx.need_g_r)
+                need_ds_r = needs_s and fold_into_r
+                dxb, d_r, d_s_r = stage_backward(dz, xb, btt_r, scale_r, needs_x, needs_r, need_ds_r)
                 if needs_x:
                     dx = dxb.reshape(tokens, n * b)
-            acc = accumulate_dtype(dy.dtype)
-            s_acc = btt_s.to(acc) if btt_s is not None else None
-            if needs_r:
-                d_r = g_r * _s_for_r(s_acc, m, n, r) if (s_acc is not None and fold_into_r) else g_r
-                d_r = d_r.to(btt_r.dtype)
+                if need_ds_r:
+                    d_s = ds_from_r_layout(d_s_r, m, n, r)
             if needs_l:
-                d_l = g_l * s_acc.reshape(m, n * r, 1) if (s_acc is not None and not fold_into_r) else g_l
-                d_l = d_l.to(btt_l.dtype)
-            if needs_s:
-                if fold_into_r:
-                    d_s = (g_r * btt_r.to(acc)).sum(dim=1).reshape(n, m, r).permute(1, 0, 2)
-                else:
-                    d_s = (g_l * btt_l.to(acc)).sum(dim=2).reshape(m, n, r)
-                d_s = d_s.to(btt_s.dtype)
+                s_l = btt_s.to(acc).reshape(m, n * r, 1) if (btt_s is not None and not fold_into_r) else None
+                d_l = (g_l if s_l is None else g_l * s_l).to(btt_l.dtype)
+            if needs_s and not fold_into_r:
+                d_s = (g_l * btt_l.to(acc)).sum(dim=2).reshape(m, n, r).to(btt_s.dtype)
             if needs_bias:
                 d_bias = dy.sum(dim=0, dtype=acc).to(ctx.bias_dtype)
         return dx, d_l, d_r, d_s, d_bias

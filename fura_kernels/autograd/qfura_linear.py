@@ -28,8 +28,12 @@ class QFuRALinearFunction(torch.autograd.Function):
     Backward, by the chain rule (Lt is frozen, so there is no dL):
 
         g     = dy · Lt                  (fused NF4 kernel for T <= 64, else scratch + cuBLAS)
-        dx_j  = g_j · R'_j^T,  G_j = x_j^T · g_j        (K3)
-        dR    = G ⊙ S,  dS = sum over b of G ⊙ R,  dbias = sum over T of dy
+        dx_j  = g_j · R'_j^T,  G_j = x_j^T · g_j        (K3, one launch)
+        dR    = G ⊙ S,  dS = sum over b of G ⊙ R        (K3's epilogue)
+        dbias = sum over T of dy
+
+    R stays in its fp32 storage and S is a scale the kernels fold on the fly (`R'` is never
+    written out).
 
     Saved: `x` (when R or S need a gradient) and the parameters. The dequantised core lives
     only in the scratch buffer, between its write and the GEMM that reads it.
@@ -40,23 +44,23 @@ class QFuRALinearFunction(torch.autograd.Function):
         n, b, r = btt_r.shape
         tokens, out = x.shape[0], state.shape[0]
         dtype = x.dtype
+        scale = btt_s.reshape(n, r) if btt_s is not None else None  # folded into R inside the kernels
+        bias_c = bias.to(dtype) if bias is not None else None
         with no_autocast(x.device.type):
-            r_eff = btt_r.to(dtype)
-            if btt_s is not None:
-                r_eff = r_eff * btt_s.to(dtype).reshape(n, 1, r)
             triton_path = use_triton(x)
             if triton_path and fused_nf4_supported(state, tokens):
-                y = nf4_matmul(stage(x.reshape(tokens, n, b), r_eff).reshape(tokens, n * r), state)
+                y = nf4_matmul(stage(x.reshape(tokens, n, b), btt_r, scale).reshape(tokens, n * r), state)
+                if bias_c is not None:
+                    y = y + bias_c
             else:
                 scratch = SCRATCH.get(out * n * r, dtype, x.device) if triton_path else None
                 lt = nf4_dequantize(state, dtype, out=scratch)
                 if use_weight_side_merge(tokens, 1, n, out, False, recomputing_in_backward()):
-                    w_eff = block_diag_matmul(lt.reshape(out, n, r), r_eff.transpose(1, 2)).reshape(out, n * b)
-                    y = torch.nn.functional.linear(x, w_eff)
+                    w_eff = block_diag_matmul(lt.reshape(out, n, r), btt_r.transpose(1, 2), scale, True)
+                    y = torch.nn.functional.linear(x, w_eff.reshape(out, n * b), bias_c)
                 else:
-                    y = stage(x.reshape(tokens, n, b), r_eff).reshape(tokens, n * r) @ lt.t()
-            if bias is not None:
-                y = y + bias.to(dtype)
+                    z2 = stage(x.reshape(tokens, n, b), btt_r, scale).reshape(tokens, n * r)
+                    y = torch.addmm(bias_c, z2, lt.t()) if bias_c is not None else torch.mm(z2, lt.t())
         needs_r = ctx.needs_input_grad[1] or (btt_s is not None and ctx.needs_input_grad[2])
         ctx.state = state
         ctx.need_g_r = needs_r
@@ -79,7 +83,6 @@ class QFuRALinearFunction(torch.autograd.Function):
         tokens, out = dy.shape[0], state.shape[0]
         dx = d_r = d_s = d_bias = None
         with no_autocast(dy.device.type):
-            acc = torch.promote_types(dy.dtype, torch.float32)
             if needs_x or ctx.need_g_r:
                 triton_path = use_triton(dy)
                 if triton_path and fused_nf4_supported(state, tokens):
@@ -87,20 +90,15 @@ class QFuRALinearFunction(torch.autograd.Function):
                 else:
                     scratch = SCRATCH.get(out * n * r, dy.dtype, dy.device) if triton_path else None
                     g = dy @ nf4_dequantize(state, dy.dtype, out=scratch)
-                r_eff = btt_r.to(dy.dtype)
-                if btt_s is not None:
-                    r_eff = r_eff * btt_s.to(dy.dtype).reshape(n, 1, r)
+                scale = btt_s.reshape(n, r) if btt_s is not None else None
                 xb = None if x is None else x.reshape(tokens, n, b)
-                dxb, g_r = stage_backward(g.reshape(tokens, n, r), xb, r_eff, needs_x, ctx.need_g_r)
+                dxb, d_r, d_s = stage_backward(g.reshape(tokens, n, r), xb, btt_r, scale, needs_x, needs_r, needs_s)
                 if needs_x:
                     dx = dxb.reshape(tokens, n * b)
-                if needs_r:
-                    d_r = g_r if btt_s is None else g_r * btt_s.to(acc).reshape(n, 1, r)
-                    d_r = d_r.to(btt_r.dtype)
                 if needs_s:
-                    d_s = (g_r * btt_r.to(acc)).sum(dim=1).reshape(btt_s.shape).to(btt_s.dtype)
+                    d_s = d_s.reshape(btt_s.shape)
             if needs_bias:
-                d_bias = dy.sum(dim=0, dtype=acc).to(ctx.bias_dtype)
+                d_bias = dy.sum(dim=0, dtype=torch.promote_types(dy.dtype, torch.float32)).to(ctx.bias_dtype)
         return dx, d_r, d_s, d_bias, None
 
 

@@ -23,9 +23,12 @@ MAX_FUSED_N = 256
 # T buckets stop growing here: above this every T is bandwidth-bound the same way.
 MAX_T_BUCKET = 1 << 16
 
-# K3's deterministic split of T. A split needs enough rows to amortise writing its fp32 partial
-# (K*N per block) and the second pass; 32 splits already fill an H100 for n >= 8 blocks, and cap
-# the partial buffer at 32 x nblk x K x N fp32 (32 MB for Llama's down_proj).
+# K3's deterministic split of T, sized by a target number of programs rather than by T: about
+# K3_TARGET_PROGRAMS (split, block) pairs, a few per SM of an H100 (132 SMs), so the fp32 partials
+# are at most about K3_TARGET_PROGRAMS x K x N values whatever T is (8.4 MB on Llama's q/k, 36.7 MB
+# on down_proj's 128 x 128 blocks; they grew with T before). A split still needs enough rows to
+# amortise writing its partial: at least SPLIT_MIN_ROWS.
+K3_TARGET_PROGRAMS = 512
 SPLIT_MIN_ROWS = 512
 SPLIT_MAX = 32
 # Split boundaries are multiples of this, a multiple of every BLOCK_T below, so a tile never
@@ -90,10 +93,12 @@ def tile_cap(size: int) -> int:
     return max(MIN_TILE, triton.next_power_of_2(size))
 
 
-def split_rows(tokens: int) -> tuple[int, int]:
-    """`(rows_per_split, n_splits)` for K3's reduction over T: a function of T alone. An empty
-    batch has no split (and a positive row count, so nothing divides by zero)."""
-    n = min(max(triton.cdiv(tokens, SPLIT_MIN_ROWS), 1), SPLIT_MAX)
+def split_rows(tokens: int, nblk: int = 1) -> tuple[int, int]:
+    """`(rows_per_split, n_splits)` for K3's reduction over T: a function of the shape alone (never
+    of the GPU or the tuned config), so the fixed-order sum gives the same bits everywhere. An
+    empty batch has no split (and a positive row count, so nothing divides by zero)."""
+    wanted = min(triton.cdiv(K3_TARGET_PROGRAMS, max(nblk, 1)), SPLIT_MAX)
+    n = min(max(triton.cdiv(tokens, SPLIT_MIN_ROWS), 1), wanted)
     rows = max(triton.cdiv(triton.cdiv(tokens, n), SPLIT_ROW_ALIGN), 1) * SPLIT_ROW_ALIGN
     return rows, triton.cdiv(tokens, rows)
 

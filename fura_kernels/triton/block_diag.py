@@ -3,19 +3,23 @@
 They run on the CPU, for float64, and wherever Triton cannot; the Triton launchers in
 `launchers.py` follow the same contracts.
 
-Contract, for `nblk` independent blocks:
+Contract, for `nblk` independent blocks, with an optional per-block `scale` folded into the
+weight, `w' = w * scale` (fp32, or fp64 for fp64 inputs, then cast to the compute dtype):
 
-    torch_block_diag_matmul(x, w)[t, j, :] = x[t, j, :] @ w[j]
-        x: (T, nblk, k), any strides; w: (nblk, k, nout); result (T, nblk, nout), x.dtype.
+    torch_block_diag_matmul(x, w, scale, scale_rows)[t, j, :] = x[t, j, :] @ w'[j]
+        x: (T, nblk, k), any strides; w: (nblk, k, nout), any float dtype; scale (nblk, k) when
+        `scale_rows`, else (nblk, nout); result (T, nblk, nout), x.dtype.
 
-    torch_block_diag_backward(grad_out, x, w) -> (grad_x, grad_w)
-        grad_x[t, j, :] = grad_out[t, j, :] @ w[j]^T          (T, nblk, k), grad_out.dtype
-        grad_w[j]       = sum_t x[t, j, :]^T grad_out[t, j, :]  (nblk, k, nout), accumulate_dtype
+    torch_block_diag_backward(grad_out, x, w, scale) -> (grad_x, grad_w, grad_scale)
+        w'[j] = w[j] * scale[j] (scale along nout; 1 without scale)
+        grad_x[t, j, :] = grad_out[t, j, :] @ w'[j]^T      (T, nblk, k), grad_out.dtype
+        G[j]            = sum_t x[t, j, :]^T grad_out[t, j, :]      at least fp32
+        grad_w[j]       = G[j] * scale[j]                    (nblk, k, nout), w.dtype
+        grad_scale[j]   = sum over k of G[j] * w[j]           (nblk, nout), scale.dtype
 
-`accumulate_dtype(dtype)` is float32 for half inputs and the input's dtype for float32/64.
-`grad_w` is returned in it because callers reduce it further (dS is a column sum of
-`grad_w ⊙ w`); rounding it to bf16 first would throw away the precision the reduction needs.
-The reduction over T has a fixed order for a given shape, so results are deterministic.
+`G` stays in at least fp32 until the products that reduce it are done: rounding it to bf16 first
+would throw away the precision `grad_scale`'s sum needs. The reduction over T has a fixed order
+for a given shape, so results are deterministic.
 """
 
 from __future__ import annotations
@@ -28,39 +32,43 @@ def accumulate_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.promote_types(dtype, torch.float32)
 
 
-def _check(x: torch.Tensor, w: torch.Tensor, op: str) -> None:
-    if x.dim() != 3 or w.dim() != 3 or x.shape[1] != w.shape[0] or x.shape[2] != w.shape[1]:
-        raise ValueError(
-            f"{op}: expected x (T, nblk, k) and w (nblk, k, nout), got x {tuple(x.shape)} and w {tuple(w.shape)}"
-        )
+def fold_scale(w: torch.Tensor, scale: torch.Tensor | None, scale_rows: bool, dtype: torch.dtype) -> torch.Tensor:
+    """`w * scale` (scale along w's rows or its columns) in at least fp32, then in `dtype`."""
+    if scale is None:
+        return w.to(dtype)
+    acc = accumulate_dtype(dtype)
+    s = scale.to(acc).unsqueeze(-1 if scale_rows else -2)
+    return (w.to(acc) * s).to(dtype)
 
 
-def torch_block_diag_matmul(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-    """`out[:, j] = x[:, j] @ w[j]` for every block `j` (see the module docstring)."""
-    _check(x, w, "block_diag_matmul")
-    return torch.bmm(x.transpose(0, 1), w.to(x.dtype)).transpose(0, 1).contiguous()
+def torch_block_diag_matmul(
+    x: torch.Tensor, w: torch.Tensor, scale: torch.Tensor | None = None, scale_rows: bool = False
+) -> torch.Tensor:
+    """`out[:, j] = x[:, j] @ (w[j] * scale[j])` for every block `j` (see the module docstring)."""
+    w_eff = fold_scale(w, scale, scale_rows, x.dtype)
+    return torch.bmm(x.transpose(0, 1), w_eff).transpose(0, 1).contiguous()
 
 
 def torch_block_diag_backward(
     grad_out: torch.Tensor,
     x: torch.Tensor | None,
     w: torch.Tensor,
+    scale: torch.Tensor | None = None,
     compute_grad_x: bool = True,
     compute_grad_w: bool = True,
-) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-    """`(grad_out @ w^T, x^T @ grad_out)` per block; either can be skipped (returned as None)."""
-    nblk, k, nout = w.shape
-    if grad_out.dim() != 3 or grad_out.shape[1:] != (nblk, nout):
-        raise ValueError(
-            f"block_diag_matmul_backward: expected grad_out (T, {nblk}, {nout}), got {tuple(grad_out.shape)}"
-        )
+    compute_grad_scale: bool = False,
+) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
+    """`(grad_x, grad_w, grad_scale)` per block; any can be skipped (returned as None)."""
     grad_out_t = grad_out.transpose(0, 1)
-    grad_x = grad_w = None
+    grad_x = grad_w = grad_scale = None
     if compute_grad_x:
-        grad_x = torch.bmm(grad_out_t, w.to(grad_out.dtype).transpose(1, 2)).transpose(0, 1).contiguous()
-    if compute_grad_w:
-        if x is None:
-            raise ValueError("block_diag_matmul_backward: compute_grad_w needs the forward input x")
-        _check(x, w, "block_diag_matmul_backward")
-        grad_w = torch.bmm(x.transpose(0, 1).transpose(1, 2), grad_out_t).to(accumulate_dtype(grad_out.dtype))
-    return grad_x, grad_w
+        w_eff = fold_scale(w, scale, False, grad_out.dtype)
+        grad_x = torch.bmm(grad_out_t, w_eff.transpose(1, 2)).transpose(0, 1).contiguous()
+    if compute_grad_w or compute_grad_scale:
+        acc = accumulate_dtype(grad_out.dtype)
+        g = torch.bmm(x.transpose(0, 1).transpose(1, 2), grad_out_t).to(acc)
+        if compute_grad_w:
+            grad_w = (g if scale is None else g * scale.to(acc).unsqueeze(1)).to(w.dtype)
+        if compute_grad_scale:
+            grad_scale = (g * w.to(acc)).sum(dim=1).to(scale.dtype)
+    return grad_x, grad_w, grad_scale

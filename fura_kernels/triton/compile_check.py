@@ -81,43 +81,60 @@ def _compile(
     return CompiledKernel(arch, compiled.asm["ptx"], compiled.metadata.shared, regs, stack, local)
 
 
-def compile_k1(cfg: triton.Config, dtype: str, k: int, n: int, arch: int) -> CompiledKernel:
-    """K1 as launched on contiguous (T, nblk, K) activations and (nblk, K, N) weights."""
+def compile_k1(cfg: triton.Config, dtype: str, k: int, n: int, arch: int, layout: str = "activation") -> CompiledKernel:
+    """K1 as a training step launches it, with the fp32 R folded with S inside the kernel:
+
+    - `layout="activation"`: contiguous (T, nblk, K) activations, R (nblk, K, N) contiguous fp32,
+      S along its columns;
+    - `layout="merge"`: the weight-side merge, `x = L^T` viewed as (a, n, r) (tokens are L's
+      contiguous axis) and `w = R^T` (n, r, b) (K is R's contiguous axis), S along its rows.
+    """
     ptr = TRITON_TYPES[dtype]
-    signature = {"x_ptr": ptr, "w_ptr": ptr, "y_ptr": ptr, "T": "i32", "K": "constexpr", "N": "constexpr"}
-    signature.update({s: "i32" for s in ("stride_xt", "stride_xb")})
-    signature.update({"stride_xk": "constexpr", "stride_wb": "i32", "stride_wk": "i32", "stride_wn": "constexpr"})
-    signature.update({"stride_yt": "i32", "stride_yb": "i32", "stride_yn": "constexpr", "t_bucket": "i32"})
-    meta = {**cfg.kwargs, "UPCAST": False, "INPUT_PRECISION": "ieee"}
+    merge = layout == "merge"
+    signature = {"x_ptr": ptr, "w_ptr": "*fp32", "s_ptr": "*fp32", "y_ptr": ptr, "T": "i32", "K": "constexpr",
+                 "N": "constexpr"}  # fmt: skip
+    strides = ["stride_xt", "stride_xb", "stride_xk", "stride_wb", "stride_wk", "stride_wn", "stride_sb",
+               "stride_sv", "stride_yt", "stride_yb", "stride_yn"]  # fmt: skip
+    unit = {"stride_xt", "stride_wk", "stride_sv", "stride_yn"} if merge else {"stride_xk", "stride_wn", "stride_sv",
+                                                                                  "stride_yn"}  # fmt: skip
+    signature.update({s: ("constexpr" if s in unit else "i32") for s in strides})
+    signature["t_bucket"] = "i32"
+    meta = {**cfg.kwargs, "SCALE": 1 if merge else 2, "UPCAST": False, "INPUT_PRECISION": "ieee"}
     signature.update({name: "constexpr" for name in meta})
-    constexprs = {"K": k, "N": n, "stride_xk": 1, "stride_wn": 1, "stride_yn": 1, **meta}
-    aligned = ["x_ptr", "w_ptr", "y_ptr", "stride_xt", "stride_xb", "stride_wb", "stride_wk", "stride_yt", "stride_yb"]
+    constexprs = {"K": k, "N": n, **{s: 1 for s in unit}, **meta}
+    aligned = ["x_ptr", "w_ptr", "s_ptr", "y_ptr"] + [s for s in strides if s not in unit]
     return _compile(block_diag_matmul_kernel, signature, constexprs, aligned, arch, cfg.num_warps, cfg.num_stages)
 
 
 def compile_k3(cfg: triton.Config, dtype: str, k: int, n: int, arch: int) -> CompiledKernel:
-    """K3 computing both dx and G, as launched in a training step."""
+    """K3 as a training step launches it: dx, dR and dS from bf16/fp16 activations and the fp32
+    R and S, with the in-launch reduction over T."""
     ptr = TRITON_TYPES[dtype]
-    signature = {"g_ptr": ptr, "x_ptr": ptr, "w_ptr": ptr, "dx_ptr": ptr, "gw_ptr": "*fp32"}
-    signature.update({"T": "i32", "K": "constexpr", "N": "constexpr", "rows_per_split": "i32"})
-    unit = {"stride_gn", "stride_xk", "stride_wn", "stride_dxk", "stride_gwn"}
+    signature = {"g_ptr": ptr, "x_ptr": ptr, "w_ptr": "*fp32", "s_ptr": "*fp32", "dx_ptr": ptr, "dw_ptr": "*fp32",
+                 "ds_ptr": "*fp32", "partial_ptr": "*fp32", "counter_ptr": "*i32"}  # fmt: skip
+    signature.update({"T": "i32", "K": "constexpr", "N": "constexpr", "rows_per_split": "i32", "n_splits": "i32"})
     strides = [
         "stride_gt", "stride_gb", "stride_gn", "stride_xt", "stride_xb", "stride_xk", "stride_wb", "stride_wk",
-        "stride_wn", "stride_dxt", "stride_dxb", "stride_dxk", "stride_gws", "stride_gwb", "stride_gwk", "stride_gwn",
+        "stride_wn", "stride_sb", "stride_sn", "stride_dxt", "stride_dxb", "stride_dxk", "stride_dwb", "stride_dwk",
+        "stride_dwn", "stride_dsb", "stride_dsn", "stride_ps", "stride_pb", "stride_pk",
     ]  # fmt: skip
+    unit = {"stride_gn", "stride_xk", "stride_wn", "stride_sn", "stride_dxk", "stride_dwn", "stride_dsn"}
     signature.update({s: ("constexpr" if s in unit else "i32") for s in strides})
     signature["t_bucket"] = "i32"
     meta = {
         **cfg.kwargs,
         "BLOCK_N": at.tile_cap(n),
         "COMPUTE_DX": True,
-        "COMPUTE_GW": True,
+        "COMPUTE_DW": True,
+        "COMPUTE_DS": True,
+        "HAS_SCALE": True,
         "UPCAST": False,
         "INPUT_PRECISION": "ieee",
     }
     signature.update({name: "constexpr" for name in meta})
     constexprs = {"K": k, "N": n, **{s: 1 for s in unit}, **meta}
-    aligned = ["g_ptr", "x_ptr", "w_ptr", "dx_ptr", "gw_ptr", "rows_per_split"] + [s for s in strides if s not in unit]
+    pointers = [name for name in signature if name.endswith("_ptr")]
+    aligned = pointers + ["rows_per_split"] + [s for s in strides if s not in unit]
     return _compile(block_diag_backward_kernel, signature, constexprs, aligned, arch, cfg.num_warps, cfg.num_stages)
 
 

@@ -1,7 +1,13 @@
 """Python launchers for K1 and K3: tensors in, tensors out (no autograd state here).
 
 Same contracts as the PyTorch implementations in `block_diag.py`, which remain the CPU path
-and the reference fallback.
+and the reference fallback. Shapes are validated once, by the public ops in `ops.py`; these
+launchers trust them.
+
+The eager hot path does as little as it can on the host: the autotuner runs once per key
+(T bucket, sizes, dtypes, flags, device) and its choice is cached here, so later calls launch
+the kernel with that config directly, and K3's block counters live in one zeroed buffer per
+device and stream (the kernel leaves them at zero), so no launch clears them.
 """
 
 from __future__ import annotations
@@ -10,7 +16,7 @@ import torch
 import triton
 
 from . import autotuning as at
-from .kernels import block_diag_backward_kernel, block_diag_matmul_kernel
+from .kernels import SCALE_COLS, SCALE_NONE, SCALE_ROWS, block_diag_backward_kernel, block_diag_matmul_kernel
 
 TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
@@ -22,40 +28,67 @@ _k1_tuned = triton.autotune(
 
 _k3_tuned = triton.autotune(
     configs=at.K3_CONFIGS,
-    key=["t_bucket", "K", "N", "COMPUTE_DX", "COMPUTE_GW"],
+    key=["t_bucket", "K", "N", "COMPUTE_DX", "COMPUTE_DW", "COMPUTE_DS", "HAS_SCALE"],
     prune_configs_by={"early_config_prune": at.prune_k3},
 )(block_diag_backward_kernel)
 
-
-def _check_operands(x: torch.Tensor, w: torch.Tensor, op: str) -> None:
-    if x.dim() != 3 or w.dim() != 3 or x.shape[1] != w.shape[0] or x.shape[2] != w.shape[1]:
-        raise ValueError(f"{op}: expected x (T, nblk, K) and w (nblk, K, N), got {tuple(x.shape)} and {tuple(w.shape)}")
-    if x.dtype not in TRITON_DTYPES or w.dtype != x.dtype:
-        raise TypeError(f"{op}: expected x and w of one dtype among {TRITON_DTYPES}, got {x.dtype} and {w.dtype}")
-    if x.device != w.device:
-        raise ValueError(f"{op}: x is on {x.device} but w is on {w.device}")
+# Tuned config per launch key: the autotuner is consulted once per key, then bypassed.
+_K1_CHOICE: dict[tuple, triton.Config] = {}
+_K3_CHOICE: dict[tuple, triton.Config] = {}
+# K3's per-block arrival counters, one int32 buffer per (device, stream), grown as needed.
+_COUNTERS: dict[tuple, torch.Tensor] = {}
 
 
-def triton_block_diag_matmul(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-    """K1: `y[:, j] = x[:, j] @ w[j]`. x (T, nblk, K) any strides, w (nblk, K, N) any strides."""
-    _check_operands(x, w, "triton_block_diag_matmul")
+def _launch(tuned, kernel, choices: dict, key: tuple, grid, args: tuple, meta: dict) -> None:
+    if at.INTERPRET:
+        kernel[grid](*args, **meta)
+        return
+    config = choices.get(key)
+    if config is None:
+        tuned[grid](*args, **meta)
+        choices[key] = tuned.best_config
+        return
+    kernel[grid](*args, **meta, **config.kwargs, num_warps=config.num_warps, num_stages=config.num_stages)
+
+
+def _counters(nblk: int, device: torch.device) -> torch.Tensor:
+    """Zeroed int32 counters for K3's blocks. Cached per device and stream (the kernel resets
+    what it uses), except while a CUDA graph is being captured: the graph then records its own
+    zeroing, so no buffer from its private pool leaks into later eager calls."""
+    if device.type != "cuda" or torch.cuda.is_current_stream_capturing():
+        return torch.zeros(nblk, dtype=torch.int32, device=device)
+    key = (device, torch.cuda.current_stream(device).cuda_stream)
+    buffer = _COUNTERS.get(key)
+    if buffer is None or buffer.numel() < nblk:
+        buffer = torch.zeros(max(nblk, 256), dtype=torch.int32, device=device)
+        _COUNTERS[key] = buffer
+    return buffer
+
+
+def triton_block_diag_matmul(
+    x: torch.Tensor, w: torch.Tensor, scale: torch.Tensor | None = None, scale_rows: bool = False
+) -> torch.Tensor:
+    """K1: `y[:, j] = x[:, j] @ (w[j] * scale[j])`. x (T, nblk, K) any strides, w (nblk, K, N)
+    any strides and float dtype, scale (nblk, K) with `scale_rows` else (nblk, N), or None."""
     tokens, nblk, k = x.shape
     n = w.shape[2]
     y = torch.empty((tokens, nblk, n), dtype=x.dtype, device=x.device)
     if tokens == 0 or nblk == 0 or n == 0:
         return y
-    args = (x, w, y, tokens, k, n, *x.stride(), *w.stride(), *y.stride(), at.t_bucket(tokens))
-    precision = at.input_precision(x.dtype)
+    mode = SCALE_NONE if scale is None else (SCALE_ROWS if scale_rows else SCALE_COLS)
+    s = scale if scale is not None else w
+    s_strides = scale.stride() if scale is not None else (0, 0)
+    bucket = at.t_bucket(tokens)
+    args = (x, w, s, y, tokens, k, n, *x.stride(), *w.stride(), *s_strides, *y.stride(), bucket)
+    meta = dict(SCALE=mode, UPCAST=at.INTERPRET, INPUT_PRECISION=at.input_precision(x.dtype))
     if at.INTERPRET:
-        meta = at.K1_INTERPRET_META
-        grid = (triton.cdiv(tokens, meta["BLOCK_T"]), nblk, triton.cdiv(n, meta["BLOCK_N"]))
-        block_diag_matmul_kernel[grid](*args, **meta, UPCAST=True, INPUT_PRECISION=precision)
-    else:
+        meta.update(at.K1_INTERPRET_META)
 
-        def grid(meta):
-            return (triton.cdiv(tokens, meta["BLOCK_T"]), nblk, triton.cdiv(n, meta["BLOCK_N"]))
+    def grid(m):
+        return (triton.cdiv(tokens, m["BLOCK_T"]), nblk, triton.cdiv(n, m["BLOCK_N"]))
 
-        _k1_tuned[grid](*args, UPCAST=False, INPUT_PRECISION=precision)
+    key = (bucket, k, n, x.dtype, w.dtype, s.dtype, mode, x.device)
+    _launch(_k1_tuned, block_diag_matmul_kernel, _K1_CHOICE, key, grid, args, meta)
     return y
 
 
@@ -63,70 +96,57 @@ def triton_block_diag_backward(
     grad_out: torch.Tensor,
     x: torch.Tensor | None,
     w: torch.Tensor,
+    scale: torch.Tensor | None = None,
     compute_grad_x: bool = True,
     compute_grad_w: bool = True,
-) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-    """K3: `(grad_out @ w^T, x^T @ grad_out)` per block, the second in fp32, reduced over T in
-    a fixed order. Needs `w.shape[2] <= MAX_FUSED_N` (see `autotuning`)."""
-    _check_operands(grad_out, w.transpose(1, 2), "triton_block_diag_backward")
+    compute_grad_scale: bool = False,
+) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
+    """K3 in one launch: `dx = grad_out @ (w * scale)^T`, `dw = G * scale`, `dscale = sum over K
+    of G * w` per block, `G = x^T grad_out` reduced over T in a fixed order (see the kernel).
+    Needs `w.shape[2] <= MAX_FUSED_N` (see `autotuning`)."""
     tokens, nblk, n = grad_out.shape
     k = w.shape[1]
-    if n > at.MAX_FUSED_N:
-        raise ValueError(f"triton_block_diag_backward: block output width {n} exceeds MAX_FUSED_N={at.MAX_FUSED_N}")
-    if compute_grad_w:
-        if x is None:
-            raise ValueError("triton_block_diag_backward: compute_grad_w needs the forward input x")
-        _check_operands(x, w, "triton_block_diag_backward")
     device = grad_out.device
+    need_g = compute_grad_w or compute_grad_scale
     grad_x = torch.empty((tokens, nblk, k), dtype=grad_out.dtype, device=device) if compute_grad_x else None
-    rows_per_split, n_splits = at.split_rows(tokens)
-    partial = torch.empty((n_splits, nblk, k, n), dtype=torch.float32, device=device) if compute_grad_w else None
-    if not (compute_grad_x or compute_grad_w):
-        return None, None
-    if tokens == 0:
-        return grad_x, (torch.zeros((nblk, k, n), dtype=torch.float32, device=device) if compute_grad_w else None)
-    # Unused outputs get a placeholder pointer; the constexpr flags compile their code away.
-    dx_arg = grad_x if grad_x is not None else grad_out
-    gw_arg = partial if partial is not None else grad_out
-    x_arg = x if x is not None else grad_out
-    dx_strides = grad_x.stride() if grad_x is not None else (0, 0, 0)
-    x_strides = x.stride() if x is not None else (0, 0, 0)
-    gw_strides = partial.stride() if partial is not None else (0, 0, 0, 0)
+    grad_w = torch.empty(w.shape, dtype=w.dtype, device=device) if compute_grad_w else None
+    grad_s = torch.empty((nblk, n), dtype=scale.dtype, device=device) if compute_grad_scale else None
+    if not (compute_grad_x or need_g):
+        return None, None, None
+    if tokens == 0:  # no rows: the block gradients are sums of nothing
+        for grad in (grad_w, grad_s):
+            if grad is not None:
+                grad.zero_()
+        return grad_x, grad_w, grad_s
+    rows_per_split, n_splits = at.split_rows(tokens, nblk)
+    partial = torch.empty((n_splits, nblk, k, n), dtype=torch.float32, device=device) if need_g else None
+    counters = _counters(nblk, device) if need_g else None
+    # Unused operands get a placeholder pointer; the constexpr flags compile their code away.
+    placeholder = grad_out
+    bucket = at.t_bucket(tokens)
     args = (
-        grad_out,
-        x_arg,
-        w,
-        dx_arg,
-        gw_arg,
-        tokens,
-        k,
-        n,
-        rows_per_split,
-        *grad_out.stride(),
-        *x_strides,
-        *w.stride(),
-        *dx_strides,
-        *gw_strides,
-        at.t_bucket(tokens),
-    )
-    flags = dict(
-        BLOCK_N=at.tile_cap(n),
-        COMPUTE_DX=compute_grad_x,
-        COMPUTE_GW=compute_grad_w,
-        INPUT_PRECISION=at.input_precision(grad_out.dtype),
+        grad_out, x if x is not None else placeholder, w, scale if scale is not None else placeholder,
+        grad_x if grad_x is not None else placeholder, grad_w if grad_w is not None else placeholder,
+        grad_s if grad_s is not None else placeholder, partial if partial is not None else placeholder,
+        counters if counters is not None else placeholder,
+        tokens, k, n, rows_per_split, n_splits,
+        *grad_out.stride(), *(x.stride() if x is not None else (0, 0, 0)), *w.stride(),
+        *(scale.stride() if scale is not None else (0, 0)), *(grad_x.stride() if grad_x is not None else (0, 0, 0)),
+        *(grad_w.stride() if grad_w is not None else (0, 0, 0)), *(grad_s.stride() if grad_s is not None else (0, 0)),
+        *(partial.stride()[:3] if partial is not None else (0, 0, 0)),
+        bucket,
+    )  # fmt: skip
+    flags = dict(COMPUTE_DX=compute_grad_x, COMPUTE_DW=compute_grad_w, COMPUTE_DS=compute_grad_scale,
+                 HAS_SCALE=scale is not None)  # fmt: skip
+    meta = dict(
+        BLOCK_N=at.tile_cap(n), **flags, UPCAST=at.INTERPRET, INPUT_PRECISION=at.input_precision(grad_out.dtype)
     )
     if at.INTERPRET:
-        meta = at.K3_INTERPRET_META
-        grid = (n_splits, nblk, triton.cdiv(k, meta["BLOCK_K"]))
-        block_diag_backward_kernel[grid](*args, **meta, **flags, UPCAST=True)
-    else:
+        meta.update(at.K3_INTERPRET_META)
 
-        def grid(meta):
-            return (n_splits, nblk, triton.cdiv(k, meta["BLOCK_K"]))
+    def grid(m):
+        return (n_splits, nblk, triton.cdiv(k, m["BLOCK_K"]))
 
-        _k3_tuned[grid](*args, **flags, UPCAST=False)
-    grad_w = None
-    if compute_grad_w:
-        # Second pass of the deterministic reduction: a plain sum over the split axis.
-        grad_w = partial[0] if n_splits == 1 else partial.sum(dim=0)
-    return grad_x, grad_w
+    key = (bucket, k, n, grad_out.dtype, w.dtype, *flags.values(), device)
+    _launch(_k3_tuned, block_diag_backward_kernel, _K3_CHOICE, key, grid, args, meta)
+    return grad_x, grad_w, grad_s

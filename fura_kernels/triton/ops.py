@@ -4,7 +4,9 @@ Registered ops (namespace `fura_kernels`) have fake implementations, so a model 
 `FusedBTTLinear` compiles under `torch.compile(fullgraph=True)` without a graph break. Each op
 runs the Triton kernel on CUDA for fp16/bf16/fp32 (and on the CPU under `TRITON_INTERPRET=1`,
 which is how CI tests the kernels), and the PyTorch implementation otherwise. Set
-`FURA_DISABLE_TRITON=1` to force the PyTorch path, for debugging.
+`FURA_DISABLE_TRITON=1` before importing the package to force the PyTorch path, for debugging.
+
+The public functions validate shapes once per call; the implementations below them trust them.
 """
 
 from __future__ import annotations
@@ -23,16 +25,16 @@ try:
 except ImportError:  # triton is not installed (it ships for Linux only): the PyTorch path remains
     autotuning = launchers = None
 
+# Read once, at import: the hot path must not consult the environment on every call.
+TRITON_DISABLED = os.environ.get("FURA_DISABLE_TRITON") == "1"
+_TRITON_DEVICE = "cpu" if autotuning is not None and autotuning.INTERPRET else "cuda"
+
 
 def use_triton(t: torch.Tensor) -> bool:
     """Whether the Triton kernels serve a tensor like `t`."""
-    if launchers is None or os.environ.get("FURA_DISABLE_TRITON") == "1":
+    if launchers is None or TRITON_DISABLED:
         return False
-    if t.dtype not in launchers.TRITON_DTYPES:
-        return False
-    if autotuning.INTERPRET:
-        return t.device.type == "cpu"
-    return t.device.type == "cuda"
+    return t.dtype in launchers.TRITON_DTYPES and t.device.type == _TRITON_DEVICE
 
 
 _PLAIN_TENSOR_TYPES = (torch.Tensor, torch.nn.Parameter)
@@ -53,38 +55,46 @@ def _dispatch_free(*tensors: torch.Tensor | None) -> bool:
     return all(type(t) in _PLAIN_TENSOR_TYPES for t in tensors if t is not None)
 
 
-def _block_diag_matmul_impl(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-    if use_triton(x) and w.dtype == x.dtype:
-        return launchers.triton_block_diag_matmul(x, w)
-    return block_diag.torch_block_diag_matmul(x, w)
+def _triton_weights(w: torch.Tensor, scale: torch.Tensor | None) -> bool:
+    return w.dtype in launchers.TRITON_DTYPES and (scale is None or scale.dtype in launchers.TRITON_DTYPES)
+
+
+def _block_diag_matmul_impl(x, w, scale, scale_rows):
+    if use_triton(x) and _triton_weights(w, scale):
+        return launchers.triton_block_diag_matmul(x, w, scale, scale_rows)
+    return block_diag.torch_block_diag_matmul(x, w, scale, scale_rows)
 
 
 @torch.library.custom_op("fura_kernels::block_diag_matmul", mutates_args=())
-def _block_diag_matmul_op(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-    return _block_diag_matmul_impl(x, w)
+def _block_diag_matmul_op(
+    x: torch.Tensor, w: torch.Tensor, scale: torch.Tensor | None, scale_rows: bool
+) -> torch.Tensor:
+    return _block_diag_matmul_impl(x, w, scale, scale_rows)
 
 
 @_block_diag_matmul_op.register_fake
-def _(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+def _(x, w, scale, scale_rows):
     return x.new_empty((x.shape[0], x.shape[1], w.shape[2]))
 
 
-def _block_diag_backward_impl(
-    grad_out: torch.Tensor,
-    x: torch.Tensor | None,
-    w: torch.Tensor,
-    compute_grad_x: bool,
-    compute_grad_w: bool,
-) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-    if use_triton(grad_out) and w.dtype == grad_out.dtype:
+def _block_diag_backward_impl(grad_out, x, w, scale, compute_grad_x, compute_grad_w, compute_grad_scale):
+    if use_triton(grad_out) and _triton_weights(w, scale):
         if w.shape[2] <= autotuning.MAX_FUSED_N:
-            grad_x, grad_w = launchers.triton_block_diag_backward(grad_out, x, w, compute_grad_x, compute_grad_w)
-        else:  # a block too wide for one fused tile: K1 on w^T for dx, PyTorch for G
-            grad_x = launchers.triton_block_diag_matmul(grad_out, w.transpose(1, 2)) if compute_grad_x else None
-            _, grad_w = block_diag.torch_block_diag_backward(grad_out, x, w, False, compute_grad_w)
-    else:
-        grad_x, grad_w = block_diag.torch_block_diag_backward(grad_out, x, w, compute_grad_x, compute_grad_w)
-    return grad_x, grad_w
+            return launchers.triton_block_diag_backward(
+                grad_out, x, w, scale, compute_grad_x, compute_grad_w, compute_grad_scale
+            )
+        # A block too wide for one fused tile: K1 on w^T for dx (the scale is then on its rows),
+        # PyTorch for the block gradients.
+        grad_x = (
+            launchers.triton_block_diag_matmul(grad_out, w.transpose(1, 2), scale, True) if compute_grad_x else None
+        )
+        _, grad_w, grad_s = block_diag.torch_block_diag_backward(
+            grad_out, x, w, scale, False, compute_grad_w, compute_grad_scale
+        )
+        return grad_x, grad_w, grad_s
+    return block_diag.torch_block_diag_backward(
+        grad_out, x, w, scale, compute_grad_x, compute_grad_w, compute_grad_scale
+    )
 
 
 @torch.library.custom_op("fura_kernels::block_diag_backward", mutates_args=())
@@ -92,44 +102,79 @@ def _block_diag_backward_op(
     grad_out: torch.Tensor,
     x: torch.Tensor | None,
     w: torch.Tensor,
+    scale: torch.Tensor | None,
     compute_grad_x: bool,
     compute_grad_w: bool,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    grad_x, grad_w = _block_diag_backward_impl(grad_out, x, w, compute_grad_x, compute_grad_w)
-    # Custom ops return tensors, not None: an empty tensor marks a skipped output.
-    empty = grad_out.new_empty(0)
-    return (grad_x if grad_x is not None else empty), (grad_w if grad_w is not None else empty)
+    compute_grad_scale: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    grads = _block_diag_backward_impl(grad_out, x, w, scale, compute_grad_x, compute_grad_w, compute_grad_scale)
+    # Custom ops return tensors, not None: an empty tensor (of the dtype the fake gives) marks a
+    # skipped output.
+    like = (grad_out, w, scale if scale is not None else grad_out)
+    return tuple(g if g is not None else t.new_empty(0) for g, t in zip(grads, like, strict=True))
 
 
 @_block_diag_backward_op.register_fake
-def _(grad_out, x, w, compute_grad_x, compute_grad_w):
-    tokens, nblk, _ = grad_out.shape
+def _(grad_out, x, w, scale, compute_grad_x, compute_grad_w, compute_grad_scale):
+    tokens, nblk, n = grad_out.shape
     grad_x = grad_out.new_empty((tokens, nblk, w.shape[1]) if compute_grad_x else (0,))
-    shape = (nblk, w.shape[1], w.shape[2]) if compute_grad_w else (0,)
-    return grad_x, grad_out.new_empty(shape, dtype=accumulate_dtype(grad_out.dtype))
+    grad_w = w.new_empty(w.shape if compute_grad_w else (0,))
+    grad_s = grad_out.new_empty(
+        (nblk, n) if compute_grad_scale else (0,), dtype=scale.dtype if scale is not None else None
+    )
+    return grad_x, grad_w, grad_s
 
 
-def block_diag_matmul(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-    """K1: `y[:, j] = x[:, j] @ w[j]`; x (T, nblk, K) any strides, w (nblk, K, N) -> (T, nblk, N)."""
-    if _dispatch_free(x, w):
-        return _block_diag_matmul_impl(x, w)
-    return _block_diag_matmul_op(x, w)
+def _check(x: torch.Tensor, w: torch.Tensor, scale: torch.Tensor | None, scale_len: int, op: str) -> None:
+    if x.dim() != 3 or w.dim() != 3 or x.shape[1] != w.shape[0] or x.shape[2] != w.shape[1]:
+        raise ValueError(f"{op}: expected x (T, nblk, K) and w (nblk, K, N), got {tuple(x.shape)} and {tuple(w.shape)}")
+    if scale is not None and tuple(scale.shape) != (w.shape[0], scale_len):
+        raise ValueError(f"{op}: expected scale ({w.shape[0]}, {scale_len}), got {tuple(scale.shape)}")
+    if not (x.dtype.is_floating_point and w.dtype.is_floating_point):
+        raise TypeError(f"{op}: expected floating tensors, got x {x.dtype} and w {w.dtype}")
+    if x.device != w.device:
+        raise ValueError(f"{op}: x is on {x.device} but w is on {w.device}")
+
+
+def block_diag_matmul(
+    x: torch.Tensor, w: torch.Tensor, scale: torch.Tensor | None = None, scale_rows: bool = False
+) -> torch.Tensor:
+    """K1: `y[:, j] = x[:, j] @ (w[j] * scale[j])`; x (T, nblk, K) any strides, w (nblk, K, N) in any
+    float dtype (fp32 trainables need no cast), scale (nblk, K) with `scale_rows` else (nblk, N)
+    or None, folded in fp32 -> (T, nblk, N) in x's dtype."""
+    _check(x, w, scale, w.shape[1] if scale_rows else w.shape[2], "block_diag_matmul")
+    if _dispatch_free(x, w, scale):
+        return _block_diag_matmul_impl(x, w, scale, scale_rows)
+    return _block_diag_matmul_op(x, w, scale, scale_rows)
 
 
 def block_diag_matmul_backward(
     grad_out: torch.Tensor,
     x: torch.Tensor | None,
     w: torch.Tensor,
+    scale: torch.Tensor | None = None,
     compute_grad_x: bool = True,
     compute_grad_w: bool = True,
-) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-    """K3: `(grad_out @ w^T, x^T @ grad_out)` per block; the second in at least fp32, reduced
-    over T in a fixed order. A skipped output comes back as None."""
-    if _dispatch_free(grad_out, x, w):
-        grad_x, grad_w = _block_diag_backward_impl(grad_out, x, w, compute_grad_x, compute_grad_w)
+    compute_grad_scale: bool = False,
+) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
+    """K3: `(grad_out @ (w * scale)^T, G * scale, sum over K of G * w)` per block, with
+    `G = x^T @ grad_out` reduced over T in a fixed order and kept in fp32 until the products;
+    `grad_w` comes back in w's dtype, `grad_scale` in scale's. A skipped output is None."""
+    nblk, k, n = w.shape
+    if grad_out.dim() != 3 or tuple(grad_out.shape[1:]) != (nblk, n):
+        raise ValueError(f"block_diag_matmul_backward: expected grad_out (T, {nblk}, {n}), got {tuple(grad_out.shape)}")
+    if compute_grad_w or compute_grad_scale:
+        if x is None:
+            raise ValueError("block_diag_matmul_backward: the block gradients need the forward input x")
+        _check(x, w, scale, n, "block_diag_matmul_backward")
+    if compute_grad_scale and scale is None:
+        raise ValueError("block_diag_matmul_backward: compute_grad_scale needs the scale")
+    if _dispatch_free(grad_out, x, w, scale):
+        grads = _block_diag_backward_impl(grad_out, x, w, scale, compute_grad_x, compute_grad_w, compute_grad_scale)
     else:
-        grad_x, grad_w = _block_diag_backward_op(grad_out, x, w, compute_grad_x, compute_grad_w)
-    return (grad_x if compute_grad_x else None), (grad_w if compute_grad_w else None)
+        grads = _block_diag_backward_op(grad_out, x, w, scale, compute_grad_x, compute_grad_w, compute_grad_scale)
+    wanted = (compute_grad_x, compute_grad_w, compute_grad_scale)
+    return tuple(g if want else None for g, want in zip(grads, wanted, strict=True))
 
 
 # FLOP formulas, so `torch.utils.flop_counter.FlopCounterMode` (and the benchmarks and tests
@@ -141,7 +186,12 @@ def _block_diag_matmul_flops(x_shape, w_shape, *args, **kwargs) -> int:
 
 
 @register_flop_formula(torch.ops.fura_kernels.block_diag_backward)
-def _block_diag_backward_flops(grad_shape, x_shape, w_shape, compute_grad_x, compute_grad_w, *args, **kwargs) -> int:
+def _block_diag_backward_flops(
+    grad_shape, x_shape, w_shape, scale_shape, compute_grad_x, compute_grad_w, compute_grad_scale, *args, **kwargs
+) -> int:
     tokens, nblk, n = grad_shape
     per_product = 2 * tokens * nblk * w_shape[1] * n
-    return per_product * (int(compute_grad_x) + int(compute_grad_w))
+    return per_product * (int(compute_grad_x) + int(compute_grad_w or compute_grad_scale))
+
+
+__all__ = ["accumulate_dtype", "block_diag_matmul", "block_diag_matmul_backward", "use_triton"]

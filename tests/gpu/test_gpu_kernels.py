@@ -36,16 +36,19 @@ LAYERS = [
 def test_k1_k3_real_sizes(layer, tokens):
     _, in_f, _, n, b = layer
     x = torch.randn(tokens, n, b, device=DEVICE, dtype=BF16)
-    w = torch.randn(n, b, b, device=DEVICE, dtype=BF16) / b**0.5
+    w = torch.randn(n, b, b, device=DEVICE) / b**0.5  # R in its fp32 storage
+    s = torch.rand(n, b, device=DEVICE) + 0.5  # S, folded in the kernels
     g = torch.randn(tokens, n, b, device=DEVICE, dtype=BF16)
     assert use_triton(x)
-    ref_y = torch.einsum("tjk,jkn->tjn", x.float(), w.float())
-    assert_within_rule(block_diag_matmul(x, w), torch_block_diag_matmul(x, w), ref_y, BF16, "K1")
-    dx, gw = block_diag_matmul_backward(g, x, w)
-    same_dx, same_gw = torch_block_diag_backward(g, x, w)
-    assert_within_rule(dx, same_dx, torch.einsum("tjn,jkn->tjk", g.float(), w.float()), BF16, "K3 dx")
-    ref_gw = torch.einsum("tjk,tjn->jkn", x.double(), g.double())
-    assert_within_rule(gw, same_gw, ref_gw, BF16, "K3 G")
+    w64 = w.double() * s.double().unsqueeze(1)
+    ref_y = torch.einsum("tjk,jkn->tjn", x.double(), w64)
+    assert_within_rule(block_diag_matmul(x, w, s), torch_block_diag_matmul(x, w, s), ref_y, BF16, "K1")
+    ours = block_diag_matmul_backward(g, x, w, s, True, True, True)
+    same = torch_block_diag_backward(g, x, w, s, True, True, True)
+    gram = torch.einsum("tjk,tjn->jkn", x.double(), g.double())
+    refs = (torch.einsum("tjn,jkn->tjk", g.double(), w64), gram * s.double().unsqueeze(1), (gram * w.double()).sum(1))
+    for name, a, b_, ref in zip(("dx", "dR", "dS"), ours, same, refs, strict=True):
+        assert_within_rule(a, b_, ref, BF16, f"K3 {name}")
 
 
 @pytest.mark.parametrize("tokens", [16, 8192])
@@ -92,9 +95,11 @@ def test_no_int32_overflow_past_2_pow_31_elements():
     x = torch.randn(tokens, n, b, device=DEVICE, dtype=BF16)
     w = torch.randn(n, b, b, device=DEVICE, dtype=BF16) / b**0.5
     y = block_diag_matmul(x, w)
-    dx, gw = block_diag_matmul_backward(y, x, w, compute_grad_x=True, compute_grad_w=False)
+    dx, _, _ = block_diag_matmul_backward(y, x, w, compute_grad_x=True, compute_grad_w=False)
     tail = slice(tokens - 64, tokens)
     ref_tail = torch.einsum("tjk,jkn->tjn", x[tail].float(), w.float())
     assert_within_rule(y[tail], torch_block_diag_matmul(x[tail], w), ref_tail, BF16, "K1 tail rows")
     ref_dx = torch.einsum("tjn,jkn->tjk", y[tail].float(), w.float())
-    assert_within_rule(dx[tail], torch_block_diag_backward(y[tail], None, w, True, False)[0], ref_dx, BF16, "K3 tail")
+    assert_within_rule(
+        dx[tail], torch_block_diag_backward(y[tail], None, w, None, True, False)[0], ref_dx, BF16, "K3 tail"
+    )

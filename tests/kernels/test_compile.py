@@ -45,6 +45,17 @@ def test_k1_compiles(cfg, arch):
             _check(cc.compile_k1(cfg, dtype, width, width, arch), f"K1 {dtype} {width} {_ids(cfg)} sm_{arch}")
 
 
+@pytest.mark.parametrize("arch", ARCHS, ids=lambda a: f"sm{a}")
+@pytest.mark.parametrize("cfg", autotuning.K1_CONFIGS, ids=_ids)
+def test_k1_compiles_for_the_weight_side_merge(cfg, arch):
+    """The merge's layout: x is L^T (tokens are L's contiguous axis), w is R^T (fp32, K-major),
+    S scales w's rows. Production runs it whenever T > out (Llama's k/v at T >= 1024)."""
+    for width in (64, 128):
+        _check(
+            cc.compile_k1(cfg, "bf16", width, width, arch, layout="merge"), f"K1 merge {width} {_ids(cfg)} sm_{arch}"
+        )
+
+
 @pytest.mark.parametrize(
     "arch, cfg",
     [(90, c) for c in autotuning.K3_CONFIGS_HOPPER] + [(80, c) for c in autotuning.K3_CONFIGS_AMPERE],

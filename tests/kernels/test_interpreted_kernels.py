@@ -39,67 +39,105 @@ def _x(tokens, nblk, k, dtype, layout):
     return torch.randn(tokens, nblk, k, dtype=dtype)
 
 
+def _folded64(w, scale, scale_rows):
+    w64 = w.double()
+    if scale is None:
+        return w64
+    return w64 * scale.double().unsqueeze(-1 if scale_rows else -2)
+
+
+SCALES = ["none", "cols", "rows"]
+
+
+@pytest.mark.parametrize("scale_mode", SCALES)
 @pytest.mark.parametrize("layout", ["contiguous", "strided", "token-major"])
 @pytest.mark.parametrize("shape", SHAPES, ids=SHAPE_IDS)
 @pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS.get)
-def test_k1_block_diag_matmul(dtype, shape, layout):
+def test_k1_block_diag_matmul(dtype, shape, layout, scale_mode):
+    """K1 with fp32 weights (the trainable storage) and the scale folded in the kernel."""
     tokens, nblk, k, n = shape
     x = _x(tokens, nblk, k, dtype, layout)
-    w = torch.randn(nblk, k, n, dtype=dtype) / k**0.5
+    w = torch.randn(nblk, k, n) / k**0.5
+    scale = None if scale_mode == "none" else torch.rand(nblk, k if scale_mode == "rows" else n) + 0.5
+    rows = scale_mode == "rows"
     assert use_triton(x)
-    y = block_diag_matmul(x, w)
-    ref = torch.einsum("tjk,jkn->tjn", x.double(), w.double())
+    y = block_diag_matmul(x, w, scale, rows)
+    ref = torch.einsum("tjk,jkn->tjn", x.double(), _folded64(w, scale, rows))
     assert y.shape == (tokens, nblk, n) and y.dtype == dtype
-    assert_within_rule(y, torch_block_diag_matmul(x, w), ref, dtype, "K1")
+    assert_within_rule(y, torch_block_diag_matmul(x, w, scale, rows), ref, dtype, "K1")
 
 
-@pytest.mark.parametrize("outputs", ["both", "dx", "dw"])
+@pytest.mark.parametrize("outputs", ["all", "dx", "dw", "ds", "dw-ds", "dx-no-scale", "dw-no-scale"])
 @pytest.mark.parametrize("shape", SHAPES, ids=SHAPE_IDS)
 @pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS.get)
 def test_k3_block_diag_backward(dtype, shape, outputs):
+    """dx, dR = G * S and dS = sum_K G * R from one launch, against float64."""
     tokens, nblk, k, n = shape
     x = _x(tokens, nblk, k, dtype, "strided")
-    w = torch.randn(nblk, k, n, dtype=dtype) / k**0.5
+    w = torch.randn(nblk, k, n) / k**0.5  # fp32, as R is stored
+    scale = None if outputs.endswith("no-scale") else torch.rand(nblk, n) + 0.5
     g = torch.randn(tokens, nblk, n, dtype=dtype)
-    want_dx, want_dw = outputs in ("both", "dx"), outputs in ("both", "dw")
-    dx, dw = block_diag_matmul_backward(g, x, w, want_dx, want_dw)
-    same_dx, same_dw = torch_block_diag_backward(g, x, w, want_dx, want_dw)
-    if want_dx:
-        ref = torch.einsum("tjn,jkn->tjk", g.double(), w.double())
-        assert dx.dtype == dtype
-        assert_within_rule(dx, same_dx, ref, dtype, "K3 dx")
-    else:
-        assert dx is None
-    if want_dw:
-        ref = torch.einsum("tjk,tjn->jkn", x.double(), g.double())
-        assert dw.dtype == torch.float32 and dw.shape == (nblk, k, n)
-        assert_within_rule(dw, same_dw, ref, dtype, "K3 G")
-    else:
-        assert dw is None
+    want = {
+        "all": (True, True, True), "dx": (True, False, False), "dw": (False, True, False), "ds": (False, False, True),
+        "dw-ds": (False, True, True), "dx-no-scale": (True, False, False), "dw-no-scale": (False, True, False),
+    }[outputs]  # fmt: skip
+    ours = block_diag_matmul_backward(g, x, w, scale, *want)
+    same = torch_block_diag_backward(g, x, w, scale, *want)
+    gram = torch.einsum("tjk,tjn->jkn", x.double(), g.double())
+    refs = (
+        torch.einsum("tjn,jkn->tjk", g.double(), _folded64(w, scale, False)),
+        gram if scale is None else gram * scale.double().unsqueeze(1),
+        None if scale is None else (gram * w.double()).sum(dim=1),
+    )
+    for name, wanted, got, same_dtype, ref, dtype_expected in zip(
+        ("dx", "dR", "dS"), want, ours, same, refs, (dtype, torch.float32, torch.float32), strict=True
+    ):
+        if not wanted:
+            assert got is None, name
+            continue
+        assert got.dtype == dtype_expected and got.shape == ref.shape, name
+        assert_within_rule(got, same_dtype, ref, dtype, f"K3 {name}")
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS.get)
 def test_k3_multi_split_reduction_is_exact_and_deterministic(dtype):
+    """Several T splits and several K tiles per block: the last program to arrive reduces them in
+    a fixed order (twice the same bits), and leaves the counters at zero for the next launch."""
     tokens = 1100
-    rows, splits = autotuning.split_rows(tokens)
+    rows, splits = autotuning.split_rows(tokens, 2)
     assert splits == 3 and rows % autotuning.SPLIT_ROW_ALIGN == 0
-    x = torch.randn(tokens, 2, 16, dtype=dtype)
-    g = torch.randn(tokens, 2, 24, dtype=dtype)
-    w = torch.randn(2, 16, 24, dtype=dtype)
-    first = block_diag_matmul_backward(g, x, w)
-    second = block_diag_matmul_backward(g, x, w)
-    assert torch.equal(first[0], second[0]) and torch.equal(first[1], second[1])
-    ref = torch.einsum("tjk,tjn->jkn", x.double(), g.double())
-    assert_within_rule(first[1], torch_block_diag_backward(g, x, w)[1], ref, dtype, "K3 G over 3 splits")
+    k, n = 80, 24  # 3 K tiles of the interpreter's 32
+    x = torch.randn(tokens, 2, k, dtype=dtype)
+    g = torch.randn(tokens, 2, n, dtype=dtype)
+    w, scale = torch.randn(2, k, n), torch.rand(2, n) + 0.5
+    first = block_diag_matmul_backward(g, x, w, scale, True, True, True)
+    second = block_diag_matmul_backward(g, x, w, scale, True, True, True)
+    assert all(torch.equal(a, b) for a, b in zip(first, second, strict=True))
+    gram = torch.einsum("tjk,tjn->jkn", x.double(), g.double())
+    same = torch_block_diag_backward(g, x, w, scale, True, True, True)
+    assert_within_rule(first[1], same[1], gram * scale.double().unsqueeze(1), dtype, "K3 dR over 3 splits")
+    assert_within_rule(first[2], same[2], (gram * w.double()).sum(dim=1), dtype, "K3 dS over 3 splits, 3 K tiles")
+
+
+def test_k3_partials_are_bounded_by_program_count_not_tokens():
+    """The split count grows with T only until about K3_TARGET_PROGRAMS (split, block) pairs, so
+    the fp32 partials stop growing too (they used to grow with T: 117 MB on down_proj at 8192)."""
+    for nblk in (8, 64, 112):
+        counts = [autotuning.split_rows(tokens, nblk)[1] for tokens in (8192, 65536, 1 << 20)]
+        assert counts[1] == counts[2], (nblk, counts)
+        assert all(c * nblk <= autotuning.K3_TARGET_PROGRAMS + nblk for c in counts), (nblk, counts)
+    down_proj_partials = autotuning.split_rows(8192, 112)[1] * 112 * 128 * 128 * 4
+    assert down_proj_partials < 40e6
 
 
 def test_k3_wide_blocks_fall_back_to_k1_for_dx():
     n = autotuning.MAX_FUSED_N + 44
-    x, g, w = torch.randn(9, 2, 20), torch.randn(9, 2, n), torch.randn(2, 20, n)
-    dx, dw = block_diag_matmul_backward(g, x, w)
-    assert_within_rule(dx, torch_block_diag_backward(g, x, w)[0], torch.einsum("tjn,jkn->tjk", g.double(), w.double()),
-                       torch.float32, "dx")  # fmt: skip
-    assert torch.allclose(dw, torch.einsum("tjk,tjn->jkn", x, g), rtol=1e-5, atol=1e-4)
+    x, g, w, scale = torch.randn(9, 2, 20), torch.randn(9, 2, n), torch.randn(2, 20, n), torch.rand(2, n) + 0.5
+    dx, dw, ds = block_diag_matmul_backward(g, x, w, scale, True, True, True)
+    same = torch_block_diag_backward(g, x, w, scale, True, True, True)
+    ref_dx = torch.einsum("tjn,jkn->tjk", g.double(), _folded64(w, scale, False))
+    assert_within_rule(dx, same[0], ref_dx, torch.float32, "dx")
+    assert torch.equal(dw, same[1]) and torch.equal(ds, same[2])
 
 
 LAYER_CASES = [
@@ -155,9 +193,12 @@ def test_empty_batch_on_the_triton_path(dtype):
     w = torch.randn(3, 16, 8, dtype=dtype)
     assert use_triton(w)
     assert block_diag_matmul(torch.randn(0, 3, 16, dtype=dtype), w).shape == (0, 3, 8)
-    dx, dw = block_diag_matmul_backward(torch.randn(0, 3, 8, dtype=dtype), torch.randn(0, 3, 16, dtype=dtype), w)
-    assert dx.shape == (0, 3, 16) and dw.shape == (3, 16, 8) and not dw.any()
-    assert autotuning.split_rows(0)[1] == 0
+    scale = torch.rand(3, 8)
+    dx, dw, ds = block_diag_matmul_backward(
+        torch.randn(0, 3, 8, dtype=dtype), torch.randn(0, 3, 16, dtype=dtype), w, scale, True, True, True
+    )
+    assert dx.shape == (0, 3, 16) and dw.shape == (3, 16, 8) and not dw.any() and not ds.any()
+    assert autotuning.split_rows(0, 3)[1] == 0
     layer = FusedBTTLinear.from_linear(nn.Linear(48, 20))
     x = torch.randn(2, 0, 48, dtype=dtype, requires_grad=True)
     y = layer(x)
