@@ -58,6 +58,11 @@ class Profile:
     reps: int = 10
     input_sets: int = 3  # rotated so the caches are not what is measured
     models: list[dict] = field(default_factory=list)  # Llama shapes for the whole-model suite
+    # Weight-bound kernels (NF4 dequant and GEMMs, the weight-side merge) rotate copies of their
+    # weights adding up to this many bytes: at least twice an H100's 50 MB L2, so each call reads
+    # its weights from HBM, as a model's next layer does (one set reused let graph replays beat
+    # the HBM floor). 0: no rotation (the CPU profiles, which say nothing about GPU speed).
+    rotate_bytes: int = 128 << 20
 
 
 TINY_MODEL = dict(
@@ -119,6 +124,7 @@ PROFILES = {
         warmup=3,
         reps=10,
         models=[SMALL_MODEL],
+        rotate_bytes=0,
     ),
     "cpu-tiny": Profile(
         "cpu-tiny",
@@ -128,6 +134,7 @@ PROFILES = {
         reps=2,
         input_sets=2,
         models=[TINY_MODEL],
+        rotate_bytes=0,
     ),
 }
 
@@ -166,15 +173,28 @@ def ceilings(device: torch.device, dtype: torch.dtype, quick: bool) -> tuple[Cei
     return c, info
 
 
-def _time_kernel(fn, profile: Profile, device: torch.device) -> tuple[dict, dict]:
+# At most this many weight copies per kernel (a small core would otherwise need thousands).
+MAX_WEIGHT_SETS = 64
+
+
+def _weight_sets(nbytes: int, profile: Profile) -> int:
+    """How many copies of `nbytes` of weights to rotate: enough for `profile.rotate_bytes`."""
+    if not profile.rotate_bytes:
+        return 1
+    return min(MAX_WEIGHT_SETS, max(1, -(-profile.rotate_bytes // max(nbytes, 1))))
+
+
+def _time_kernel(fn, profile: Profile, device: torch.device, weight_sets: int = 1) -> tuple[dict, dict]:
     """(time, extra fields) of one kernel call. On a GPU the time is the CUDA-graph replay
     time, the kernel's own cost (a decode loop captures its kernels the same way), and the
-    eagerly launched time, host launch overhead included, is kept beside it."""
+    eagerly launched time, host launch overhead included, is kept beside it. The graph holds
+    one call per rotated input or weight set, so every set is read in each replay."""
     eager = measure(fn, device, profile.warmup, profile.reps)
-    graph = measure_graph(fn, device, 1, max(profile.reps, 10), profile.input_sets)
+    graph = measure_graph(fn, device, 1, max(profile.reps, 10), max(profile.input_sets, weight_sets))
+    how = {"weight_sets": weight_sets}
     if graph is None:
-        return eager, {"timing": "eager"}
-    return graph, {"timing": "cuda-graph", "eager_time_ms": eager}
+        return eager, {"timing": "eager", **how}
+    return graph, {"timing": "cuda-graph", "eager_time_ms": eager, **how}
 
 
 def _record(suite: str, name: str, method: str, case: LayerCase | None, tokens: int | None, dtype, t: dict, **extra):
@@ -217,10 +237,6 @@ def _bnb_dequant_then_gemm(z: torch.Tensor, packed: torch.Tensor, quant_state) -
     return z @ _bnb_functional().dequantize_4bit(packed, quant_state).t()
 
 
-def _dequant_then_gemm(z: torch.Tensor, state: NF4Tensor, scratch: torch.Tensor) -> torch.Tensor:
-    return z @ nf4_dequantize(state, z.dtype, out=scratch).t()
-
-
 def kernel_suite(profile: Profile, device: torch.device, dtype: torch.dtype, c: Ceilings, bar) -> list[dict]:
     records = []
     elem = torch.empty(0, dtype=dtype).element_size()
@@ -230,21 +246,32 @@ def kernel_suite(profile: Profile, device: torch.device, dtype: torch.dtype, c: 
         # in the kernel (K1 on R's columns, the merge on R^T's rows, K3 with dR and dS).
         w = torch.randn(n, b, r, device=device) / b**0.5
         s = torch.rand(n, r, device=device) + 0.5
-        core = torch.randn(case.out_features, n * r, device=device, dtype=dtype) / (n * r) ** 0.5
-        bnb_core = _bnb_nf4(core)  # (packed, quant_state) when bitsandbytes runs on this device
-        state = NF4Tensor.from_bnb(*bnb_core) if bnb_core else quantize_nf4(core.cpu(), double_quant=True).to(device)
-        l_t = core.reshape(case.out_features, n, r)
-        merge_t, how = _time_kernel(_rotating(block_diag_matmul, l_t, w.transpose(1, 2), s, True), profile, device)
+        # Weight-bound kernels read a different copy of their weights at every call (see
+        # Profile.rotate_bytes): NF4 states for the NF4 kernels, dense cores for the merge.
+        numel = case.out_features * n * r
+        nf4_sets = _weight_sets(numel // 2, profile)
+        dense_sets = _weight_sets(numel * elem, profile)
+        cores = [torch.randn(case.out_features, n * r, device=device, dtype=dtype) / (n * r) ** 0.5
+                 for _ in range(max(nf4_sets, dense_sets))]  # fmt: skip
+        bnb_cores = [_bnb_nf4(core) for core in cores[:nf4_sets]]  # (packed, state) where bitsandbytes runs
+        has_bnb = bnb_cores[0] is not None
+        states = [NF4Tensor.from_bnb(*bc) if bc else quantize_nf4(core.cpu(), double_quant=True).to(device)
+                  for bc, core in zip(bnb_cores, cores, strict=False)]  # fmt: skip
+        bnb_packed = [bc[0] for bc in bnb_cores] if has_bnb else None
+        bnb_states = [bc[1] for bc in bnb_cores] if has_bnb else None
+        l_ts = [core.reshape(case.out_features, n, r) for core in cores[:dense_sets]]
+        merge_fn = _rotating(block_diag_matmul, l_ts, w.transpose(1, 2), s, True)
+        merge_t, how = _time_kernel(merge_fn, profile, device, dense_sets)
         f, by = floors.merge_cost(case.in_features, case.out_features, r, elem)
         records.append(_record("kernel", "weight_merge", "fura", case, None, dtype, merge_t, **how,
                                **_rates(f, by, merge_t["median"], floors.roofline_ms(f, by, c))))  # fmt: skip
-        scratch = torch.empty(core.numel(), device=device, dtype=dtype)
-        f, by = floors.nf4_dequant_cost(core.numel(), elem)
-        dequant = {"qfura": _rotating(nf4_dequantize, state, dtype, scratch)}
-        if bnb_core:
-            dequant["bitsandbytes"] = _rotating(_bnb_functional().dequantize_4bit, *bnb_core)
+        scratch = torch.empty(numel, device=device, dtype=dtype)
+        f, by = floors.nf4_dequant_cost(numel, elem)
+        dequant = {"qfura": _rotating(nf4_dequantize, states, dtype, scratch)}
+        if has_bnb:
+            dequant["bitsandbytes"] = _rotating(_bnb_functional().dequantize_4bit, bnb_packed, bnb_states)
         for method, fn in dequant.items():
-            t, how = _time_kernel(fn, profile, device)
+            t, how = _time_kernel(fn, profile, device, nf4_sets)
             records.append(_record("kernel", "nf4_dequant", method, case, None, dtype, t, **how,
                                    **_rates(f, by, t["median"], floors.roofline_ms(f, by, c))))  # fmt: skip
         for tokens in profile.tokens:
@@ -265,21 +292,21 @@ def kernel_suite(profile: Profile, device: torch.device, dtype: torch.dtype, c: 
                 # Decode path: ours dequantises inside the K loop; bitsandbytes' inference path
                 # (`matmul_4bit`: its gemv kernel at T = 1, dequantise + matmul above).
                 f, by = floors.nf4_gemm_cost(tokens, n * r, case.out_features, elem)
-                timed = {"qfura": _rotating(nf4_matmul, zs, state)}
-                if bnb_core:
-                    timed["bitsandbytes"] = _rotating(_bnb_matmul_4bit, zs, *bnb_core)
+                timed = {"qfura": _rotating(nf4_matmul, zs, states)}
+                if has_bnb:
+                    timed["bitsandbytes"] = _rotating(_bnb_matmul_4bit, zs, bnb_packed, bnb_states)
                 name = "nf4_small_t_gemm"
             else:
-                # Training path: the core is dequantised (ours into the shared scratch buffer),
-                # then one cuBLAS GEMM, as in QFuRALinearFunction's forward.
+                # Training path: the core is dequantised, then one cuBLAS GEMM (`nf4_matmul`'s
+                # choice above SMALL_T_MAX tokens), as in QFuRALinearFunction's forward.
                 f, by = floors.gemm_cost(tokens, n * r, case.out_features, elem)
-                timed = {"qfura": _rotating(_dequant_then_gemm, zs, state, scratch)}
-                if bnb_core:
-                    timed["bitsandbytes"] = _rotating(_bnb_dequant_then_gemm, zs, *bnb_core)
+                timed = {"qfura": _rotating(nf4_matmul, zs, states)}
+                if has_bnb:
+                    timed["bitsandbytes"] = _rotating(_bnb_dequant_then_gemm, zs, bnb_packed, bnb_states)
                 name = "nf4_dequant_gemm"
             with torch.no_grad():
                 for method, fn in timed.items():
-                    t, how = _time_kernel(fn, profile, device)
+                    t, how = _time_kernel(fn, profile, device, nf4_sets)
                     records.append(_record("kernel", name, method, case, tokens, dtype, t, **how,
                                            **_rates(f, by, t["median"], floors.roofline_ms(f, by, c))))  # fmt: skip
             bar.update(1)

@@ -19,7 +19,6 @@ exactly as they would move a dense core's dtype. Every buffer is a plain registe
 
 from __future__ import annotations
 
-import warnings
 from collections.abc import Mapping
 
 import torch
@@ -28,8 +27,6 @@ from torch import nn
 from .autograd import fura_linear, qfura_linear
 from .distributed import full_tensor
 from .nf4 import BLOCKSIZE, NESTED_BLOCKSIZE, NF4Tensor, dequantize_nf4, quantize_nf4
-from .triton import use_triton
-from .triton.nf4_ops import SMALL_T_MAX
 
 QUANT_TYPES = ("nf4",)
 
@@ -109,7 +106,6 @@ class NF4Core(nn.Module):
         self.shape = (out_features, inner)
         self.double_quant = double_quant
         self.label = label
-        self._warned_fallback = False
         numel = out_features * inner
         blocks = -(-numel // BLOCKSIZE)
         self.register_buffer("packed", torch.empty(((numel + 1) // 2, 1), dtype=torch.uint8, device=device))
@@ -180,14 +176,6 @@ class NF4Core(nn.Module):
         return self.materialize(torch.float32, state)
 
     def linear(self, x, btt_r, btt_s, bias) -> torch.Tensor:
-        tokens = x.numel() // max(x.shape[-1], 1)
-        if tokens <= SMALL_T_MAX and self.shape[1] % 64 and not self._warned_fallback and use_triton(x):
-            self._warned_fallback = True
-            warnings.warn(
-                f"{self.label}: core rows of {self.shape[1]} values are not a multiple of 64, so the fused small-T "
-                "NF4 kernel cannot run; dequantising the core for every call instead",
-                stacklevel=3,
-            )
         return qfura_linear(x, self.state(), btt_r, btt_s, bias)
 
     def storage_bytes(self) -> int:

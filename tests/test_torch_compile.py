@@ -77,3 +77,31 @@ def test_tiny_llama_fullgraph_no_recompile_per_size():
     assert not torch._dynamo.utils.counters["graph_break"]
     # static first compile, one dynamic recompile, one for the merge branch: not one per size
     assert torch._dynamo.utils.counters["stats"]["unique_graphs"] <= 3
+
+
+@pytest.mark.slow
+def test_qfura_fullgraph_compile_trains_like_eager():
+    """QFuRA's NF4 steps are custom ops with fake implementations: a QFuRA MLP compiles with
+    fullgraph=True (no graph break) and trains like eager, through both the activation side
+    and the weight-side merge."""
+    torch.manual_seed(0)  # layers QFuRA can hold (out > b); 64 rows: activation side, then the merge
+    eager = nn.Sequential(nn.Linear(64, 128), nn.GELU(), nn.Linear(128, 48))
+    convert_to_fura(eager, "all-linear", quantize="nf4", progress=False)
+    compiled_model = copy.deepcopy(eager)
+    compiled = torch.compile(compiled_model, fullgraph=True, dynamic=False)
+    opt_e = torch.optim.AdamW([p for p in eager.parameters() if p.requires_grad], lr=1e-2)
+    opt_c = torch.optim.AdamW([p for p in compiled_model.parameters() if p.requires_grad], lr=1e-2)
+    x, target = torch.randn(64, 64), torch.randn(64, 48)
+    torch._dynamo.utils.counters.clear()
+    losses_e, losses_c = [], []
+    for _ in range(4):
+        for model, opt, losses in ((eager, opt_e, losses_e), (compiled, opt_c, losses_c)):
+            opt.zero_grad()
+            loss = nn.functional.mse_loss(model(x), target)
+            loss.backward()
+            opt.step()
+            losses.append(loss.item())
+    assert not torch._dynamo.utils.counters["graph_break"], dict(torch._dynamo.utils.counters["graph_break"])
+    assert losses_c[-1] < losses_c[0]
+    for le, lc in zip(losses_e, losses_c, strict=True):
+        assert abs(le - lc) <= 1e-4 * abs(le)

@@ -160,8 +160,8 @@ def _nf4_signature(a_type: str, transpose: bool) -> tuple[dict, list[str]]:
 
 
 def compile_nf4_matmul(dtype: str, block_t: int, arch: int, transpose: bool = False) -> CompiledKernel:
-    """The fused small-T NF4 GEMM (double quantisation on), as `nf4_ops.nf4_matmul` launches it."""
-    from . import nf4_ops
+    """The fused small-T NF4 GEMM (double quantisation on), as `nf4_launchers` launches it."""
+    from . import nf4_launchers as nf4_ops
     from .nf4_kernels import nf4_matmul_kernel, nf4_matmul_t_kernel
 
     signature, aligned = _nf4_signature(TRITON_TYPES[dtype], transpose)
@@ -181,7 +181,7 @@ def compile_nf4_matmul(dtype: str, block_t: int, arch: int, transpose: bool = Fa
 
 def compile_nf4_dequantize(dtype: str, arch: int) -> CompiledKernel:
     """The training-path dequantisation pass (double quantisation on)."""
-    from . import nf4_ops
+    from . import nf4_launchers as nf4_ops
     from .nf4_kernels import nf4_dequantize_kernel
 
     signature = {
@@ -201,3 +201,34 @@ def compile_nf4_dequantize(dtype: str, arch: int) -> CompiledKernel:
     constexprs = {"GROUPS": nf4_ops.DEQUANT_GROUPS, "DOUBLE_QUANT": True, "OUT_DTYPE": dtype}
     aligned = ["packed_ptr", "absmax_ptr", "out_ptr", "numel", "n_bytes"]
     return _compile(nf4_dequantize_kernel, signature, constexprs, aligned, arch, 4, 1)
+
+
+def compile_nf4_decode(dtype: str, arch: int, transpose: bool = False) -> CompiledKernel:
+    """A decode kernel (T <= 4, double quantisation on) as `nf4_launchers.triton_nf4_decode`
+    launches it on a contiguous activation and a core whose rows are 16-byte multiples."""
+    from . import nf4_launchers as nl
+    from .nf4_kernels import nf4_decode_kernel, nf4_decode_t_kernel
+
+    ptr = TRITON_TYPES[dtype]
+    scales = {"packed_ptr": "*u8", "absmax_ptr": "*u8", "nested_code_ptr": "*fp32", "nested_absmax_ptr": "*fp32",
+              "offset_ptr": "*fp32"}  # fmt: skip
+    signature = {"a_ptr": ptr, **scales}
+    if transpose:
+        signature.update({"partial_ptr": "*fp32", "counter_ptr": "*i32", "out_ptr": ptr})
+        sizes = ["T", "N", "K", "row_bytes", "n_per_split", "n_splits", "stride_at", "stride_an", "stride_ot",
+                 "stride_ok"]  # fmt: skip
+        unit = {"stride_an", "stride_ok"}
+        tiles = {"BLOCK_N": nl.DECODE_T_ROWS, "BLOCK_K": nl.DECODE_T_K}
+    else:
+        signature["y_ptr"] = ptr
+        sizes = ["T", "N", "K", "row_bytes", "stride_at", "stride_ak", "stride_yt", "stride_yn"]
+        unit = {"stride_ak", "stride_yn"}
+        tiles = {"BLOCK_N": nl.DECODE_ROWS, "BLOCK_K": nl.DECODE_K}
+    signature.update({name: ("constexpr" if name in unit else "i32") for name in sizes})
+    meta = {**tiles, "BLOCK_T": nl.DECODE_BLOCK_T, "DOUBLE_QUANT": True, "L_DTYPE": "bf16"}
+    signature.update({name: "constexpr" for name in meta})
+    constexprs = {**{name: 1 for name in unit}, **meta}
+    aligned = [n for n in signature if n.endswith("_ptr")] + ["K", "row_bytes"]
+    aligned += [n for n in sizes if n.startswith("stride") and n not in unit] + (["n_per_split"] if transpose else [])
+    kernel = nf4_decode_t_kernel if transpose else nf4_decode_kernel
+    return _compile(kernel, signature, constexprs, aligned, arch, nl.DECODE_WARPS, 1)

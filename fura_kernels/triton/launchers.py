@@ -51,7 +51,7 @@ def _launch(tuned, kernel, choices: dict, key: tuple, grid, args: tuple, meta: d
     kernel[grid](*args, **meta, **config.kwargs, num_warps=config.num_warps, num_stages=config.num_stages)
 
 
-def _counters(nblk: int, device: torch.device) -> torch.Tensor:
+def counters_for(nblk: int, device: torch.device) -> torch.Tensor:
     """Zeroed int32 counters for K3's blocks. Cached per device and stream (the kernel resets
     what it uses), except while a CUDA graph is being captured: the graph then records its own
     zeroing, so no buffer from its private pool leaks into later eager calls."""
@@ -120,7 +120,7 @@ def triton_block_diag_backward(
         return grad_x, grad_w, grad_s
     rows_per_split, n_splits = at.split_rows(tokens, nblk)
     partial = torch.empty((n_splits, nblk, k, n), dtype=torch.float32, device=device) if need_g else None
-    counters = _counters(nblk, device) if need_g else None
+    counters = counters_for(nblk, device) if need_g else None
     # Unused operands get a placeholder pointer; the constexpr flags compile their code away.
     placeholder = grad_out
     bucket = at.t_bucket(tokens)

@@ -6,11 +6,16 @@ Design note. QFuRA's frozen core is stored as `Lt` (N x K, N = out features, K =
 - Training (T > 64): one memory-bound pass dequantises `Lt` into a reusable scratch buffer
   (`nf4_dequantize_kernel`), and cuBLAS runs the big GEMMs on it. A dequantise-in-GEMM kernel
   cannot beat cuBLAS there on Hopper (bitsandbytes and torchao measured the same).
-- Decode (T <= 64): the GEMM is bandwidth-bound on the 0.52 bytes/value of `Lt`, so the fused
+- Small T (5..64): the GEMM is bandwidth-bound on the 0.52 bytes/value of `Lt`, so the fused
   kernels dequantise tiles inside the K loop and never write `Lt` out. Operands are swapped so
   the dequantised tile (64-128 rows) is the MMA's large M side and the few tokens are its N
   side. K is split across programs for parallelism; the per-split partials are summed in a
   fixed order afterwards, so results are reproducible.
+- Decode (T <= 4): an MMA would pad the tokens to 16, so the decode kernels use CUDA-core FMAs
+  instead. Packed codes are read 16 bytes at a time along a row, the 16 levels come from a
+  where-tree of constants (no table in memory), and the reduction finishes inside the launch:
+  over K within a program for `a · Lt^T`, over N across programs for `a · Lt` (the last
+  program of each column tile sums the split partials in a fixed order, as K3 does).
 
 Scales: `absmax[i]` (fp32) or, with double quantisation, `nested_code[q[i]] *
 nested_absmax[i // 256] + offset`, where `i` is the 64-value block of the flattened tensor
@@ -39,6 +44,30 @@ def _round_to(x, DTYPE: tl.constexpr):
         return x.to(tl.float16).to(tl.float32)
     else:
         return x
+
+
+@triton.jit
+def _nf4_level(code):
+    """The NF4 level of 4-bit codes (int32), by a where-tree of the 16 constants of
+    `fura_kernels.nf4.NF4_LEVELS`: the table lives in the instruction stream, not in memory, so
+    decoding a value needs no load (bitsandbytes' kernels do the same)."""
+    b0 = (code & 1) != 0
+    b1 = (code & 2) != 0
+    b2 = (code & 4) != 0
+    b3 = (code & 8) != 0
+    q0 = tl.where(b0, -0.6961928009986877, -1.0)
+    q1 = tl.where(b0, -0.39491748809814453, -0.5250730514526367)
+    q2 = tl.where(b0, -0.18477343022823334, -0.28444138169288635)
+    q3 = tl.where(b0, 0.0, -0.09105003625154495)
+    q4 = tl.where(b0, 0.16093020141124725, 0.07958029955625534)
+    q5 = tl.where(b0, 0.33791524171829224, 0.24611230194568634)
+    q6 = tl.where(b0, 0.5626170039176941, 0.44070982933044434)
+    q7 = tl.where(b0, 1.0, 0.7229568362236023)
+    h0 = tl.where(b1, q1, q0)
+    h1 = tl.where(b1, q3, q2)
+    h2 = tl.where(b1, q5, q4)
+    h3 = tl.where(b1, q7, q6)
+    return tl.where(b3, tl.where(b2, h3, h2), tl.where(b2, h1, h0))
 
 
 @triton.jit
@@ -254,3 +283,157 @@ def nf4_matmul_t_kernel(
     out_mask = mask_k[:, None] & mask_t[None, :]
     tl.store(out, acc_even, mask=out_mask)
     tl.store(out + BLOCK_T, acc_odd, mask=out_mask)
+
+
+@triton.jit
+def nf4_decode_kernel(
+    a_ptr,
+    packed_ptr,
+    absmax_ptr,
+    nested_code_ptr,
+    nested_absmax_ptr,
+    offset_ptr,
+    y_ptr,
+    T,
+    N,
+    K,
+    row_bytes,
+    stride_at,
+    stride_ak,
+    stride_yt,
+    stride_yn,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    BLOCK_T: tl.constexpr,
+    DOUBLE_QUANT: tl.constexpr,
+    L_DTYPE: tl.constexpr,
+):
+    """Decode `y = a @ Lt^T` for T <= BLOCK_T (a few tokens): y[t, n] = sum_k Lt[n, k] a[t, k],
+    in y's dtype. a (T, K) any strides; Lt (N, K) NF4, K % 64 == 0, `row_bytes = K // 2` (its
+    own argument, so a launch can specialise on its divisibility and load 16 bytes at a time).
+
+    Grid: (cdiv(N, BLOCK_N),). Each program owns BLOCK_N rows and walks K in tiles of BLOCK_K
+    values (BLOCK_K / 2 contiguous bytes a row): the bytes' high and low nibbles are the even and
+    odd columns, multiplied with the matching columns of `a` on CUDA cores (no MMA, so nothing
+    is padded to 16 tokens) and reduced over K inside the program: no partials, no second pass.
+    """
+    GROUPS: tl.constexpr = BLOCK_K // 64
+    pid = tl.program_id(0)
+    offs_n = pid * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_t = tl.arange(0, BLOCK_T)
+    mask_n = offs_n < N
+    mask_t = offs_t < T
+    pairs = tl.arange(0, BLOCK_K // 2)
+    groups = tl.arange(0, GROUPS)
+    rows = offs_n.to(tl.int64)
+    a_rows = a_ptr + offs_t[:, None].to(tl.int64) * stride_at
+    acc = tl.zeros((BLOCK_N, BLOCK_T), dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        byte_col = k0 // 2 + pairs
+        mask_b = byte_col < row_bytes
+        tile_mask = mask_n[:, None] & mask_b[None, :]
+        byte = tl.load(packed_ptr + rows[:, None] * row_bytes + byte_col[None, :], mask=tile_mask, other=0).to(tl.int32)
+        scale = _block_scales(absmax_ptr, nested_code_ptr, nested_absmax_ptr, offset_ptr,
+                              rows[:, None] * (K // 64) + (k0 // 64 + groups)[None, :],
+                              mask_n[:, None] & (k0 + 64 * groups < K)[None, :], DOUBLE_QUANT)  # fmt: skip
+        scale = _spread(scale, BLOCK_N, GROUPS)
+        lt_even = _round_to(_nf4_level(byte >> 4) * scale, L_DTYPE)
+        lt_odd = _round_to(_nf4_level(byte & 0xF) * scale, L_DTYPE)
+        # The activation tile is read contiguously (vector loads) and split into its even and
+        # odd columns in registers, to meet the two nibbles of each byte.
+        cols = k0 + tl.arange(0, BLOCK_K)
+        a_tile = tl.load(a_rows + cols[None, :] * stride_ak, mask=mask_t[:, None] & (cols < K)[None, :], other=0.0)
+        a_even, a_odd = tl.split(tl.reshape(a_tile.to(tl.float32), (BLOCK_T, BLOCK_K // 2, 2)))
+        prod = lt_even[:, None, :] * a_even[None, :, :] + lt_odd[:, None, :] * a_odd[None, :, :]
+        acc += tl.sum(prod, axis=2)
+    y_ptrs = y_ptr + offs_t[None, :].to(tl.int64) * stride_yt + rows[:, None] * stride_yn
+    tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=mask_n[:, None] & mask_t[None, :])
+
+
+@triton.jit
+def nf4_decode_t_kernel(
+    a_ptr,
+    packed_ptr,
+    absmax_ptr,
+    nested_code_ptr,
+    nested_absmax_ptr,
+    offset_ptr,
+    partial_ptr,
+    counter_ptr,
+    out_ptr,
+    T,
+    N,
+    K,
+    row_bytes,
+    n_per_split,
+    n_splits,
+    stride_at,
+    stride_an,
+    stride_ot,
+    stride_ok,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    BLOCK_T: tl.constexpr,
+    DOUBLE_QUANT: tl.constexpr,
+    L_DTYPE: tl.constexpr,
+):
+    """Decode `g = a @ Lt` for T <= BLOCK_T: g[t, k] = sum_n a[t, n] Lt[n, k], in out's dtype.
+    a (T, N) any strides; Lt (N, K) NF4 as in `nf4_decode_kernel`; partial (n_splits, BLOCK_T,
+    K) fp32 scratch; counter (cdiv(K, BLOCK_K),) int32, zero on entry and on exit.
+
+    Grid: (cdiv(K, BLOCK_K), n_splits). A program reduces its split's rows for one tile of
+    columns on CUDA cores; the last program of a column tile to arrive (an acquire-release
+    ticket) adds the splits' partials in order and writes the output: one launch, reproducible.
+    """
+    GROUPS: tl.constexpr = BLOCK_K // 64
+    pid_k = tl.program_id(0)
+    pid_s = tl.program_id(1)
+    byte_col = pid_k * (BLOCK_K // 2) + tl.arange(0, BLOCK_K // 2)
+    mask_b = byte_col < row_bytes
+    groups = tl.arange(0, GROUPS)
+    offs_t = tl.arange(0, BLOCK_T)
+    mask_t = offs_t < T
+    acc_even = tl.zeros((BLOCK_T, BLOCK_K // 2), dtype=tl.float32)
+    acc_odd = tl.zeros((BLOCK_T, BLOCK_K // 2), dtype=tl.float32)
+    n_start = pid_s * n_per_split
+    n_end = tl.minimum(n_start + n_per_split, N)
+    for n0 in range(n_start, n_end, BLOCK_N):
+        offs_n = n0 + tl.arange(0, BLOCK_N)
+        mask_n = offs_n < n_end
+        rows = offs_n.to(tl.int64)
+        tile_mask = mask_n[:, None] & mask_b[None, :]
+        byte = tl.load(packed_ptr + rows[:, None] * row_bytes + byte_col[None, :], mask=tile_mask, other=0).to(tl.int32)
+        scale = _block_scales(absmax_ptr, nested_code_ptr, nested_absmax_ptr, offset_ptr,
+                              rows[:, None] * (K // 64) + (pid_k * GROUPS + groups)[None, :],
+                              mask_n[:, None] & (pid_k * BLOCK_K + 64 * groups < K)[None, :], DOUBLE_QUANT)  # fmt: skip
+        scale = _spread(scale, BLOCK_N, GROUPS)
+        lt_even = _round_to(_nf4_level(byte >> 4) * scale, L_DTYPE)
+        lt_odd = _round_to(_nf4_level(byte & 0xF) * scale, L_DTYPE)
+        a = tl.load(a_ptr + offs_t[:, None].to(tl.int64) * stride_at + offs_n[None, :] * stride_an,
+                    mask=mask_t[:, None] & mask_n[None, :], other=0.0).to(tl.float32)  # fmt: skip
+        acc_even += tl.sum(a[:, :, None] * lt_even[None, :, :], axis=1)
+        acc_odd += tl.sum(a[:, :, None] * lt_odd[None, :, :], axis=1)
+    out_mask = mask_t[:, None] & mask_b[None, :]
+    cols = 2 * byte_col.to(tl.int64)
+    if n_splits == 1:
+        out_even = out_ptr + offs_t[:, None].to(tl.int64) * stride_ot + cols[None, :] * stride_ok
+        tl.store(out_even, acc_even.to(out_ptr.dtype.element_ty), mask=out_mask)
+        tl.store(out_even + stride_ok, acc_odd.to(out_ptr.dtype.element_ty), mask=out_mask)
+    else:
+        tile = offs_t[:, None] * K + cols[None, :]
+        split_stride = BLOCK_T * K
+        tl.store(partial_ptr + pid_s * split_stride + tile, acc_even, mask=out_mask)
+        tl.store(partial_ptr + pid_s * split_stride + tile + 1, acc_odd, mask=out_mask)
+        ticket = tl.atomic_add(counter_ptr + pid_k, 1, sem="acq_rel")
+        if ticket == n_splits - 1:
+            total_even = tl.zeros((BLOCK_T, BLOCK_K // 2), dtype=tl.float32)
+            total_odd = tl.zeros((BLOCK_T, BLOCK_K // 2), dtype=tl.float32)
+            for split in range(0, n_splits):  # fixed order: reproducible bits
+                total_even += tl.load(partial_ptr + split * split_stride + tile, mask=out_mask, other=0.0,
+                                      cache_modifier=".cg")  # fmt: skip
+                total_odd += tl.load(partial_ptr + split * split_stride + tile + 1, mask=out_mask, other=0.0,
+                                     cache_modifier=".cg")  # fmt: skip
+            out_even = out_ptr + offs_t[:, None].to(tl.int64) * stride_ot + cols[None, :] * stride_ok
+            tl.store(out_even, total_even.to(out_ptr.dtype.element_ty), mask=out_mask)
+            tl.store(out_even + stride_ok, total_odd.to(out_ptr.dtype.element_ty), mask=out_mask)
+            tl.atomic_xchg(counter_ptr + pid_k, 0)  # zero again for the next launch (or graph replay)

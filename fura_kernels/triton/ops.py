@@ -30,11 +30,16 @@ TRITON_DISABLED = os.environ.get("FURA_DISABLE_TRITON") == "1"
 _TRITON_DEVICE = "cpu" if autotuning is not None and autotuning.INTERPRET else "cuda"
 
 
-def use_triton(t: torch.Tensor) -> bool:
-    """Whether the Triton kernels serve a tensor like `t`."""
+def triton_serves(dtype: torch.dtype, device: torch.device) -> bool:
+    """Whether the Triton kernels serve tensors of this dtype on this device."""
     if launchers is None or TRITON_DISABLED:
         return False
-    return t.dtype in launchers.TRITON_DTYPES and t.device.type == _TRITON_DEVICE
+    return dtype in launchers.TRITON_DTYPES and device.type == _TRITON_DEVICE
+
+
+def use_triton(t: torch.Tensor) -> bool:
+    """Whether the Triton kernels serve a tensor like `t`."""
+    return triton_serves(t.dtype, t.device)
 
 
 _PLAIN_TENSOR_TYPES = (torch.Tensor, torch.nn.Parameter)

@@ -109,3 +109,16 @@ def test_last_resort_configs_compile(arch):
     for kernel in (cc.compile_k1(autotuning.K1_MINIMAL, "bf16", 128, 128, arch),
                    cc.compile_k3(autotuning.K3_MINIMAL, "bf16", 256, 256, arch)):  # fmt: skip
         assert kernel.shared_bytes <= 99 * 1024 and not kernel.spills
+
+
+@pytest.mark.parametrize("transpose", [False, True], ids=["a@Lt^T", "a@Lt"])
+@pytest.mark.parametrize("arch", ARCHS, ids=lambda a: f"sm{a}")
+def test_nf4_decode_compiles(arch, transpose):
+    """The decode kernels (T <= 4): packed codes arrive in 16-byte vector loads, the math stays on
+    CUDA cores (no MMA, so nothing is padded to 16 tokens), no spills on sm_90 or sm_80."""
+    for dtype in ("bf16", "fp16"):
+        kernel = cc.compile_nf4_decode(dtype, arch, transpose)
+        what = f"NF4 decode {dtype} transpose={transpose} sm_{arch}"
+        assert "ld.global.v4.b32" in kernel.ptx, f"{what}: no 16-byte loads"
+        assert not kernel.uses_mma_sync and not kernel.uses_wgmma, f"{what}: uses MMA"
+        assert not kernel.spills and kernel.shared_bytes <= cc.SHARED_LIMIT[arch], what

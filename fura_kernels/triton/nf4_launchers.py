@@ -1,0 +1,150 @@
+"""Python launchers of the NF4 kernels: tensors in, tensors out (no autograd state here).
+
+Contracts as in `nf4_torch.py`, the PyTorch implementations; which one runs, and which kernel,
+is decided once, in `nf4_ops.py`.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+import triton
+
+from ..nf4 import NF4Tensor, nf4_code
+from . import autotuning
+from .launchers import counters_for
+from .nf4_kernels import (
+    nf4_decode_kernel,
+    nf4_decode_t_kernel,
+    nf4_dequantize_kernel,
+    nf4_matmul_kernel,
+    nf4_matmul_t_kernel,
+)
+
+DTYPE_NAMES = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}
+# Scale blocks (64 values, 32 bytes) per program of the dequantisation pass: 32 blocks make
+# 1 KB of codes per program, enough bytes in flight per program to hide the scale lookups.
+DEQUANT_GROUPS = 32
+# Fused tensor-core GEMM tiles: 64 rows of the dequantised core as the MMA's M side (wgmma's
+# minimum). K tiles of 128 values are 64 bytes per row, read once, and split into even and odd
+# columns (64 each): the dot's K side, and in the transposed kernel its M side, stay at 64.
+# 8 warps: with 4, the T <= 32 and T <= 64 tiles spill on sm_90 and sm_80 (8 to 120 B of
+# stack); 2 stages, double buffering (tests/kernels/test_compile.py checks spills and shared
+# memory).
+NF4_BLOCK_N = 64
+NF4_BLOCK_K = 128
+NF4_WARPS = 8
+NF4_STAGES = 2
+# The reduction axis is split so that about NF4_TARGET_PROGRAMS programs run (a few per SM
+# on a large GPU: one tile of a 4096-row core is only 64 programs), in splits of at least
+# NF4_MIN_SPLIT values and at most NF4_MAX_SPLITS of them. The count is a function of the
+# shape alone, so the fixed-order sum of partials is reproducible on any GPU.
+NF4_TARGET_PROGRAMS = 512
+NF4_MAX_SPLITS = 16
+NF4_MIN_SPLIT = 512
+# Decode kernels (T <= DECODE_BLOCK_T). `a · Lt^T`: DECODE_ROWS rows a program and DECODE_K
+# values (512 bytes a row) a step, so 4 warps load 16 bytes a thread; 4096 rows make 1024
+# programs. `a · Lt`: DECODE_T_K columns (128 bytes a row) by DECODE_T_ROWS rows a step, N
+# split for about NF4_TARGET_PROGRAMS programs.
+DECODE_BLOCK_T = 4
+DECODE_ROWS = 4
+DECODE_K = 1024
+DECODE_T_ROWS = 16
+DECODE_T_K = 256
+DECODE_WARPS = 4
+
+
+@functools.cache
+def levels(device: torch.device) -> torch.Tensor:
+    """The NF4 level table on `device`, built once (not copied to the device at every launch)."""
+    return nf4_code(device)
+
+
+def _scale_args(state: NF4Tensor, device: torch.device):
+    """Kernel pointers for the scales. The double-quantisation offset stays a device tensor: a
+    Python float would cost a GPU-to-host sync per launch."""
+    table = levels(torch.device(device))
+    if state.double_quant:
+        return state.nested_code, state.nested_absmax, state.offset
+    return table, table, table  # unused when DOUBLE_QUANT is off: any valid pointer will do
+
+
+def triton_nf4_dequantize(state: NF4Tensor, dtype: torch.dtype, target: torch.Tensor) -> None:
+    """Write the (N, K) core into `target` (N*K contiguous elements of `dtype`)."""
+    numel = state.numel
+    nested_code, nested_absmax, offset = _scale_args(state, target.device)
+    grid = (triton.cdiv(numel, 64 * DEQUANT_GROUPS),)
+    # No fused multiply-add: `code * absmax2 + offset` must round like bitsandbytes' two steps.
+    exact = {} if autotuning.INTERPRET else {"enable_fp_fusion": False}
+    nf4_dequantize_kernel[grid](state.packed, state.absmax, levels(target.device), nested_code, nested_absmax, offset,
+                                target, numel, (numel + 1) // 2, GROUPS=DEQUANT_GROUPS,
+                                DOUBLE_QUANT=state.double_quant, OUT_DTYPE=DTYPE_NAMES[dtype], **exact)  # fmt: skip
+
+
+def _splits(length: int, step: int, out_tiles: int) -> tuple[int, int]:
+    """(values per split, a multiple of `step`; split count) for a reduction of `length`."""
+    wanted = min(NF4_MAX_SPLITS, triton.cdiv(NF4_TARGET_PROGRAMS, out_tiles), triton.cdiv(length, NF4_MIN_SPLIT))
+    per_split = triton.cdiv(triton.cdiv(length, max(wanted, 1)), step) * step
+    return per_split, triton.cdiv(length, per_split)
+
+
+def triton_nf4_matmul(a: torch.Tensor, state: NF4Tensor, transpose: bool) -> torch.Tensor:
+    """The tensor-core kernels (5 <= T <= 64): `a @ Lt^T`, or `a @ Lt` with `transpose`."""
+    rows, cols = state.shape
+    tokens = a.shape[0]
+    nested_code, nested_absmax, offset = _scale_args(state, a.device)
+    block_t = max(autotuning.MIN_TILE, triton.next_power_of_2(tokens))
+    if transpose:  # reduce over the core's rows, in steps of BLOCK_N; output tiles of BLOCK_K columns
+        out_len, per_split, splits = cols, *_splits(rows, NF4_BLOCK_N, triton.cdiv(cols, NF4_BLOCK_K))
+    else:  # reduce over its columns, in steps of BLOCK_K; output tiles of BLOCK_N rows
+        out_len, per_split, splits = rows, *_splits(cols, NF4_BLOCK_K, triton.cdiv(rows, NF4_BLOCK_N))
+    partial = torch.empty((splits, out_len, block_t), dtype=torch.float32, device=a.device)
+    meta = dict(BLOCK_N=NF4_BLOCK_N, BLOCK_K=NF4_BLOCK_K, BLOCK_T=block_t, DOUBLE_QUANT=state.double_quant,
+                L_DTYPE=DTYPE_NAMES.get(state.dtype, "fp32"), UPCAST=autotuning.INTERPRET)  # fmt: skip
+    launch = dict(num_warps=NF4_WARPS, num_stages=NF4_STAGES) if not autotuning.INTERPRET else {}
+    args = (a, state.packed, state.absmax, levels(a.device), nested_code, nested_absmax, offset, partial, tokens, rows,
+            cols, per_split, *a.stride())  # fmt: skip
+    if transpose:
+        nf4_matmul_t_kernel[(triton.cdiv(cols, NF4_BLOCK_K), splits)](*args, **meta, **launch)
+    else:
+        nf4_matmul_kernel[(triton.cdiv(rows, NF4_BLOCK_N), splits)](*args, **meta, **launch)
+    # Second pass of the reduction, in a fixed order; then (out, T) -> (T, out).
+    total = partial[0] if splits == 1 else partial.sum(dim=0)
+    return total[:, :tokens].t().to(a.dtype)
+
+
+def decode_splits(rows: int, cols: int) -> tuple[int, int]:
+    """(rows per split, split count) of the `a @ Lt` decode kernel: a function of the shape."""
+    tiles = triton.cdiv(cols, DECODE_T_K)
+    wanted = max(1, min(triton.cdiv(NF4_TARGET_PROGRAMS, tiles), triton.cdiv(rows, DECODE_T_ROWS)))
+    per_split = triton.cdiv(triton.cdiv(rows, wanted), DECODE_T_ROWS) * DECODE_T_ROWS
+    return per_split, triton.cdiv(rows, per_split)
+
+
+def triton_nf4_decode(a: torch.Tensor, state: NF4Tensor, transpose: bool) -> torch.Tensor:
+    """The decode kernels (T <= DECODE_BLOCK_T), one launch each: `a @ Lt^T`, or `a @ Lt`."""
+    rows, cols = state.shape
+    tokens = a.shape[0]
+    nested_code, nested_absmax, offset = _scale_args(state, a.device)
+    meta = dict(BLOCK_T=DECODE_BLOCK_T, DOUBLE_QUANT=state.double_quant, L_DTYPE=DTYPE_NAMES.get(state.dtype, "fp32"))
+    if not autotuning.INTERPRET:
+        meta["num_warps"] = DECODE_WARPS
+    scales = (state.absmax, nested_code, nested_absmax, offset)
+    if not transpose:
+        y = torch.empty((tokens, rows), dtype=a.dtype, device=a.device)
+        nf4_decode_kernel[(triton.cdiv(rows, DECODE_ROWS),)](
+            a, state.packed, *scales, y, tokens, rows, cols, cols // 2, *a.stride(), *y.stride(),
+            BLOCK_N=DECODE_ROWS, BLOCK_K=DECODE_K, **meta,
+        )  # fmt: skip
+        return y
+    out = torch.empty((tokens, cols), dtype=a.dtype, device=a.device)
+    per_split, splits = decode_splits(rows, cols)
+    tiles = triton.cdiv(cols, DECODE_T_K)
+    partial = torch.empty((splits, DECODE_BLOCK_T, cols), dtype=torch.float32, device=a.device)
+    counters = counters_for(tiles, a.device)
+    nf4_decode_t_kernel[(tiles, splits)](
+        a, state.packed, *scales, partial, counters, out, tokens, rows, cols, cols // 2, per_split, splits,
+        *a.stride(), *out.stride(), BLOCK_N=DECODE_T_ROWS, BLOCK_K=DECODE_T_K, **meta,
+    )  # fmt: skip
+    return out
