@@ -23,10 +23,10 @@ DEVICE = "cuda"
 WARMUP, STEPS = 3, 8
 
 
-def _model():
+def _model(quantize=None):
     model = tiny_llama(seed=0, hidden_size=256, intermediate_size=512, num_attention_heads=4, num_key_value_heads=2)
     model = model.to(DEVICE, torch.bfloat16)
-    convert_to_fura(model, "all-linear", progress=False)  # trainables stay fp32
+    convert_to_fura(model, "all-linear", quantize=quantize, progress=False)  # trainables stay fp32
     return model.train()
 
 
@@ -45,9 +45,10 @@ def _batches(vocab):
     return [torch.randint(0, vocab, (4, 64), device=DEVICE, generator=generator) for _ in range(STEPS)]
 
 
-def test_whole_step_capture_replays_to_eager_bits():
+@pytest.mark.parametrize("quantize", [None, "nf4"], ids=["fura", "qfura"])
+def test_whole_step_capture_replays_to_eager_bits(quantize):
     torch.backends.cudnn.deterministic = True
-    eager = _model()
+    eager = _model(quantize)
     graphed = copy.deepcopy(eager)
     batches = _batches(eager.config.vocab_size)
 
