@@ -61,7 +61,9 @@ def run(argv: list[str] | None = None) -> Path:
     parser.add_argument("--device", default=None, help="cuda, cuda:1 or cpu (default: cuda when available)")
     parser.add_argument("--dtype", default=None, choices=["bfloat16", "float16", "float32"],
                         help="compute dtype (default: bfloat16 on a GPU, float32 on a CPU)")  # fmt: skip
-    parser.add_argument("--out", type=Path, default=Path("bench/results"), help="results root (default bench/results)")
+    parser.add_argument("--out", type=Path, default=Path("fura-bench-results"),
+                        help="results root (default ./fura-bench-results, untracked; bench/results is for results "
+                        "that are committed)")  # fmt: skip
     parser.add_argument("--readme", type=Path, help="also rewrite this README's benchmark table from the new results")
     args = parser.parse_args(argv)
 
@@ -84,6 +86,7 @@ def run(argv: list[str] | None = None) -> Path:
     print(f"results: {path}")
     text = report.table([(out, path.as_posix())])
     print(text)
+    print(report.summary(out))
     for plot in report.plots(out, path.parent / "plots"):
         print(f"plot: {plot}")
     if args.readme:

@@ -19,6 +19,11 @@ from fura_kernels.recipes.baselines import bnb_nf4_linear
 from .baselines import ReferenceBTTLinear
 
 METHODS = ("dense_floor", "fura", "qfura", "lora_r32", "lora_r64", "qlora_r32", "reference", "full_ft")
+# How a method is run (FURA_SPEC.md §8). "fair": what HF Trainer does with bf16=True, for every
+# method alike: bf16 base weights, fp32 trainable weights (full fine-tuning keeps fp32 master
+# weights), bf16 autocast, AdamW(fused=True). "pure": the storage the libraries default to, no
+# autocast, AdamW's default implementation; PEFT's fp32 adapters then run fp32 GEMMs there.
+CONFIGURATIONS = ("fair", "pure")
 
 
 @dataclass(frozen=True)
@@ -60,15 +65,17 @@ def _lora(base: nn.Module, rank: int) -> nn.Module:
     return get_peft_model(_Holder(base), config)
 
 
-def build(method: str, case: LayerCase, dtype: torch.dtype, device: torch.device) -> nn.Module:
+def build(
+    method: str, case: LayerCase, dtype: torch.dtype, device: torch.device, configuration: str = "fair"
+) -> nn.Module:
     """The module for `method` on `case`; its trainable tensors are exactly its `requires_grad` ones."""
     linear = base_linear(case, dtype, device)
     factor = {"input_factorization": (case.n, case.b)}
     if method == "dense_floor":
         linear.requires_grad_(False)
         return linear
-    if method == "full_ft":
-        return linear
+    if method == "full_ft":  # mixed precision keeps fp32 master weights under autocast
+        return linear.float() if configuration == "fair" else linear
     if method == "fura":
         return FusedBTTLinear.from_linear(linear, **factor)
     if method == "qfura":
@@ -87,17 +94,38 @@ def trainable(module: nn.Module) -> list[nn.Parameter]:
     return [p for p in module.parameters() if p.requires_grad]
 
 
-def make_step(module: nn.Module, inputs: list[tuple[torch.Tensor, torch.Tensor]]) -> Callable[[int], None]:
-    """One training step on input set `i % len(inputs)`: forward, backward (dx always: the
-    layer sits inside a network), AdamW on the trainable tensors."""
-    params = trainable(module)
-    optimizer = torch.optim.AdamW(params, lr=1e-4) if params else None
+def autocast_dtype(configuration: str, dtype: torch.dtype) -> torch.dtype | None:
+    """The autocast dtype of a configuration: the compute dtype when it is half precision."""
+    return dtype if configuration == "fair" and dtype in (torch.bfloat16, torch.float16) else None
+
+
+def make_optimizer(params, configuration: str, capturable: bool = False):
+    if not params:
+        return None
+    if configuration == "fair":
+        return torch.optim.AdamW(params, lr=1e-4, fused=True, capturable=capturable)
+    return torch.optim.AdamW(params, lr=1e-4, capturable=capturable)
+
+
+def make_step(
+    module: nn.Module,
+    inputs: list[tuple[torch.Tensor, torch.Tensor]],
+    configuration: str = "fair",
+    capturable: bool = False,
+) -> Callable[[int], None]:
+    """One training step on input set `i % len(inputs)` in `configuration`: forward (under
+    autocast in "fair"), backward (dx always: the layer sits inside a network), AdamW on the
+    trainable tensors (fused in "fair"; `capturable` for CUDA-graph capture)."""
+    optimizer = make_optimizer(trainable(module), configuration, capturable)
+    x0 = inputs[0][0]
+    amp = autocast_dtype(configuration, x0.dtype)
 
     def step(i: int) -> None:
         x, dy = inputs[i % len(inputs)]
         x.grad = None
-        y = module(x)
-        y.backward(dy)
+        with torch.autocast(x.device.type, dtype=amp or torch.bfloat16, enabled=amp is not None):
+            y = module(x)
+        y.backward(dy.to(y.dtype))
         if optimizer is not None:
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)

@@ -20,10 +20,27 @@ def _ms(rec: dict | None) -> str:
     return f"{rec['time_ms']['median']:.3f}" if rec and rec.get("time_ms") else "n/a"
 
 
-def _ratio(a: dict | None, b: dict | None) -> str:
-    if not (a and b and a.get("time_ms") and b.get("time_ms")):
+def _ratio(a: dict | None, b: dict | None, key: str = "time_ms") -> str:
+    if not (a and b and a.get(key) and b.get(key)):
         return "n/a"
-    return f"{a['time_ms']['median'] / b['time_ms']['median']:.2f}"
+    return f"{a[key]['median'] / b[key]['median']:.2f}"
+
+
+def _get(rec: dict | None, key: str) -> str:
+    return "n/a" if not rec or rec.get(key) is None else str(rec[key])
+
+
+# Results files written before the fair configuration existed carry no `configuration`.
+CONFIG_TEXT = {
+    "fair": "fair configuration (bf16 base weights, fp32 trainables, bf16 autocast, fused AdamW)",
+    "pure": "pure configuration (no autocast; PEFT's fp32 adapters run fp32 GEMMs)",
+    None: "as first recorded, before the fair configuration (no autocast, PEFT's fp32 adapters)",
+}
+
+
+def _configurations(layer: list[dict]) -> list:
+    present = {r.get("configuration") for r in layer}
+    return [c for c in ("fair", "pure", None) if c in present]
 
 
 def _mb(value: int | None) -> str:
@@ -59,26 +76,35 @@ def table(runs: list[tuple[dict, str]]) -> str:
         lines += ["", f"> {note}"]
     records = [rec for res, _ in runs for rec in res["records"]]
     layer = [r for r in records if r["suite"] == "layer"]
-    if layer:
-        index = {(r["shape"]["name"], r["tokens"], r["method"]): r for r in layer}
-        keys = sorted({(r["shape"]["name"], r["tokens"]) for r in layer})
+    for configuration in _configurations(layer):
+        rows = [r for r in layer if r.get("configuration") == configuration]
+        index = {(r["shape"]["name"], r["tokens"], r["method"]): r for r in rows}
+        keys = sorted({(r["shape"]["name"], r["tokens"]) for r in rows})
         lines += [
             "",
-            "Layer training step (forward + backward + AdamW), median ms; ratios are time over time.",
+            f"Layer training step (forward + backward + AdamW), {CONFIG_TEXT[configuration]}; median ms, eager "
+            "(steps back to back); ratios are time over time; graphed: whole steps replayed as CUDA graphs.",
             "",
-            "| layer | T | FuRA | LoRA r=32 | FuRA / LoRA r=32 | FuRA / frozen dense | reference / FuRA "
-            "| QFuRA | QLoRA r=32 | QFuRA / QLoRA r=32 | saved for backward, FuRA / LoRA r=32 (MB) |",
-            "|---|---|---|---|---|---|---|---|---|---|---|",
+            "| layer | T | FuRA | LoRA r=32 | FuRA / LoRA r=32 | graphed FuRA / LoRA r=32 | FuRA / frozen dense "
+            "| reference / FuRA | QFuRA | QLoRA r=32 | QFuRA / QLoRA r=32 | launches FuRA / LoRA r=32 "
+            "| saved for backward, FuRA / LoRA r=32 (MB) |",
+            "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
         ]
         for name, tokens in keys:
             get = {m: index.get((name, tokens, m)) for m in LAYER_METHODS}
             fura, lora = get["fura"], get["lora_r32"]
             saved = f"{_mb(fura and fura.get('saved_bytes'))} / {_mb(lora and lora.get('saved_bytes'))}"
+            launches = f"{_get(fura, 'launches_per_step')} / {_get(lora, 'launches_per_step')}"
             lines.append(
                 f"| {name} | {tokens} | {_ms(fura)} | {_ms(lora)} | {_ratio(fura, lora)} | "
-                f"{_ratio(fura, get['dense_floor'])} | {_ratio(get['reference'], fura)} | {_ms(get['qfura'])} | "
-                f"{_ms(get['qlora_r32'])} | {_ratio(get['qfura'], get['qlora_r32'])} | {saved} |"
+                f"{_ratio(fura, lora, 'graphed_time_ms')} | {_ratio(fura, get['dense_floor'])} | "
+                f"{_ratio(get['reference'], fura)} | {_ms(get['qfura'])} | {_ms(get['qlora_r32'])} | "
+                f"{_ratio(get['qfura'], get['qlora_r32'])} | {launches} | {saved} |"
             )
+        failed = [r for r in rows if r.get("skipped")]
+        if failed:
+            notes = [f"{r['method']} on {r['shape']['name']} T={r['tokens']}: {r['skipped'][:80]}" for r in failed[:6]]
+            lines += ["", "Failed or skipped: " + "; ".join(notes)]
     ours = [r for r in records if r["suite"] == "kernel" and r["method"] == "qfura" and r["tokens"] in KERNEL_TOKENS]
     theirs = {(r["name"], r["shape"]["name"], r["tokens"]): r for r in records
               if r["suite"] == "kernel" and r["method"] == "bitsandbytes"}  # fmt: skip
@@ -119,6 +145,64 @@ def table(runs: list[tuple[dict, str]]) -> str:
     return "\n".join(lines)
 
 
+def _median(values: list[float]) -> float:
+    values = sorted(values)
+    return values[len(values) // 2] if values else float("nan")
+
+
+def summary(results: dict) -> str:
+    """What a newcomer should read off a run: the ceilings, how close each kernel came to its
+    floor, each method's step, and one closing paragraph on what the figures show here."""
+    c = results["ceilings"]
+    records = results["records"]
+    lines = ["", f"Ceilings on {results['environment']['device_name']}: matmul {c['matmul_tflops']:.2f} TFLOP/s "
+             f"({c['dtype']}), copy {c['copy_gbps']:.1f} GB/s."]  # fmt: skip
+    kernels = [r for r in records if r["suite"] == "kernel" and r.get("time_ms") and r["method"] in ("fura", "qfura")]
+    if kernels:
+        lines += ["", "Kernels, % of the roofline floor (median over shapes and token counts):"]
+        for name in sorted({r["name"] for r in kernels}):
+            pcts = [r["pct_of_floor"] for r in kernels if r["name"] == name]
+            lines.append(f"  {name:18s} {_median(pcts):6.1f}%   (min {min(pcts):.1f}%, max {max(pcts):.1f}%)")
+    layer = [r for r in records if r["suite"] == "layer" and r.get("time_ms")]
+    config = next(iter(_configurations(layer)), None)
+    layer = [r for r in layer if r.get("configuration") == config]
+    ratios = {}
+    if layer:
+        lines += ["", f"Layer steps, {CONFIG_TEXT[config]}; medians over shapes and token counts:",
+                  f"  {'method':12s} {'step ms':>9s} {'peak MB':>9s} {'saved MB':>9s} {'GFLOP':>8s} {'launches':>8s} "
+                  f"{'/ LoRA r=32':>11s}"]  # fmt: skip
+        for method in LAYER_METHODS:
+            rows = [r for r in layer if r["method"] == method]
+            if not rows:
+                continue
+            ratio = [r["ratio_vs_lora_r32"] for r in rows if r.get("ratio_vs_lora_r32")]
+            ratios[method] = ratio
+            lines.append(
+                f"  {method:12s} {_median([r['time_ms']['median'] for r in rows]):9.3f} "
+                f"{_median([(r.get('peak_mem_bytes') or 0) / 2**20 for r in rows]):9.2f} "
+                f"{_median([(r.get('saved_bytes') or 0) / 2**20 for r in rows]):9.2f} "
+                f"{_median([(r.get('flops_per_step') or 0) / 1e9 for r in rows]):8.3f} "
+                f"{_median([r.get('launches_per_step') or 0 for r in rows]):8.0f} "
+                f"{_median(ratio):11.2f}"
+            )
+    failed = [r for r in records if r.get("skipped")]
+    verdict = []
+    if ratios.get("fura"):
+        r = ratios["fura"]
+        verdict.append(f"FuRA's training step took {_median(r):.2f}x LoRA r=32's time (from {min(r):.2f}x to "
+                       f"{max(r):.2f}x over {len(r)} shape/token cases)")  # fmt: skip
+    if ratios.get("qfura") and ratios.get("qlora_r32"):
+        q = [a / b for a, b in zip(ratios["qfura"], ratios["qlora_r32"], strict=False)]
+        verdict.append(f"QFuRA's {_median(q):.2f}x QLoRA r=32's")
+    text = "; ".join(verdict) + "." if verdict else "No layer steps were measured."
+    if failed:
+        text += f" {len(failed)} measurements failed or were skipped (see the results file)."
+    if results.get("note"):
+        text += f" {results['note']}"
+    lines += ["", "Summary: on this device, " + text[0].lower() + text[1:]]
+    return "\n".join(lines)
+
+
 def plots(results: dict, out_dir: Path) -> list[Path]:
     """Time and saved-for-backward bytes against T, one PNG per layer shape."""
     import matplotlib
@@ -127,12 +211,15 @@ def plots(results: dict, out_dir: Path) -> list[Path]:
     import matplotlib.pyplot as plt
 
     layer = [r for r in results["records"] if r["suite"] == "layer" and r.get("time_ms")]
+    configurations = _configurations(layer)
+    layer = [r for r in layer if r.get("configuration") == (configurations[0] if configurations else None)]
     written = []
     out_dir.mkdir(parents=True, exist_ok=True)
     for name in sorted({r["shape"]["name"] for r in layer}):
         fig, (ax_t, ax_m) = plt.subplots(1, 2, figsize=(11, 4))
         for method in LAYER_METHODS:
-            pts = sorted((r["tokens"], r) for r in layer if r["shape"]["name"] == name and r["method"] == method)
+            pts = sorted(((r["tokens"], r) for r in layer if r["shape"]["name"] == name and r["method"] == method),
+                         key=lambda point: point[0])  # fmt: skip
             if not pts:
                 continue
             ts = [t for t, _ in pts]

@@ -23,7 +23,7 @@ from fura_kernels.triton.nf4_ops import SMALL_T_MAX, nf4_dequantize, nf4_matmul
 
 from . import floors
 from .floors import Ceilings
-from .methods import METHODS, LayerCase, build, make_step, trainable
+from .methods import CONFIGURATIONS, METHODS, LayerCase, build, make_step, trainable
 from .timing import measure, measure_graph, peak_memory, saved_for_backward_bytes
 
 LLAMA3_8B = [
@@ -63,6 +63,8 @@ class Profile:
     # its weights from HBM, as a model's next layer does (one set reused let graph replays beat
     # the HBM floor). 0: no rotation (the CPU profiles, which say nothing about GPU speed).
     rotate_bytes: int = 128 << 20
+    configurations: tuple[str, ...] = CONFIGURATIONS  # see bench.methods
+    graphed: bool = True  # also time whole steps as CUDA-graph replays (GPU)
 
 
 TINY_MODEL = dict(
@@ -117,14 +119,18 @@ PROFILES = {
         reps=5,
         models=[LLAMA3_8B_MODEL, LLAMA3_1B_MODEL],
     ),
+    # Real widths (Qwen3-1.7B's q and down projections) and few tokens: compute, not Python,
+    # dominates a step, so the CPU's FuRA/LoRA ratio says something; under 2 minutes on 2 cores.
     "cpu-quick": Profile(
         "cpu-quick",
-        [scaled(LLAMA3_8B[0], 16), scaled(QWEN3_1_7B[3], 16)],
-        [1, 16, 256],
-        warmup=3,
-        reps=10,
+        [QWEN3_1_7B[0], QWEN3_1_7B[3]],
+        [16, 64],
+        warmup=2,
+        reps=5,
+        input_sets=2,
         models=[SMALL_MODEL],
         rotate_bytes=0,
+        configurations=("fair",),
     ),
     "cpu-tiny": Profile(
         "cpu-tiny",
@@ -325,37 +331,99 @@ def layer_suite(profile: Profile, device: torch.device, dtype: torch.dtype, c: C
                       for _ in range(profile.input_sets)]  # fmt: skip
             dense_floor = floors.dense_step_floor_ms(tokens, case.in_features, case.out_features, elem, c)
             fura_floor = floors.fura_step_floor_ms(tokens, case.in_features, case.out_features, case.n, r, elem, c)
-            for method in profile.methods:
-                bar.set_postfix_str(f"{case.name} T={tokens} {method}")
-                try:
-                    module = build(method, case, dtype, device)
-                except (ImportError, RuntimeError, ValueError) as err:  # e.g. bitsandbytes missing
-                    records.append(_record("layer", "step", method, case, tokens, dtype, None, skipped=str(err)))
-                    continue
-                step = make_step(module, inputs)
-                t = measure(step, device, profile.warmup, profile.reps)
-                params = trainable(module)
-                x0 = inputs[0][0]
-                saved = saved_for_backward_bytes(partial(module, x0), exclude=list(module.parameters()))
-                floor = fura_floor if method in ("fura", "qfura", "reference") else dense_floor
-                records.append(_record("layer", "step", method, case, tokens, dtype, t,
-                                       trainable_params=sum(p.numel() for p in params),
-                                       peak_mem_bytes=peak_memory(step, device), saved_bytes=saved,
-                                       floor_ms=floor, pct_of_floor=100.0 * floor / t["median"],
-                                       dense_floor_ms=dense_floor))  # fmt: skip
-                del module, step
-                bar.update(1)
+            for configuration in profile.configurations:
+                for method in profile.methods:
+                    bar.set_postfix_str(f"{case.name} T={tokens} {configuration} {method}")
+                    floor = fura_floor if method in ("fura", "qfura", "reference") else dense_floor
+                    records.append(_layer_record(method, case, tokens, dtype, device, configuration, inputs, profile,
+                                                 floor, dense_floor))  # fmt: skip
+                    bar.update(1)
     _add_ratios(records)
     return records
 
 
+def _layer_record(method, case, tokens, dtype, device, configuration, inputs, profile, floor, dense_floor) -> dict:
+    """One method's layer step, eager and graphed; a method that fails is recorded as failed,
+    with its error, and the run goes on."""
+    how = {"configuration": configuration}
+    try:
+        module = build(method, case, dtype, device, configuration)
+        step = make_step(module, inputs, configuration)
+        t = measure(step, device, profile.warmup, profile.reps)
+        params = trainable(module)
+        saved = saved_for_backward_bytes(partial(module, inputs[0][0]), exclude=list(module.parameters()))
+        record = _record("layer", "step", method, case, tokens, dtype, t, **how, timing="eager",
+                         trainable_params=sum(p.numel() for p in params),
+                         peak_mem_bytes=peak_memory(step, device), saved_bytes=saved,
+                         launches_per_step=_launches(module, inputs, configuration),
+                         flops_per_step=_flops(step),
+                         host_ms=_host_ms(step, device, profile),
+                         floor_ms=floor, pct_of_floor=100.0 * floor / t["median"],
+                         dense_floor_ms=dense_floor)  # fmt: skip
+        if profile.graphed and device.type == "cuda":
+            graph_module = build(method, case, dtype, device, configuration)
+            graph_step = make_step(graph_module, inputs, configuration, capturable=True)
+            graphed = measure_graph(graph_step, device, 3, max(profile.reps, 10), len(inputs))
+            record["graphed_time_ms"] = graphed
+            if graphed is None:
+                record["graphed_error"] = "the step could not be captured as a CUDA graph"
+        return record
+    except Exception as err:  # noqa: BLE001 - a failing method is a result, not the end of the run
+        return _record("layer", "step", method, case, tokens, dtype, None, **how, skipped=f"{type(err).__name__}: "
+                       f"{err}"[:300])  # fmt: skip
+    finally:
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+
+
+def _flops(step) -> int:
+    """FLOPs of one step as torch's FLOP counter sees them (custom ops by their formulas)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with FlopCounterMode(display=False) as counter:
+        step(0)
+    return counter.get_total_flops()
+
+
+def _launches(module, inputs, configuration) -> int:
+    """Device operations one step dispatches (a custom op counts as one; see bench.launches)."""
+    from .launches import LaunchCounter
+
+    step = make_step(module, inputs, configuration)
+    step(0)
+    counter = LaunchCounter()
+    with counter:
+        step(1)
+    return len(counter.ops)
+
+
+def _host_ms(step, device, profile) -> float:
+    """Host time per step: the median time to issue one step while the device is kept busy
+    (steps back to back, no synchronisation between them); on a CPU, the step time itself."""
+    import statistics
+
+    for i in range(profile.warmup):
+        step(i)
+    times = []
+    for i in range(profile.reps):
+        start = time.perf_counter()
+        step(i)
+        times.append(time.perf_counter() - start)
+    _sync(device)
+    return 1e3 * statistics.median(times)
+
+
 def _add_ratios(records: list[dict]) -> None:
     """Each layer record gets its time over LoRA r=32's and over the frozen dense layer's."""
-    by_key = {(r["name"], r["shape"]["name"], r["tokens"], r["method"]): r for r in records if r.get("time_ms")}
+
+    def key_of(r):
+        return r["name"], r["shape"]["name"], r["tokens"], r.get("configuration")
+
+    by_key = {(*key_of(r), r["method"]): r for r in records if r.get("time_ms")}
     for rec in records:
         if not rec.get("time_ms"):
             continue
-        key = (rec["name"], rec["shape"]["name"], rec["tokens"])
+        key = key_of(rec)
         for other, field_name in (("lora_r32", "ratio_vs_lora_r32"), ("dense_floor", "ratio_vs_dense")):
             ref = by_key.get((*key, other))
             rec[field_name] = rec["time_ms"]["median"] / ref["time_ms"]["median"] if ref else None
@@ -436,7 +504,7 @@ def count_units(profile: Profile, suites: list[str]) -> int:
     if "kernels" in suites:
         units += len(profile.cases) * per_case
     if "layers" in suites:
-        units += len(profile.cases) * per_case * len(profile.methods)
+        units += len(profile.cases) * per_case * len(profile.methods) * len(profile.configurations)
     if "model" in suites:
         units += 10 * len(profile.models)
     return units

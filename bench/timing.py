@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import statistics
 import time
+import weakref
 from collections.abc import Callable, Sequence
 
 import torch
+from torch.utils import _pytree as pytree
+from torch.utils._python_dispatch import TorchDispatchMode
 
 
 def _quantile(values: Sequence[float], q: float) -> float:
@@ -81,10 +84,41 @@ def measure_graph(step: Callable[[int], None], device: torch.device, warmup: int
     return _summary([start.elapsed_time(end) / calls for start, end in events], reps)
 
 
+class _LiveBytes(TorchDispatchMode):
+    """Bytes of the tensors created while it is active and still alive, and their peak: every
+    op's new storages are counted when made and released when their storage is freed."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.live = self.peak = 0
+        self.sizes: dict[int, int] = {}
+
+    def _free(self, key: int) -> None:
+        self.live -= self.sizes.pop(key, 0)
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in pytree.tree_leaves(out):
+            if isinstance(t, torch.Tensor):
+                storage = t.untyped_storage()
+                key = storage.data_ptr()
+                if key and key not in self.sizes:
+                    self.sizes[key] = storage.nbytes()
+                    self.live += storage.nbytes()
+                    self.peak = max(self.peak, self.live)
+                    weakref.finalize(storage, self._free, key)
+        return out
+
+
 def peak_memory(step: Callable[[int], None], device: torch.device) -> int | None:
-    """Peak bytes allocated during one call above what was allocated before it (CUDA only)."""
+    """Peak bytes allocated during one call above what was allocated before it: the CUDA
+    allocator's peak on a GPU; on a CPU, the peak of the tensors the step creates, tracked op by
+    op (`_LiveBytes`), the same quantity without an allocator to ask."""
     if device.type != "cuda":
-        return None
+        counter = _LiveBytes()
+        with counter:
+            step(0)
+        return counter.peak
     torch.cuda.synchronize(device)
     base = torch.cuda.memory_allocated(device)
     torch.cuda.reset_peak_memory_stats(device)

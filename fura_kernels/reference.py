@@ -65,27 +65,3 @@ def forward(
     y = torch.einsum("...ijk,ijk,ijkc->...ic", z, s, btt_l.reshape(m, n, r, a))
     y = y.reshape(*x.shape[:-1], m * a)
     return y if bias is None else y + bias
-
-
-def naive_block_svd(weight: torch.Tensor, m: int, n: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Per-block thin SVD with plain `torch.linalg.svd`, block by block, no sign fixing.
-
-    A second, deliberately naive code path: tests use it to check the batched, sign-canonical
-    decomposition in `fura_kernels.factorization`. Returns U (m, n, a, k), S (m, n, k),
-    Vh (m, n, k, b) with k = min(a, b).
-    """
-    out_f, in_f = weight.shape
-    a, b = out_f // m, in_f // n
-    us, ss, vhs = [], [], []
-    for i in range(m):
-        for j in range(n):
-            u, s, vh = torch.linalg.svd(weight[i * a : (i + 1) * a, j * b : (j + 1) * b], full_matrices=False)
-            us.append(u)
-            ss.append(s)
-            vhs.append(vh)
-    k = min(a, b)
-    return (
-        torch.stack(us).reshape(m, n, a, k),
-        torch.stack(ss).reshape(m, n, k),
-        torch.stack(vhs).reshape(m, n, k, b),
-    )

@@ -107,3 +107,27 @@ def check_qfura_layer(layer, tokens: int, dtype: torch.dtype) -> None:
     for name, g, g_same, g_ref in zip(("x", "R", "S", "bias"), ours, same, ref, strict=True):
         assert g.dtype == (dtype if name == "x" else torch.float32), name
         assert_within_rule(g, g_same, g_ref, dtype, f"QFuRA d{name}")
+
+
+def naive_block_svd(weight: torch.Tensor, m: int, n: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per-block thin SVD with plain `torch.linalg.svd`, block by block, no sign fixing.
+
+    A second, deliberately naive code path (test tooling, so not in the package): it checks the
+    batched, sign-canonical decomposition in `fura_kernels.factorization`. Returns U (m, n, a, k), S (m, n, k),
+    Vh (m, n, k, b) with k = min(a, b).
+    """
+    out_f, in_f = weight.shape
+    a, b = out_f // m, in_f // n
+    us, ss, vhs = [], [], []
+    for i in range(m):
+        for j in range(n):
+            u, s, vh = torch.linalg.svd(weight[i * a : (i + 1) * a, j * b : (j + 1) * b], full_matrices=False)
+            us.append(u)
+            ss.append(s)
+            vhs.append(vh)
+    k = min(a, b)
+    return (
+        torch.stack(us).reshape(m, n, a, k),
+        torch.stack(ss).reshape(m, n, k),
+        torch.stack(vhs).reshape(m, n, k, b),
+    )

@@ -75,3 +75,26 @@ def test_license_file_is_the_declared_apache_2():
     assert project["license"] == "Apache-2.0"
     text = (ROOT / "LICENSE").read_text()
     assert text.lstrip().startswith("Apache License") and "Version 2.0, January 2004" in text
+
+
+def test_wheel_installs_no_top_level_bench_and_no_test_tooling(tmp_path):
+    """`bench/` installs as `fura_kernels.bench`; test tooling (the compile checker, the naive SVD,
+    the pytest-benchmark file) stays out of users' site-packages."""
+    import shutil
+    import subprocess
+    import zipfile
+
+    # From a clean copy: a `build/` left in a checkout would leak old files into the wheel.
+    source = tmp_path / "src"
+    skip = shutil.ignore_patterns(".git", "build", "*.egg-info", "__pycache__", "fura-bench-results", "results")
+    shutil.copytree(ROOT, source, ignore=skip)
+    subprocess.run([sys.executable, "-m", "pip", "wheel", str(source), "--no-deps", "--no-build-isolation", "-q",
+                    "-w", str(tmp_path)], check=True, capture_output=True)  # fmt: skip
+    (wheel,) = tmp_path.glob("*.whl")
+    names = zipfile.ZipFile(wheel).namelist()
+    assert {n.split("/")[0] for n in names if ".dist-info" not in n} == {"fura_kernels"}
+    assert "fura_kernels/bench/cli.py" in names and "fura_kernels/bench/results_schema.json" in names
+    assert not [n for n in names if "compile_check" in n or "/tests/" in n or n.split("/")[-1].startswith("test_")]
+    entry_points = zipfile.ZipFile(wheel).read(next(n for n in names if n.endswith("entry_points.txt"))).decode()
+    assert "fura-bench = fura_kernels.bench.cli:main" in entry_points
+    assert "naive_block_svd" not in zipfile.ZipFile(wheel).read("fura_kernels/reference.py").decode()

@@ -16,7 +16,8 @@ pytestmark = pytest.mark.skipif(
 )
 
 from fura_kernels.triton import autotuning  # noqa: E402
-from fura_kernels.triton import compile_check as cc  # noqa: E402
+
+from . import compile_check as cc  # noqa: E402
 
 # The block widths FuRA meets on Llama-3-8B and Qwen3 (b and r of 64, 96, 128).
 WIDTHS = [64, 96, 128]

@@ -1,4 +1,6 @@
-"""Compile K1 and K3 for a GPU architecture on a CPU-only machine, and read what came out.
+"""Compile the kernels for a GPU architecture on a CPU-only machine, and read what came out.
+
+Test tooling (tests/kernels/test_compile.py): it lives beside the tests, not in the package.
 
 Triton can lower a kernel to PTX and a cubin for `sm_90` (H100) or `sm_80` (A100) with no GPU
 present, using the ptxas its wheel ships (FURA_SPEC.md §7). The tests use this to check, for
@@ -18,8 +20,8 @@ import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
-from . import autotuning as at
-from .kernels import block_diag_backward_kernel, block_diag_matmul_kernel
+from fura_kernels.triton import autotuning as at
+from fura_kernels.triton.kernels import block_diag_backward_kernel, block_diag_matmul_kernel
 
 TRITON_TYPES = {"bf16": "*bf16", "fp16": "*fp16", "fp32": "*fp32"}
 SHARED_LIMIT = {90: 227 * 1024, 80: 163 * 1024}
@@ -161,8 +163,8 @@ def _nf4_signature(a_type: str, transpose: bool) -> tuple[dict, list[str]]:
 
 def compile_nf4_matmul(dtype: str, block_t: int, arch: int, transpose: bool = False) -> CompiledKernel:
     """The fused small-T NF4 GEMM (double quantisation on), as `nf4_launchers` launches it."""
-    from . import nf4_launchers as nf4_ops
-    from .nf4_kernels import nf4_matmul_kernel, nf4_matmul_t_kernel
+    from fura_kernels.triton import nf4_launchers as nf4_ops
+    from fura_kernels.triton.nf4_kernels import nf4_matmul_kernel, nf4_matmul_t_kernel
 
     signature, aligned = _nf4_signature(TRITON_TYPES[dtype], transpose)
     meta = {
@@ -181,8 +183,8 @@ def compile_nf4_matmul(dtype: str, block_t: int, arch: int, transpose: bool = Fa
 
 def compile_nf4_dequantize(dtype: str, arch: int) -> CompiledKernel:
     """The training-path dequantisation pass (double quantisation on)."""
-    from . import nf4_launchers as nf4_ops
-    from .nf4_kernels import nf4_dequantize_kernel
+    from fura_kernels.triton import nf4_launchers as nf4_ops
+    from fura_kernels.triton.nf4_kernels import nf4_dequantize_kernel
 
     signature = {
         "packed_ptr": "*u8",
@@ -206,8 +208,8 @@ def compile_nf4_dequantize(dtype: str, arch: int) -> CompiledKernel:
 def compile_nf4_decode(dtype: str, arch: int, transpose: bool = False) -> CompiledKernel:
     """A decode kernel (T <= 4, double quantisation on) as `nf4_launchers.triton_nf4_decode`
     launches it on a contiguous activation and a core whose rows are 16-byte multiples."""
-    from . import nf4_launchers as nl
-    from .nf4_kernels import nf4_decode_kernel, nf4_decode_t_kernel
+    from fura_kernels.triton import nf4_launchers as nl
+    from fura_kernels.triton.nf4_kernels import nf4_decode_kernel, nf4_decode_t_kernel
 
     ptr = TRITON_TYPES[dtype]
     scales = {"packed_ptr": "*u8", "absmax_ptr": "*u8", "nested_code_ptr": "*fp32", "nested_absmax_ptr": "*fp32",

@@ -13,7 +13,7 @@ from fura_kernels.nf4 import quantize_nf4
 from fura_kernels.triton import block_diag_matmul, block_diag_matmul_backward
 from fura_kernels.triton.nf4_ops import nf4_dequantize, nf4_matmul
 
-from .suites import LLAMA3_8B, PROFILES, _rotating, _weight_sets, scaled
+from ..suites import LLAMA3_8B, PROFILES, _rotating, _weight_sets, scaled
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 DTYPE = torch.bfloat16 if DEVICE.type == "cuda" else torch.float32
