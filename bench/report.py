@@ -38,6 +38,12 @@ CONFIG_TEXT = {
 }
 
 
+def _config_text(configuration, rows: list[dict]) -> str:
+    if configuration == "fair" and rows and all(r["dtype"] == "float32" for r in rows):
+        return "fair configuration at fp32 (fp32 weights and trainables, so no autocast; fused AdamW)"
+    return CONFIG_TEXT[configuration]
+
+
 def _configurations(layer: list[dict]) -> list:
     present = {r.get("configuration") for r in layer}
     return [c for c in ("fair", "pure", None) if c in present]
@@ -68,7 +74,7 @@ def table(runs: list[tuple[dict, str]]) -> str:
     lines = [
         f"Device: **{env['device_name']}** · torch {env['versions'].get('torch')} · triton "
         f"{env['versions'].get('triton')} · peft {env['versions'].get('peft')} · bitsandbytes "
-        f"{env['versions'].get('bitsandbytes')}. Results files:",
+        f"{env['versions'].get('bitsandbytes')} · commit {env.get('git_commit') or 'unknown'}. Results files:",
         "",
     ]
     lines += [f"- [`{src}`]({src}) (profile `{res['profile']}`; {_selection(res)})" for res, src in runs]
@@ -82,7 +88,7 @@ def table(runs: list[tuple[dict, str]]) -> str:
         keys = sorted({(r["shape"]["name"], r["tokens"]) for r in rows})
         lines += [
             "",
-            f"Layer training step (forward + backward + AdamW), {CONFIG_TEXT[configuration]}; median ms, eager "
+            f"Layer training step (forward + backward + AdamW), {_config_text(configuration, rows)}; median ms, eager "
             "(steps back to back); ratios are time over time; graphed: whole steps replayed as CUDA graphs.",
             "",
             "| layer | T | FuRA | LoRA r=32 | FuRA / LoRA r=32 | graphed FuRA / LoRA r=32 | FuRA / frozen dense "
@@ -128,19 +134,21 @@ def table(runs: list[tuple[dict, str]]) -> str:
     if model:
         lines += [
             "",
-            "Whole-model SFT step (Llama-shaped, random weights, all seven projections adapted).",
+            "Whole-model SFT step (Llama-shaped, random weights, all seven projections adapted; fair configuration).",
             "",
-            "| model | method | checkpointing | tokens/s | peak memory (MB) | conversion (s) | trainable params |",
-            "|---|---|---|---|---|---|---|",
+            "| model | tokens | method | timing | checkpointing | tokens/s | peak memory (MB) | conversion (s) "
+            "| trainable params |",
+            "|---|---|---|---|---|---|---|---|---|",
         ]
         for r in model:
+            shape = f"{r['model'].get('batch', '?')}x{r['model'].get('seq', '?')}"
+            head = f"| {r['model']['name']} | {shape} | {r['method']} | {r.get('timing', 'eager')} | "
             if not r.get("time_ms"):
-                lines.append(f"| {r['model']['name']} | {r['method']} | {r['gradient_checkpointing']} | "
-                             f"skipped: {r.get('skipped', '')[:60]} | | | |")  # fmt: skip
+                lines.append(head + f"{r['gradient_checkpointing']} | failed: {r.get('skipped', '')[:60]} | | | |")
                 continue
             lines.append(
-                f"| {r['model']['name']} | {r['method']} | {r['gradient_checkpointing']} | {r['tokens_per_s']:.0f} | "
-                f"{_mb(r.get('peak_mem_bytes'))} | {r['convert_s']:.2f} | {r['trainable_params']:,} |"
+                head + f"{r['gradient_checkpointing']} | {r['tokens_per_s']:.0f} | {_mb(r.get('peak_mem_bytes'))} | "
+                f"{r['convert_s']:.2f} | {r['trainable_params']:,} |"
             )
     return "\n".join(lines)
 
@@ -168,7 +176,7 @@ def summary(results: dict) -> str:
     layer = [r for r in layer if r.get("configuration") == config]
     ratios = {}
     if layer:
-        lines += ["", f"Layer steps, {CONFIG_TEXT[config]}; medians over shapes and token counts:",
+        lines += ["", f"Layer steps, {_config_text(config, layer)}; medians over shapes and token counts:",
                   f"  {'method':12s} {'step ms':>9s} {'peak MB':>9s} {'saved MB':>9s} {'GFLOP':>8s} {'launches':>8s} "
                   f"{'/ LoRA r=32':>11s}"]  # fmt: skip
         for method in LAYER_METHODS:
@@ -199,7 +207,7 @@ def summary(results: dict) -> str:
         text += f" {len(failed)} measurements failed or were skipped (see the results file)."
     if results.get("note"):
         text += f" {results['note']}"
-    lines += ["", "Summary: on this device, " + text[0].lower() + text[1:]]
+    lines += ["", "Summary, on this device: " + text]
     return "\n".join(lines)
 
 
@@ -240,7 +248,58 @@ def plots(results: dict, out_dir: Path) -> list[Path]:
         fig.savefig(path, dpi=90)
         plt.close(fig)
         written.append(path)
+    written += _summary_plots(results, out_dir, plt)
     return written
+
+
+def _bar(ax, labels, values, ylabel, title):
+    ax.bar(range(len(values)), values, color="#4c72b0")
+    ax.set_xticks(range(len(values)), labels, rotation=30, ha="right", fontsize=8)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title, fontsize=9)
+    ax.grid(True, axis="y", alpha=0.3)
+
+
+def _summary_plots(results: dict, out_dir: Path, plt) -> list[Path]:
+    """The three pictures a reader wants first: each method's layer step (time and peak memory),
+    each kernel's % of its floor, and the whole model's tokens/s by method."""
+    device = results["environment"]["device_name"]
+    records = results["records"]
+    written = []
+    layer = [r for r in records if r["suite"] == "layer" and r.get("time_ms")]
+    config = next(iter(_configurations(layer)), None)
+    layer = [r for r in layer if r.get("configuration") == config]
+    methods = [m for m in LAYER_METHODS if any(r["method"] == m for r in layer)]
+    if methods:
+        fig, (ax_t, ax_m) = plt.subplots(1, 2, figsize=(11, 4))
+        _bar(ax_t, methods, [_median([r["time_ms"]["median"] for r in layer if r["method"] == m]) for m in methods],
+             "step time, median over cases (ms)", "layer training step")  # fmt: skip
+        _bar(ax_m, methods, [_median([(r.get("peak_mem_bytes") or 0) / 2**20 for r in layer if r["method"] == m])
+                             for m in methods], "peak memory (MB)", "peak memory of a step")  # fmt: skip
+        fig.suptitle(f"Layer steps by method, {_config_text(config, layer)}, on {device}", fontsize=9)
+        written.append(_save(fig, out_dir / "layer_steps_by_method.png", plt))
+    kernels = [r for r in records if r["suite"] == "kernel" and r.get("time_ms") and r["method"] in ("fura", "qfura")]
+    names = sorted({r["name"] for r in kernels})
+    if names:
+        fig, ax = plt.subplots(figsize=(7, 4))
+        _bar(ax, names, [_median([r["pct_of_floor"] for r in kernels if r["name"] == n]) for n in names],
+             "% of the roofline floor (median)", f"kernels against their floors on {device}")  # fmt: skip
+        written.append(_save(fig, out_dir / "kernels_pct_of_floor.png", plt))
+    model = [r for r in records if r["suite"] == "model" and r.get("time_ms") and not r.get("gradient_checkpointing")]
+    if model:
+        labels = [f"{r['method']} {r['model']['name']} {r['model']['batch']}x{r['model']['seq']} {r.get('timing', '')}"
+                  for r in model]  # fmt: skip
+        fig, ax = plt.subplots(figsize=(max(7, len(model) * 0.6), 4.5))
+        _bar(ax, labels, [r["tokens_per_s"] for r in model], "tokens/s", f"whole-model SFT step on {device}")
+        written.append(_save(fig, out_dir / "model_tokens_per_s.png", plt))
+    return written
+
+
+def _save(fig, path: Path, plt) -> Path:
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+    return path
 
 
 def update_readme(readme: Path, text: str) -> None:

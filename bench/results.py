@@ -8,7 +8,10 @@ from pathlib import Path
 import jsonschema
 
 SCHEMA_PATH = Path(__file__).with_name("results_schema.json")
-CPU_NOTE = "CPU run: the PyTorch path at small shapes. These figures say nothing about GPU speed."
+CPU_NOTE = (
+    "CPU run: the PyTorch path (no Triton kernels) at real widths and few tokens, in fp32. These figures say "
+    "nothing about GPU speed."
+)
 
 
 def schema() -> dict:

@@ -23,7 +23,7 @@ from fura_kernels.triton.nf4_ops import SMALL_T_MAX, nf4_dequantize, nf4_matmul
 
 from . import floors
 from .floors import Ceilings
-from .methods import CONFIGURATIONS, METHODS, LayerCase, build, make_step, trainable
+from .methods import CONFIGURATIONS, METHODS, LayerCase, autocast_dtype, build, make_step, trainable
 from .timing import measure, measure_graph, peak_memory, saved_for_backward_bytes
 
 LLAMA3_8B = [
@@ -64,6 +64,7 @@ class Profile:
     # the HBM floor). 0: no rotation (the CPU profiles, which say nothing about GPU speed).
     rotate_bytes: int = 128 << 20
     configurations: tuple[str, ...] = CONFIGURATIONS  # see bench.methods
+    compile_models: bool = True  # also time the whole model under torch.compile (GPU profiles)
     graphed: bool = True  # also time whole steps as CUDA-graph replays (GPU)
 
 
@@ -104,13 +105,16 @@ LLAMA3_8B_MODEL = dict(
 LLAMA3_1B_MODEL = dict(
     LLAMA3_8B_MODEL, name="llama3.2-1b", hidden_size=2048, intermediate_size=8192, num_hidden_layers=16
 )
+# The micro-batches users train with: 1 x 2048 and 4 x 2048 tokens.
+LLAMA3_8B_MODEL_X4 = dict(LLAMA3_8B_MODEL, batch=4)
+LLAMA3_1B_MODEL_X4 = dict(LLAMA3_1B_MODEL, batch=4)
 
 PROFILES = {
     "full": Profile(
         "full",
         LLAMA3_8B + QWEN3_1_7B,
         [1, 16, 512, 2048, 8192, 16384],
-        models=[LLAMA3_8B_MODEL, LLAMA3_1B_MODEL],
+        models=[LLAMA3_8B_MODEL, LLAMA3_8B_MODEL_X4, LLAMA3_1B_MODEL, LLAMA3_1B_MODEL_X4],
     ),
     "quick": Profile(
         "quick",
@@ -131,6 +135,7 @@ PROFILES = {
         models=[SMALL_MODEL],
         rotate_bytes=0,
         configurations=("fair",),
+        compile_models=False,
     ),
     "cpu-tiny": Profile(
         "cpu-tiny",
@@ -141,6 +146,7 @@ PROFILES = {
         input_sets=2,
         models=[TINY_MODEL],
         rotate_bytes=0,
+        compile_models=False,
     ),
 }
 
@@ -430,10 +436,14 @@ def _add_ratios(records: list[dict]) -> None:
 
 
 # --- whole model ----------------------------------------------------------------------------
-def _sft_step(model, optimizer, batches):
+def _sft_step(model, optimizer, batches, amp: torch.dtype | None):
+    """One SFT step in the fair configuration: bf16 autocast (for half-precision runs), then AdamW."""
+
     def step(i: int) -> None:
         ids = batches[i % len(batches)]
-        model(input_ids=ids, labels=ids).loss.backward()
+        with torch.autocast(ids.device.type, dtype=amp or torch.bfloat16, enabled=amp is not None):
+            loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
 
@@ -453,14 +463,17 @@ def _model_runs(spec: dict, profile: Profile, device: torch.device, dtype: torch
     config = LlamaConfig(**spec, max_position_embeddings=max(seq, 128))
     targets = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
     records = []
+    amp = autocast_dtype("fair", dtype)
+    variants = [(c, False) for c in (False, True)] + ([(False, True)] if profile.compile_models else [])
     for method in ("fura", "qfura", "lora_r32", "qlora_r32", "full_ft"):
-        for checkpointing in (False, True):
-            bar.set_postfix_str(f"model {method} ckpt={checkpointing}")
+        for checkpointing, compiled in variants:
+            bar.set_postfix_str(f"model {method} ckpt={checkpointing} compiled={compiled}")
             model = None
             try:
                 torch.manual_seed(0)
                 with torch.device(device):
-                    model = LlamaForCausalLM(config).to(dtype)
+                    # fair configuration: bf16 base weights; full fine-tuning keeps fp32 master weights
+                    model = LlamaForCausalLM(config).to(torch.float32 if method == "full_ft" and amp else dtype)
                 start = time.perf_counter()
                 if method in ("fura", "qfura"):
                     convert_to_fura(model, targets, quantize="nf4" if method == "qfura" else None, progress=False)
@@ -476,19 +489,22 @@ def _model_runs(spec: dict, profile: Profile, device: torch.device, dtype: torch
                 model.train()
                 params = [p for p in model.parameters() if p.requires_grad]
                 batches = [torch.randint(0, config.vocab_size, (batch, seq), device=device) for _ in range(2)]
-                step = _sft_step(model, torch.optim.AdamW(params, lr=1e-5), batches)
+                runner = torch.compile(model) if compiled else model
+                step = _sft_step(runner, torch.optim.AdamW(params, lr=1e-5, fused=True), batches, amp)
                 t = measure(step, device, warmup=1, reps=max(2, profile.reps // 2))
                 records.append(_record("model", "sft_step", method, None, batch * seq, dtype, t,
                                        model={"name": model_name, "hidden_size": config.hidden_size,
                                               "layers": config.num_hidden_layers, "batch": batch, "seq": seq},
-                                       gradient_checkpointing=checkpointing,
+                                       gradient_checkpointing=checkpointing, configuration="fair",
+                                       timing="compiled" if compiled else "eager",
                                        tokens_per_s=batch * seq / (t["median"] * 1e-3), convert_s=convert_s,
                                        trainable_params=sum(p.numel() for p in params),
                                        peak_mem_bytes=peak_memory(step, device)))  # fmt: skip
-            except (torch.cuda.OutOfMemoryError, ImportError, RuntimeError) as err:
+            except Exception as err:  # noqa: BLE001 - out of memory, a missing library...: recorded, run goes on
                 why = f"{type(err).__name__}: {err}"[:300]
                 records.append(_record("model", "sft_step", method, None, batch * seq, dtype, None,
-                                       model={"name": model_name}, gradient_checkpointing=checkpointing,
+                                       model={"name": model_name, "batch": batch, "seq": seq},
+                                       gradient_checkpointing=checkpointing, timing="compiled" if compiled else "eager",
                                        skipped=why))  # fmt: skip
             finally:
                 model = step = None  # free before the next method is built
@@ -506,7 +522,7 @@ def count_units(profile: Profile, suites: list[str]) -> int:
     if "layers" in suites:
         units += len(profile.cases) * per_case * len(profile.methods) * len(profile.configurations)
     if "model" in suites:
-        units += 10 * len(profile.models)
+        units += 5 * (3 if profile.compile_models else 2) * len(profile.models)
     return units
 
 

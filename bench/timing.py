@@ -84,6 +84,16 @@ def measure_graph(step: Callable[[int], None], device: torch.device, warmup: int
     return _summary([start.elapsed_time(end) / calls for start, end in events], reps)
 
 
+def _custom_op_body(func):
+    """The Python body of a `torch.library.custom_op` (None if torch no longer exposes it)."""
+    try:
+        from torch._library.custom_ops import OPDEFS
+
+        return OPDEFS[func._schema.name]._init_fn
+    except (ImportError, KeyError, AttributeError):
+        return None
+
+
 class _LiveBytes(TorchDispatchMode):
     """Bytes of the tensors created while it is active and still alive, and their peak: every
     op's new storages are counted when made and released when their storage is freed."""
@@ -97,7 +107,12 @@ class _LiveBytes(TorchDispatchMode):
         self.live -= self.sizes.pop(key, 0)
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
+        impl = _custom_op_body(func) if func.namespace == "fura_kernels" else None
+        if impl is not None:  # run our own op's body under this mode, so its temporaries count too
+            with self:
+                out = impl(*args, **(kwargs or {}))
+        else:
+            out = func(*args, **(kwargs or {}))
         for t in pytree.tree_leaves(out):
             if isinstance(t, torch.Tensor):
                 storage = t.untyped_storage()
