@@ -88,8 +88,13 @@ def table(runs: list[tuple[dict, str]]) -> str:
         keys = sorted({(r["shape"]["name"], r["tokens"]) for r in rows})
         lines += [
             "",
-            f"Layer training step (forward + backward + AdamW), {_config_text(configuration, rows)}; median ms, eager "
-            "(steps back to back); ratios are time over time; graphed: whole steps replayed as CUDA graphs.",
+            f"Layer training step (forward + backward + AdamW), {_config_text(configuration, rows)}; median ms, "
+            + (
+                "eager, synchronised after every step (that run's harness)"
+                if configuration is None
+                else "eager (steps back to back)"
+            )
+            + "; ratios are time over time; graphed: whole steps replayed as CUDA graphs.",
             "",
             "| layer | T | FuRA | LoRA r=32 | FuRA / LoRA r=32 | graphed FuRA / LoRA r=32 | FuRA / frozen dense "
             "| reference / FuRA | QFuRA | QLoRA r=32 | QFuRA / QLoRA r=32 | launches FuRA / LoRA r=32 "

@@ -30,11 +30,17 @@ def test_cpu_run_writes_a_valid_labelled_results_file(tiny_run):
     assert data["ceilings"]["matmul_tflops"] > 0 and data["ceilings"]["copy_gbps"] > 0
     suites = {r["suite"] for r in data["records"]}
     assert suites == {"kernel", "layer", "model"}
-    layer = {(r["method"], r["tokens"]): r for r in data["records"] if r["suite"] == "layer"}
+    records = [r for r in data["records"] if r["suite"] == "layer"]
+    assert {r["configuration"] for r in records} == {"fair", "pure"}  # both, each recorded
+    layer = {(r["method"], r["tokens"]): r for r in records if r["configuration"] == "fair"}
     for method in ("dense_floor", "fura", "qfura", "lora_r32", "lora_r64", "qlora_r32", "reference", "full_ft"):
         rec = layer[(method, 64)]
         assert rec["time_ms"]["median"] > 0, method
         assert rec["ratio_vs_lora_r32"] is not None and rec["ratio_vs_dense"] is not None
+        # CPU peak memory is a real measurement now, as are launches, host time and FLOPs
+        assert rec["peak_mem_bytes"] > 0 and rec["launches_per_step"] > 0 and rec["host_ms"] > 0, method
+        assert rec["flops_per_step"] > 0, method
+    assert layer[("fura", 64)]["launches_per_step"] <= layer[("lora_r32", 64)]["launches_per_step"]
     # FuRA trains R and S only: in*(b+1) numbers for this layer; LoRA r=32 trains r*(in+out).
     shape = layer[("fura", 64)]["shape"]
     assert layer[("fura", 64)]["trainable_params"] == shape["in_features"] * (shape["b"] + 1)
@@ -97,3 +103,47 @@ def test_narrowed_run_and_a_table_from_two_files(tiny_run, tmp_path):
     for bad in (["--cases", "no_such_layer"], ["--tokens", "0"], ["--tokens", "x"]):
         with pytest.raises(SystemExit, match="fura-bench: --"):
             cli.run(["--profile", "cpu-tiny", "--device", "cpu", "--out", str(tmp_path), *bad])
+
+
+def test_summary_says_what_the_run_shows(tiny_run):
+    _, data = tiny_run
+    text = report.summary(data)
+    assert f"Ceilings on {data['environment']['device_name']}" in text and "TFLOP/s" in text
+    assert "Kernels, % of the roofline floor" in text and "K3" in text
+    assert re.search(r"fura\s+[\d.]+\s+[\d.]+", text)  # a row per method, with step ms and peak MB
+    assert "Summary, on this device: FuRA's training step took" in text and results.CPU_NOTE in text
+
+
+def test_summary_plots_are_written(tiny_run, tmp_path):
+    _, data = tiny_run
+    names = {p.name for p in report.plots(data, tmp_path)}
+    assert {"layer_steps_by_method.png", "kernels_pct_of_floor.png", "model_tokens_per_s.png"} <= names
+
+
+def test_a_failing_method_is_recorded_and_the_run_goes_on(monkeypatch, tmp_path):
+    from bench import suites
+
+    real_build = suites.build
+
+    def build(method, *args, **kwargs):
+        if method == "lora_r64":
+            raise RuntimeError("simulated failure")
+        return real_build(method, *args, **kwargs)
+
+    monkeypatch.setattr(suites, "build", build)
+    path = cli.run(["--profile", "cpu-tiny", "--device", "cpu", "--only", "layers", "--tokens", "3",
+                    "--out", str(tmp_path)])  # fmt: skip
+    records = json.loads(path.read_text())["records"]
+    failed = [r for r in records if r["method"] == "lora_r64"]
+    assert failed and all("simulated failure" in r["skipped"] for r in failed)
+    assert all(r.get("time_ms") for r in records if r["method"] == "fura")
+
+
+def test_results_go_to_an_untracked_directory_by_default(monkeypatch, tmp_path):
+    """With no --out, results and plots land in ./fura-bench-results, which git ignores, so a
+    newcomer's run leaves `git status` clean (it used to rewrite tracked plots)."""
+    monkeypatch.chdir(tmp_path)
+    path = cli.run(["--profile", "cpu-tiny", "--device", "cpu", "--only", "kernels", "--tokens", "3"])
+    assert path.resolve().is_relative_to(tmp_path / "fura-bench-results")
+    assert list((tmp_path / "fura-bench-results").rglob("*.png"))
+    assert "/fura-bench-results/" in (ROOT / ".gitignore").read_text().split()

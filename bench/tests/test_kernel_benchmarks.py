@@ -14,6 +14,7 @@ from fura_kernels.triton import block_diag_matmul, block_diag_matmul_backward
 from fura_kernels.triton.nf4_ops import nf4_dequantize, nf4_matmul
 
 from ..suites import LLAMA3_8B, PROFILES, _rotating, _weight_sets, scaled
+from ..timing import measure
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 DTYPE = torch.bfloat16 if DEVICE.type == "cuda" else torch.float32
@@ -26,8 +27,12 @@ PROFILE = PROFILES["quick" if DEVICE.type == "cuda" else "cpu-quick"]
 
 
 def _run(benchmark, fn, *args):
-    """Time `fn(*args)`; list arguments rotate, one element per call."""
+    """Time `fn(*args)` with the suite's harness (`bench.timing.measure`: warm-up, CUDA events
+    or perf_counter, median and 20/80 percentiles, kept in `extra_info`) and through
+    pytest-benchmark's own rounds; list arguments rotate, one element per call, as in the suite."""
     step = _rotating(fn, *args)
+    benchmark.extra_info.update({f"harness_{k}_ms": v for k, v in measure(step, DEVICE, 3, 20).items()
+                                 if isinstance(v, float)})  # fmt: skip
     calls = iter(range(1 << 30))
 
     def call():
