@@ -18,26 +18,33 @@ def _mlp():
     return nn.Sequential(nn.Linear(48, 96), nn.GELU(), nn.Linear(96, 40), nn.GELU(), nn.Linear(40, 8))
 
 
-@pytest.mark.slow
-def test_fullgraph_compile_trains_like_eager():
-    eager = _mlp()
-    convert_to_fura(eager, "all-linear", progress=False)
+def _train_eager_and_compiled(eager, x, target, steps):
+    """The same steps on `eager` and a fullgraph-compiled copy: (eager losses, compiled losses,
+    the compiled copy); graph breaks are counted from here on."""
     compiled_model = copy.deepcopy(eager)
     compiled = torch.compile(compiled_model, fullgraph=True, dynamic=False)
     opt_e = torch.optim.AdamW([p for p in eager.parameters() if p.requires_grad], lr=1e-2)
     opt_c = torch.optim.AdamW([p for p in compiled_model.parameters() if p.requires_grad], lr=1e-2)
-    # 64 rows: the first layer (out 96) takes the activation side and the others (out 40, 8)
-    # the weight-side merge, so both dispatch paths are inside the compiled graph.
-    x, target = torch.randn(64, 48), torch.randn(64, 8)
     torch._dynamo.utils.counters.clear()
     losses_e, losses_c = [], []
-    for _ in range(5):
+    for _ in range(steps):
         for model, opt, losses in ((eager, opt_e, losses_e), (compiled, opt_c, losses_c)):
             opt.zero_grad()
             loss = nn.functional.mse_loss(model(x), target)
             loss.backward()
             opt.step()
             losses.append(loss.item())
+    return losses_e, losses_c, compiled_model
+
+
+@pytest.mark.slow
+def test_fullgraph_compile_trains_like_eager():
+    eager = _mlp()
+    convert_to_fura(eager, "all-linear", progress=False)
+    # 64 rows: the first layer (out 96) takes the activation side and the others (out 40, 8)
+    # the weight-side merge, so both dispatch paths are inside the compiled graph.
+    x, target = torch.randn(64, 48), torch.randn(64, 8)
+    losses_e, losses_c, compiled_model = _train_eager_and_compiled(eager, x, target, 5)
     assert losses_c[-1] < losses_c[0]
     for le, lc in zip(losses_e, losses_c, strict=True):
         assert abs(le - lc) <= 1e-4 * abs(le)
@@ -87,20 +94,7 @@ def test_qfura_fullgraph_compile_trains_like_eager():
     torch.manual_seed(0)  # layers QFuRA can hold (out > b); 64 rows: activation side, then the merge
     eager = nn.Sequential(nn.Linear(64, 128), nn.GELU(), nn.Linear(128, 48))
     convert_to_fura(eager, "all-linear", quantize="nf4", progress=False)
-    compiled_model = copy.deepcopy(eager)
-    compiled = torch.compile(compiled_model, fullgraph=True, dynamic=False)
-    opt_e = torch.optim.AdamW([p for p in eager.parameters() if p.requires_grad], lr=1e-2)
-    opt_c = torch.optim.AdamW([p for p in compiled_model.parameters() if p.requires_grad], lr=1e-2)
-    x, target = torch.randn(64, 64), torch.randn(64, 48)
-    torch._dynamo.utils.counters.clear()
-    losses_e, losses_c = [], []
-    for _ in range(4):
-        for model, opt, losses in ((eager, opt_e, losses_e), (compiled, opt_c, losses_c)):
-            opt.zero_grad()
-            loss = nn.functional.mse_loss(model(x), target)
-            loss.backward()
-            opt.step()
-            losses.append(loss.item())
+    losses_e, losses_c, _ = _train_eager_and_compiled(eager, torch.randn(64, 64), torch.randn(64, 48), 4)
     assert not torch._dynamo.utils.counters["graph_break"], dict(torch._dynamo.utils.counters["graph_break"])
     assert losses_c[-1] < losses_c[0]
     for le, lc in zip(losses_e, losses_c, strict=True):

@@ -286,6 +286,25 @@ def nf4_matmul_t_kernel(
 
 
 @triton.jit
+def _decode_tile(packed_ptr, absmax_ptr, nested_code_ptr, nested_absmax_ptr, offset_ptr, rows, mask_rows, first_block,
+                 K, row_bytes, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, DOUBLE_QUANT: tl.constexpr,
+                 L_DTYPE: tl.constexpr):  # fmt: skip
+    """The tile `Lt[rows, 64 * first_block : 64 * first_block + BLOCK_K]` as its even and odd
+    columns, (BLOCK_N, BLOCK_K / 2) fp32 each, rounded to L_DTYPE: the packed bytes of each row
+    are contiguous (vector loads), one scale per 64-value block, levels from `_nf4_level`."""
+    GROUPS: tl.constexpr = BLOCK_K // 64
+    byte_col = first_block * 32 + tl.arange(0, BLOCK_K // 2)
+    tile_mask = mask_rows[:, None] & (byte_col < row_bytes)[None, :]
+    byte = tl.load(packed_ptr + rows[:, None] * row_bytes + byte_col[None, :], mask=tile_mask, other=0).to(tl.int32)
+    blocks = first_block + tl.arange(0, GROUPS)
+    scale = _block_scales(absmax_ptr, nested_code_ptr, nested_absmax_ptr, offset_ptr,
+                          rows[:, None] * (K // 64) + blocks[None, :], mask_rows[:, None] & (blocks * 64 < K)[None, :],
+                          DOUBLE_QUANT)  # fmt: skip
+    scale = _spread(scale, BLOCK_N, GROUPS)
+    return _round_to(_nf4_level(byte >> 4) * scale, L_DTYPE), _round_to(_nf4_level(byte & 0xF) * scale, L_DTYPE)
+
+
+@triton.jit
 def nf4_decode_kernel(
     a_ptr,
     packed_ptr,
@@ -317,28 +336,18 @@ def nf4_decode_kernel(
     odd columns, multiplied with the matching columns of `a` on CUDA cores (no MMA, so nothing
     is padded to 16 tokens) and reduced over K inside the program: no partials, no second pass.
     """
-    GROUPS: tl.constexpr = BLOCK_K // 64
     pid = tl.program_id(0)
     offs_n = pid * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_t = tl.arange(0, BLOCK_T)
     mask_n = offs_n < N
     mask_t = offs_t < T
-    pairs = tl.arange(0, BLOCK_K // 2)
-    groups = tl.arange(0, GROUPS)
     rows = offs_n.to(tl.int64)
     a_rows = a_ptr + offs_t[:, None].to(tl.int64) * stride_at
     acc = tl.zeros((BLOCK_N, BLOCK_T), dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
-        byte_col = k0 // 2 + pairs
-        mask_b = byte_col < row_bytes
-        tile_mask = mask_n[:, None] & mask_b[None, :]
-        byte = tl.load(packed_ptr + rows[:, None] * row_bytes + byte_col[None, :], mask=tile_mask, other=0).to(tl.int32)
-        scale = _block_scales(absmax_ptr, nested_code_ptr, nested_absmax_ptr, offset_ptr,
-                              rows[:, None] * (K // 64) + (k0 // 64 + groups)[None, :],
-                              mask_n[:, None] & (k0 + 64 * groups < K)[None, :], DOUBLE_QUANT)  # fmt: skip
-        scale = _spread(scale, BLOCK_N, GROUPS)
-        lt_even = _round_to(_nf4_level(byte >> 4) * scale, L_DTYPE)
-        lt_odd = _round_to(_nf4_level(byte & 0xF) * scale, L_DTYPE)
+        lt_even, lt_odd = _decode_tile(packed_ptr, absmax_ptr, nested_code_ptr, nested_absmax_ptr, offset_ptr, rows,
+                                       mask_n, k0 // 64, K, row_bytes, BLOCK_N, BLOCK_K, DOUBLE_QUANT,
+                                       L_DTYPE)  # fmt: skip
         # The activation tile is read contiguously (vector loads) and split into its even and
         # odd columns in registers, to meet the two nibbles of each byte.
         cols = k0 + tl.arange(0, BLOCK_K)
@@ -385,12 +394,10 @@ def nf4_decode_t_kernel(
     columns on CUDA cores; the last program of a column tile to arrive (an acquire-release
     ticket) adds the splits' partials in order and writes the output: one launch, reproducible.
     """
-    GROUPS: tl.constexpr = BLOCK_K // 64
     pid_k = tl.program_id(0)
     pid_s = tl.program_id(1)
     byte_col = pid_k * (BLOCK_K // 2) + tl.arange(0, BLOCK_K // 2)
     mask_b = byte_col < row_bytes
-    groups = tl.arange(0, GROUPS)
     offs_t = tl.arange(0, BLOCK_T)
     mask_t = offs_t < T
     acc_even = tl.zeros((BLOCK_T, BLOCK_K // 2), dtype=tl.float32)
@@ -401,14 +408,9 @@ def nf4_decode_t_kernel(
         offs_n = n0 + tl.arange(0, BLOCK_N)
         mask_n = offs_n < n_end
         rows = offs_n.to(tl.int64)
-        tile_mask = mask_n[:, None] & mask_b[None, :]
-        byte = tl.load(packed_ptr + rows[:, None] * row_bytes + byte_col[None, :], mask=tile_mask, other=0).to(tl.int32)
-        scale = _block_scales(absmax_ptr, nested_code_ptr, nested_absmax_ptr, offset_ptr,
-                              rows[:, None] * (K // 64) + (pid_k * GROUPS + groups)[None, :],
-                              mask_n[:, None] & (pid_k * BLOCK_K + 64 * groups < K)[None, :], DOUBLE_QUANT)  # fmt: skip
-        scale = _spread(scale, BLOCK_N, GROUPS)
-        lt_even = _round_to(_nf4_level(byte >> 4) * scale, L_DTYPE)
-        lt_odd = _round_to(_nf4_level(byte & 0xF) * scale, L_DTYPE)
+        lt_even, lt_odd = _decode_tile(packed_ptr, absmax_ptr, nested_code_ptr, nested_absmax_ptr, offset_ptr, rows,
+                                       mask_n, pid_k * (BLOCK_K // 64), K, row_bytes, BLOCK_N, BLOCK_K, DOUBLE_QUANT,
+                                       L_DTYPE)  # fmt: skip
         a = tl.load(a_ptr + offs_t[:, None].to(tl.int64) * stride_at + offs_n[None, :] * stride_an,
                     mask=mask_t[:, None] & mask_n[None, :], other=0.0).to(tl.float32)  # fmt: skip
         acc_even += tl.sum(a[:, :, None] * lt_even[None, :, :], axis=1)
