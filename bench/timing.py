@@ -113,11 +113,16 @@ class _LiveBytes(TorchDispatchMode):
                 out = impl(*args, **(kwargs or {}))
         else:
             out = func(*args, **(kwargs or {}))
+        if func.is_view:  # a view allocates nothing
+            return out
+        inputs = {
+            t.untyped_storage().data_ptr() for t in pytree.tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor)
+        }
         for t in pytree.tree_leaves(out):
             if isinstance(t, torch.Tensor):
                 storage = t.untyped_storage()
                 key = storage.data_ptr()
-                if key and key not in self.sizes:
+                if key and key not in self.sizes and key not in inputs:  # in-place and out= ops reuse an input
                     self.sizes[key] = storage.nbytes()
                     self.live += storage.nbytes()
                     self.peak = max(self.peak, self.live)

@@ -12,13 +12,15 @@ Public API:
 - `fura_linear` / `FuRALinearFunction`: the fused Function itself;
 - `step2_s_scaled_bmm`: a drop-in for the reference's second stage (`FURA_FUSED_STEP2=1`);
 - `save_fura_adapter`, `load_fura_adapter`, `save_merged`: adapter files and merged export;
+- `merged_named_weights`: the merged weights under the base's names, one layer at a time (RL
+  weight sync to an inference engine);
 - `reference`: the einsum oracle.
 """
 
 from importlib.metadata import PackageNotFoundError, version
 
 from . import reference
-from .adapters import load_fura_adapter, save_fura_adapter, save_merged
+from .adapters import load_fura_adapter, merged_named_weights, save_fura_adapter, save_merged
 from .autograd import FuRALinearFunction, fura_linear, step2_s_scaled_bmm
 from .config import FuRAConfig
 from .cores import DenseCore, NF4Core
@@ -58,6 +60,7 @@ __all__ = [
     "load_fura_adapter",
     "fura_linear",
     "merge_fura",
+    "merged_named_weights",
     "print_trainable_parameters",
     "quantize_nf4",
     "reference",

@@ -20,7 +20,7 @@ import hashlib
 import json
 import math
 import warnings
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any, NoReturn
 
@@ -444,6 +444,35 @@ def merged_state_dict(
                 if merged.bias is not None:
                     state[f"{alias}.bias"] = merged.bias.detach()
     return state
+
+
+def merged_named_weights(model: nn.Module) -> Iterator[tuple[str, torch.Tensor]]:
+    """`(name, tensor)` pairs of the model as its base checkpoint names them, for pushing weights
+    to an inference engine (vLLM's `load_weights`, say) during RL training.
+
+    Plain parameters and buffers pass through under their own names, as references (no copy).
+    Each FuRA layer is merged on its own, when the iteration reaches it, and yielded as
+    `<name>.weight` (and `<name>.bias`) under every name it has: the extra memory at any moment
+    is about one layer's merged weight, never a dense copy of the model. Consume the pairs as
+    they come (an engine copies each into its own storage)."""
+    layers = _fura_layers(model)
+    owners = {alias for name, (_, aliases) in layers.items() for alias in (name, *aliases)}
+
+    def owned(key: str) -> bool:
+        parts = key.split(".")
+        return any(".".join(parts[:i]) in owners for i in range(1, len(parts)))
+
+    for key, value in model.state_dict(keep_vars=True).items():
+        if not owned(key):
+            yield key, value.detach()
+    for name, (layer, aliases) in layers.items():
+        with torch.no_grad():
+            merged = layer.to_linear()
+        for alias in (name, *aliases):
+            yield f"{alias}.weight", merged.weight.detach()
+            if merged.bias is not None:
+                yield f"{alias}.bias", merged.bias.detach()
+        del merged
 
 
 def save_merged(model: nn.Module, directory: str | Path, **save_pretrained_kwargs: Any) -> Path:
