@@ -94,7 +94,7 @@ def boxed_answer_reward(completions: list, answer: list[str], **_) -> list[float
 
 
 def prepare_model(model, args):
-    """Apply the method; returns (model, peft_config for TRL or None)."""
+    """Apply the method and return the model to train (a PEFT model for LoRA and QLoRA)."""
     if args.method in ("fura", "qfura"):
         quantize = "nf4" if args.method == "qfura" else None
         report = convert_to_fura(model, args.target_modules, FuRAConfig(), quantize=quantize, progress=args.progress)
@@ -242,7 +242,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--temperature", type=float, default=1.0)
     p.add_argument("--lr", type=float, default=None, help="default: 9e-5, or 1e-5 for --method full")
     p.add_argument("--loss", choices=["trl", "reference"], default="trl",
-                   help="token aggregation: TRL's default (dapo) or the reference's per-sequence mean (grpo)")  # fmt: skip
+                   help="loss aggregation: TRL's default (dapo) or the reference's per-sequence mean (grpo)")  # fmt: skip
     p.add_argument("--lora-r", type=int, default=32)
     p.add_argument("--lora-alpha", type=int, default=64)
     p.add_argument("--use-vllm", action="store_true", help="generate rollouts in vLLM (GPU, vLLM installed)")
