@@ -241,8 +241,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--max-completion-length", type=int, default=1024)
     p.add_argument("--temperature", type=float, default=1.0)
     p.add_argument("--lr", type=float, default=None, help="default: 9e-5, or 1e-5 for --method full")
-    p.add_argument("--loss", choices=["trl", "reference"], default="trl",
-                   help="loss aggregation: TRL's default (dapo) or the reference's per-sequence mean (grpo)")  # fmt: skip
+    p.add_argument(
+        "--loss",
+        choices=["trl", "reference"],
+        default="trl",
+        help="loss aggregation: TRL's default (dapo) or the reference's per-sequence mean (grpo)",
+    )
     p.add_argument("--lora-r", type=int, default=32)
     p.add_argument("--lora-alpha", type=int, default=64)
     p.add_argument("--use-vllm", action="store_true", help="generate rollouts in vLLM (GPU, vLLM installed)")
