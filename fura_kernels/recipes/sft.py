@@ -239,6 +239,15 @@ def train(args) -> dict:
     metrics["train_seconds"] = time.perf_counter() - start
     accelerator.wait_for_everyone()
     metrics["outputs"] = _save(model, tokenizer, args, accelerator)
+    if args.eval_commonsense and accelerator.is_main_process:
+        # As the reference does after training: the eight commonsense tasks (any subset present).
+        from .eval_commonsense import evaluate, load_tasks, table
+
+        results = evaluate(accelerator.unwrap_model(model), tokenizer, load_tasks(args.eval_commonsense),
+                           num_beams=args.eval_num_beams, max_new_tokens=args.eval_max_new_tokens,
+                           progress=args.progress)  # fmt: skip
+        print(table(results))
+        metrics["commonsense"] = results
     if accelerator.is_main_process:
         Path(args.output_dir).mkdir(parents=True, exist_ok=True)
         (Path(args.output_dir) / "metrics.json").write_text(json.dumps(metrics, indent=1) + "\n")
@@ -269,6 +278,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
                    help="dtype the base weights load in")  # fmt: skip
     p.add_argument("--merge", action="store_true", help="also save the merged model")
+    p.add_argument(
+        "--eval-commonsense",
+        metavar="DIR",
+        help="after training, score the eight commonsense tasks found under DIR/<task>/test.json",
+    )
+    p.add_argument("--eval-num-beams", type=int, default=4)
+    p.add_argument("--eval-max-new-tokens", type=int, default=256)
     p.add_argument("--seed", type=int, default=42)
     p.add_argument("--cpu", action="store_true", help="run on the CPU even when a GPU is present")
     p.add_argument("--no-progress", dest="progress", action="store_false")
