@@ -29,11 +29,12 @@ from pathlib import Path
 
 import torch
 
-from ..adapters import merged_named_weights, save_fura_adapter, save_merged
+from ..adapters import merged_named_weights
 from ..config import FuRAConfig
 from ..model import convert_to_fura
 from ..optional import check_installed
 from .baselines import quantize_linears_bnb
+from .common import save_outputs
 
 METHODS = ("fura", "qfura", "lora", "qlora", "full")
 DEFAULT_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -165,31 +166,6 @@ def use_merged_weight_sync(trainer) -> None:
     generation._iter_named_params = lambda: merged_named_weights(model)
 
 
-def _save(trainer, tokenizer, args) -> dict:
-    out = Path(args.output_dir)
-    model = trainer.accelerator.unwrap_model(trainer.model)
-    paths = {}
-    if not trainer.accelerator.is_main_process:
-        return paths
-    if args.method in ("fura", "qfura"):
-        paths["adapter"] = str(save_fura_adapter(model, out / "adapter"))
-        if args.merge:
-            paths["merged"] = str(save_merged(model, out / "merged"))
-    elif args.method in ("lora", "qlora"):
-        model.save_pretrained(out / "adapter")
-        paths["adapter"] = str(out / "adapter")
-        if args.merge:
-            model.merge_and_unload().save_pretrained(out / "merged")
-            paths["merged"] = str(out / "merged")
-    else:
-        model.save_pretrained(out / "model")
-        paths["model"] = str(out / "model")
-    for key in ("merged", "model"):
-        if key in paths:
-            tokenizer.save_pretrained(paths[key])
-    return paths
-
-
 def train(args) -> dict:
     """Run the recipe; returns the metrics it also writes to `output_dir/metrics.json`."""
     from datasets import Dataset
@@ -217,7 +193,13 @@ def train(args) -> dict:
         "reward": rewards,
         "train_seconds": time.perf_counter() - start,
         "trainable_params": sum(p.numel() for p in model.parameters() if p.requires_grad),
-        "outputs": _save(trainer, tokenizer, args),
+        "outputs": (
+            save_outputs(
+                trainer.accelerator.unwrap_model(trainer.model), tokenizer, args.method, args.output_dir, args.merge
+            )
+            if trainer.accelerator.is_main_process
+            else {}
+        ),
     }
     if trainer.accelerator.is_main_process:
         Path(args.output_dir).mkdir(parents=True, exist_ok=True)

@@ -24,11 +24,11 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from ..adapters import save_fura_adapter, save_merged
 from ..config import FuRAConfig
 from ..model import convert_to_fura
 from ..optional import check_installed
 from .baselines import quantize_linears_bnb
+from .common import save_outputs
 from .tiny_model import shipped_data_path
 
 METHODS = ("fura", "qfura", "lora", "qlora", "full")
@@ -129,28 +129,9 @@ def _evaluate(model, loader, accelerator) -> float:
 
 
 def _save(model, tokenizer, args, accelerator) -> dict:
-    out = Path(args.output_dir)
-    paths = {}
-    model = accelerator.unwrap_model(model)
     if not accelerator.is_main_process:
-        return paths
-    if args.method in ("fura", "qfura"):
-        paths["adapter"] = str(save_fura_adapter(model, out / "adapter"))
-        if args.merge:
-            paths["merged"] = str(save_merged(model, out / "merged"))
-    elif args.method in ("lora", "qlora"):
-        model.save_pretrained(out / "adapter")
-        paths["adapter"] = str(out / "adapter")
-        if args.merge:
-            model.merge_and_unload().save_pretrained(out / "merged")
-            paths["merged"] = str(out / "merged")
-    else:
-        model.save_pretrained(out / "model")
-        paths["model"] = str(out / "model")
-    for key in ("merged", "model"):
-        if key in paths:
-            tokenizer.save_pretrained(paths[key])
-    return paths
+        return {}
+    return save_outputs(accelerator.unwrap_model(model), tokenizer, args.method, args.output_dir, args.merge)
 
 
 def train(args) -> dict:

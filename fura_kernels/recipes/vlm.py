@@ -26,10 +26,11 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from ..adapters import load_fura_adapter, save_fura_adapter
+from ..adapters import load_fura_adapter
 from ..config import FuRAConfig
 from ..model import convert_to_fura
 from ..optional import check_installed
+from .common import save_outputs
 
 METHODS = ("fura", "qfura", "lora", "full")
 # The seven projections of the language model, never the vision tower's or the projector's linears.
@@ -175,24 +176,8 @@ def train(args) -> dict:
     model = trainer.accelerator.unwrap_model(trainer.model)
     outputs = {}
     if trainer.accelerator.is_main_process:
-        if args.method in ("fura", "qfura"):
-            outputs["adapter"] = str(save_fura_adapter(model, out / "adapter"))
-            save_projector(model, out / "adapter")
-            if args.merge:
-                model.save_pretrained(out / "merged")  # merged weights in the base's names (+ the FuRA adapter)
-                outputs["merged"] = str(out / "merged")
-        elif args.method == "lora":
-            model.save_pretrained(out / "adapter")
-            outputs["adapter"] = str(out / "adapter")
-            if args.merge:
-                model.merge_and_unload().save_pretrained(out / "merged")
-                outputs["merged"] = str(out / "merged")
-        else:
-            model.save_pretrained(out / "model")
-            outputs["model"] = str(out / "model")
-        for key in ("merged", "model"):
-            if key in outputs:
-                processor.save_pretrained(outputs[key])
+        outputs = save_outputs(model, processor, args.method, out, args.merge,
+                               adapter_extra=lambda directory: save_projector(model, directory))  # fmt: skip
         metrics = {"method": args.method, "train_loss": losses, "outputs": outputs}
         (out / "metrics.json").write_text(json.dumps(metrics, indent=1) + "\n")
     return {"method": args.method, "train_loss": losses, "outputs": outputs}
