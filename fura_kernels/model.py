@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
+import functools
 import re
-import types
 import warnings
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -395,6 +395,9 @@ def attach_model_methods(model: nn.Module) -> None:
 
     if isinstance(model, FusedBTTLinear):
         return
+    # functools.partial, not a bound method: it pickles by value, so a whole converted model still
+    # round-trips through torch.save / torch.load (a bound method would be looked up by its
+    # function's name on load, and fail).
     if callable(getattr(type(model), "save_pretrained", None)):
-        model.save_pretrained = types.MethodType(fura_save_pretrained, model)
-    model.print_trainable_parameters = types.MethodType(print_trainable_parameters, model)
+        model.save_pretrained = functools.partial(fura_save_pretrained, model)
+    model.print_trainable_parameters = functools.partial(print_trainable_parameters, model)

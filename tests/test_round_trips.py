@@ -194,3 +194,20 @@ def test_qfura_save_pretrained_reloads_as_the_qfura_model(tmp_path):
     load_fura_adapter(converted, tmp_path / ADAPTER_SUBDIR, progress=False)
     assert isinstance(converted.model.layers[0].mlp.up_proj, QFusedBTTLinear)
     assert max_rel_err(_logits(converted, ids), _logits(model, ids)) <= TOLERANCE
+
+
+def test_a_pickled_converted_model_loads_and_still_saves_right(trained, tmp_path):
+    """torch.save of the whole module (and multiprocessing, which pickles it): the FuRA-aware
+    save_pretrained must survive pickling."""
+    import io
+
+    model, ids = trained
+    buffer = io.BytesIO()
+    torch.save(model, buffer)
+    buffer.seek(0)
+    loaded = torch.load(buffer, weights_only=False)
+    assert max_rel_err(_logits(loaded, ids), _logits(model, ids)) == 0
+    loaded.save_pretrained(tmp_path)
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path).eval()
+    assert max_rel_err(_logits(reloaded, ids), _logits(model, ids)) <= TOLERANCE
+    assert (tmp_path / ADAPTER_SUBDIR / ADAPTER_WEIGHTS).is_file()
