@@ -35,9 +35,9 @@ from ..model import convert_to_fura
 from ..optional import check_installed
 from .baselines import quantize_linears_bnb
 from .common import save_outputs
+from .sft import DEFAULT_TARGETS
 
 METHODS = ("fura", "qfura", "lora", "qlora", "full")
-DEFAULT_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 PROMPT = "{problem}\nReason step by step, and put your final answer within \\boxed{{}}.\n"
 # The reference's learning rates (FURA_SPEC.md §10): FuRA-style adapters 9e-5, full fine-tuning 1e-5.
 DEFAULT_LR = {"fura": 9e-5, "qfura": 9e-5, "lora": 9e-5, "qlora": 9e-5, "full": 1e-5}
