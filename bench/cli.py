@@ -3,11 +3,16 @@
 fura-bench --quick                # a short run: on a GPU the quick profile, else cpu-quick
 fura-bench                        # the full suite (GPU) / cpu-quick (CPU)
 fura-bench --only layers --profile cpu-tiny --out /tmp/results
+fura-bench --only layers --cases llama3-8b --tokens 8192 --methods fura,lora_r32 --configurations fair --no-plots
+
+The results file is written after every record; a run stopped by SIGTERM (a time limit) or
+Ctrl-C says so in the file (`"partial": true`) and exits with status 143 or 130.
 """
 
 from __future__ import annotations
 
 import argparse
+import signal
 from dataclasses import replace
 from pathlib import Path
 
@@ -16,9 +21,29 @@ import torch
 from fura_kernels.optional import check_installed
 
 from . import environment, report, results
-from .suites import PROFILES, Profile, run_suites
+from .methods import CONFIGURATIONS, METHODS
+from .suites import KERNELS, PROFILES, Profile, model_spec, run_suites
 
 SUITES = ("kernels", "layers", "model")
+CHECKPOINTING = {"off": (False,), "on": (True,), "both": (False, True)}
+COMPILE = {"off": ("eager",), "on": ("eager", "compiled"), "only": ("compiled",)}
+
+
+class Terminated(BaseException):
+    """SIGTERM arrived (a time limit). A BaseException, so no `except Exception` in a suite,
+    which records a failing method and goes on, can swallow it."""
+
+
+def _on_sigterm(signum, frame):
+    raise Terminated(f"signal {signum}")
+
+
+def _names(text: str, allowed, flag: str) -> tuple[str, ...]:
+    names = tuple(dict.fromkeys(w.strip() for w in text.split(",") if w.strip()))
+    unknown = [n for n in names if n not in allowed]
+    if not names or unknown:
+        raise SystemExit(f"fura-bench: {flag} {text!r}: expected a comma-separated list of {', '.join(allowed)}")
+    return names
 
 
 def _pick_profile(args, device: torch.device) -> str:
@@ -50,6 +75,31 @@ def _narrowed(profile: Profile, cases: str | None, tokens: str | None) -> Profil
     return profile
 
 
+def _selected(profile: Profile, args) -> Profile:
+    """The profile with the selection flags applied: methods, configurations, kernels, models,
+    checkpointing and compilation (each flag left out keeps the profile's own choice)."""
+    profile = _narrowed(profile, args.cases, args.tokens)
+    changes = {}
+    if args.methods:
+        changes["methods"] = _names(args.methods, METHODS, "--methods")
+    if args.configurations:
+        changes["configurations"] = _names(args.configurations, CONFIGURATIONS, "--configurations")
+    if args.kernels:
+        changes["kernels"] = _names(args.kernels, KERNELS, "--kernels")
+    if args.models:
+        try:
+            changes["models"] = [model_spec(m.strip()) for m in args.models.split(",") if m.strip()]
+        except ValueError as err:
+            raise SystemExit(f"fura-bench: --models {args.models!r}: {err}") from None
+    if args.checkpointing:
+        changes["checkpointing"] = CHECKPOINTING[args.checkpointing]
+    if args.compile:
+        changes["model_timings"] = COMPILE[args.compile]
+    if args.compile_backend:
+        changes["compile_backend"] = args.compile_backend
+    return replace(profile, **changes)
+
+
 def run(argv: list[str] | None = None) -> Path:
     """Parse `argv`, run the suites, write and report the results; returns the results file."""
     parser = argparse.ArgumentParser(prog="fura-bench", description=__doc__.split("\n\n")[0])
@@ -58,6 +108,34 @@ def run(argv: list[str] | None = None) -> Path:
     parser.add_argument("--only", choices=SUITES, action="append", help="run only this suite (repeatable)")
     parser.add_argument("--cases", help="comma-separated substrings: keep only the layer shapes whose name holds one")
     parser.add_argument("--tokens", help="comma-separated token counts, replacing the profile's")
+    parser.add_argument(
+        "--methods", help=f"comma-separated methods of the layer and model suites ({', '.join(METHODS)})"
+    )
+    parser.add_argument("--configurations", help="comma-separated configurations of the layer suite (fair, pure)")
+    parser.add_argument("--kernels", help=f"comma-separated kernel measurements ({', '.join(KERNELS)})")
+    parser.add_argument(
+        "--models", help="comma-separated whole-model shapes: NAME or NAME:BATCHxSEQ (llama3-8b:1x2048)"
+    )
+    parser.add_argument(
+        "--checkpointing",
+        choices=sorted(CHECKPOINTING),
+        help="whole-model runs without (off) or with (on) activation checkpointing, or both",
+    )
+    parser.add_argument(
+        "--compile",
+        choices=sorted(COMPILE),
+        help="whole-model runs under torch.compile too (on), never (off) or only (only)",
+    )
+    parser.add_argument("--compile-backend", help="torch.compile backend of the compiled runs (default inductor)")
+    parser.add_argument("--no-plots", action="store_true", help="write no plots (python -m bench.report makes them)")
+    parser.add_argument(
+        "--results-file", type=Path, help="write the results exactly here instead of OUT/<device>/<time>_<profile>.json"
+    )
+    parser.add_argument(
+        "--append",
+        action="store_true",
+        help="keep the records already in --results-file (same device) and add this run's",
+    )
     parser.add_argument("--device", default=None, help="cuda, cuda:1 or cpu (default: cuda when available)")
     parser.add_argument("--dtype", default=None, choices=["bfloat16", "float16", "float32"],
                         help="compute dtype (default: bfloat16 on a GPU, float32 on a CPU)")  # fmt: skip
@@ -67,28 +145,39 @@ def run(argv: list[str] | None = None) -> Path:
     parser.add_argument("--readme", type=Path, help="also rewrite this README's benchmark table from the new results")
     args = parser.parse_args(argv)
 
+    if args.append and not args.results_file:
+        parser.error("--append needs --results-file")
+
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     dtype = getattr(torch, args.dtype) if args.dtype else (torch.bfloat16 if device.type == "cuda" else torch.float32)
-    profile = _narrowed(PROFILES[_pick_profile(args, device)], args.cases, args.tokens)
+    profile = _selected(PROFILES[_pick_profile(args, device)], args)
     suites = list(args.only or SUITES)
     torch.manual_seed(0)
-    run = run_suites(profile, suites, device, dtype)
-    out = {
-        "schema_version": 1,
-        "profile": profile.name,
-        "suites": suites,
-        "environment": environment.describe(device),
-        **run,
-    }
+    header = {"schema_version": 1, "profile": profile.name, "suites": suites,
+              "environment": environment.describe(device)}  # fmt: skip
     if device.type == "cpu":
-        out["note"] = results.CPU_NOTE
-    path = results.write(out, args.out)
+        header["note"] = results.CPU_NOTE
+    path = args.results_file or results.default_path(header, args.out)
+    stream = results.ResultsStream(path, header, append=args.append)
+    previous = signal.signal(signal.SIGTERM, _on_sigterm)
+    try:
+        run_suites(profile, suites, device, dtype, stream)
+    except (Terminated, KeyboardInterrupt) as stop:
+        why = "SIGTERM (a time limit)" if isinstance(stop, Terminated) else "an interrupt (Ctrl-C)"
+        stream.finish(f"stopped by {why} after {len(stream.records)} records")
+        print(f"results (partial): {path}")
+        raise SystemExit(143 if isinstance(stop, Terminated) else 130) from None
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    stream.finish()
+    out = stream.results
     print(f"results: {path}")
     text = report.table([(out, path.as_posix())])
     print(text)
     print(report.summary(out))
-    for plot in report.plots(out, path.parent / "plots"):
-        print(f"plot: {plot}")
+    if not args.no_plots:
+        for plot in report.plots(out, path.parent / "plots"):
+            print(f"plot: {plot}")
     if args.readme:
         report.update_readme(args.readme, text)
     return path

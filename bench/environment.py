@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import datetime as dt
 import importlib.metadata
+import os
 import platform
 import re
 import subprocess
@@ -44,7 +45,14 @@ def _driver() -> str | None:
         return None
 
 
+# Where git cannot be asked (a copied tree without .git, as on a lent GPU machine), the commit
+# comes from this variable; bench/device_check.sh sets it from the commit file written beforehand.
+COMMIT_VARIABLE = "FURA_GIT_COMMIT"
+
+
 def _git_commit() -> str | None:
+    if os.environ.get(COMMIT_VARIABLE):
+        return os.environ[COMMIT_VARIABLE]
     try:
         out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, timeout=10)
         return out.stdout.strip() or None

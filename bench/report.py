@@ -77,7 +77,9 @@ def table(runs: list[tuple[dict, str]]) -> str:
         f"{env['versions'].get('bitsandbytes')} · commit {env.get('git_commit') or 'unknown'}. Results files:",
         "",
     ]
-    lines += [f"- [`{src}`]({src}) (profile `{res['profile']}`; {_selection(res)})" for res, src in runs]
+    lines += [f"- [`{src}`]({src}) (profile `{res['profile']}`; {_selection(res)}"
+              + (f"; **partial**: {res.get('partial_reason')}" if res.get("partial") else "") + ")"
+              for res, src in runs]  # fmt: skip
     for note in sorted({res["note"] for res, _ in runs if res.get("note")}):
         lines += ["", f"> {note}"]
     records = [rec for res, _ in runs for rec in res["records"]]
@@ -168,8 +170,12 @@ def summary(results: dict) -> str:
     floor, each method's step, and one closing paragraph on what the figures show here."""
     c = results["ceilings"]
     records = results["records"]
-    lines = ["", f"Ceilings on {results['environment']['device_name']}: matmul {c['matmul_tflops']:.2f} TFLOP/s "
-             f"({c['dtype']}), copy {c['copy_gbps']:.1f} GB/s."]  # fmt: skip
+    device = results["environment"]["device_name"]
+    if c is None:
+        lines = ["", f"Ceilings on {device}: not measured (the run stopped first)."]
+    else:
+        lines = ["", f"Ceilings on {device}: matmul {c['matmul_tflops']:.2f} TFLOP/s ({c['dtype']}), copy "
+                 f"{c['copy_gbps']:.1f} GB/s."]  # fmt: skip
     kernels = [r for r in records if r["suite"] == "kernel" and r.get("time_ms") and r["method"] in ("fura", "qfura")]
     if kernels:
         lines += ["", "Kernels, % of the roofline floor (median over shapes and token counts):"]
@@ -210,6 +216,8 @@ def summary(results: dict) -> str:
     text = "; ".join(verdict) + "." if verdict else "No layer steps were measured."
     if failed:
         text += f" {len(failed)} measurements failed or were skipped (see the results file)."
+    if results.get("partial"):
+        text += f" Partial results: {results.get('partial_reason')}."
     if results.get("note"):
         text += f" {results['note']}"
     lines += ["", "Summary, on this device: " + text]

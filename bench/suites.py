@@ -1,6 +1,7 @@
 """The benchmark suites: ceilings, kernels, layer steps, whole-model SFT steps.
 
-Each suite returns result records (plain dicts, schema in `bench/results_schema.json`).
+Each suite hands its result records (plain dicts, schema in `bench/results_schema.json`) one by
+one to an `emit` callback, which writes the results file again, so a run cut short keeps them.
 Shapes and token counts come from a profile (`PROFILES`): `full` and `quick` use the
 Llama-3-8B and Qwen3-1.7B projections on a GPU; on a CPU the same code runs the `cpu-*`
 profiles, shapes divided by 16, whose figures say nothing about GPU speed.
@@ -41,6 +42,15 @@ QWEN3_1_7B = [
 ]
 
 
+# The kernel suite's measurements: K1 and K3 and the NF4 GEMM at each T, the weight-side merge
+# and the NF4 dequantisation once per shape. The NF4 GEMM is `nf4_small_t_gemm` (decode and
+# fused kernels, against bitsandbytes' inference path) up to SMALL_T_MAX tokens and
+# `nf4_dequant_gemm` (the training path) above.
+KERNELS = ("K1", "K3", "weight_merge", "nf4_dequant", "nf4_small_t_gemm", "nf4_dequant_gemm")
+# The methods the whole-model suite runs (the layer suite runs all of METHODS).
+MODEL_METHODS = ("fura", "qfura", "lora_r32", "qlora_r32", "full_ft")
+
+
 def scaled(case: LayerCase, factor: int) -> LayerCase:
     """The same layer with every dimension divided by `factor` (for CPU runs)."""
     n = max(1, case.n // factor)
@@ -64,8 +74,11 @@ class Profile:
     # the HBM floor). 0: no rotation (the CPU profiles, which say nothing about GPU speed).
     rotate_bytes: int = 128 << 20
     configurations: tuple[str, ...] = CONFIGURATIONS  # see bench.methods
-    compile_models: bool = True  # also time the whole model under torch.compile (GPU profiles)
     graphed: bool = True  # also time whole steps as CUDA-graph replays (GPU)
+    kernels: tuple[str, ...] = KERNELS  # which kernel measurements the kernel suite takes
+    checkpointing: tuple[bool, ...] = (False, True)  # whole-model runs without / with activation checkpointing
+    model_timings: tuple[str, ...] = ("eager", "compiled")  # whole-model runs eagerly / under torch.compile
+    compile_backend: str = "inductor"  # torch.compile's backend for the compiled runs
 
 
 TINY_MODEL = dict(
@@ -135,7 +148,7 @@ PROFILES = {
         models=[SMALL_MODEL],
         rotate_bytes=0,
         configurations=("fair",),
-        compile_models=False,
+        model_timings=("eager",),
     ),
     "cpu-tiny": Profile(
         "cpu-tiny",
@@ -146,9 +159,25 @@ PROFILES = {
         input_sets=2,
         models=[TINY_MODEL],
         rotate_bytes=0,
-        compile_models=False,
+        model_timings=("eager",),
     ),
 }
+# Whole-model shapes by name, for `--models NAME[:BATCHxSEQ]`.
+MODELS = {spec["name"]: spec for spec in (TINY_MODEL, SMALL_MODEL, LLAMA3_8B_MODEL, LLAMA3_1B_MODEL)}
+
+
+def model_spec(text: str) -> dict:
+    """`llama3-8b` or `llama3-8b:4x2048`: a model of MODELS, with its micro-batch changed."""
+    name, _, size = text.partition(":")
+    if name not in MODELS:
+        raise ValueError(f"unknown model {name!r}; expected one of {', '.join(MODELS)}")
+    spec = dict(MODELS[name])
+    if size:
+        batch, _, seq = size.partition("x")
+        if not (batch.isdigit() and seq.isdigit() and int(batch) > 0 and int(seq) > 0):
+            raise ValueError(f"model size {size!r} of {text!r} is not BATCHxSEQ (say 1x2048)")
+        spec.update(batch=int(batch), seq=int(seq))
+    return spec
 
 
 def _rotating(fn, *inputs):
@@ -249,8 +278,10 @@ def _bnb_dequant_then_gemm(z: torch.Tensor, packed: torch.Tensor, quant_state) -
     return z @ _bnb_functional().dequantize_4bit(packed, quant_state).t()
 
 
-def kernel_suite(profile: Profile, device: torch.device, dtype: torch.dtype, c: Ceilings, bar) -> list[dict]:
-    records = []
+def kernel_suite(profile: Profile, device: torch.device, dtype: torch.dtype, c: Ceilings, bar, emit) -> None:
+    """Each selected kernel measurement (`profile.kernels`) as a record, passed to `emit`."""
+    wanted = set(profile.kernels)
+    nf4_wanted = bool(wanted & {"nf4_dequant", "nf4_small_t_gemm", "nf4_dequant_gemm"})
     elem = torch.empty(0, dtype=dtype).element_size()
     for case in profile.cases:
         n, b, r = case.n, case.b, min(case.b, case.out_features)
@@ -261,44 +292,52 @@ def kernel_suite(profile: Profile, device: torch.device, dtype: torch.dtype, c: 
         # Weight-bound kernels read a different copy of their weights at every call (see
         # Profile.rotate_bytes): NF4 states for the NF4 kernels, dense cores for the merge.
         numel = case.out_features * n * r
-        nf4_sets = _weight_sets(numel // 2, profile)
-        dense_sets = _weight_sets(numel * elem, profile)
+        nf4_sets = _weight_sets(numel // 2, profile) if nf4_wanted else 0
+        dense_sets = _weight_sets(numel * elem, profile) if "weight_merge" in wanted else 0
         cores = [torch.randn(case.out_features, n * r, device=device, dtype=dtype) / (n * r) ** 0.5
                  for _ in range(max(nf4_sets, dense_sets))]  # fmt: skip
         bnb_cores = [_bnb_nf4(core) for core in cores[:nf4_sets]]  # (packed, state) where bitsandbytes runs
-        has_bnb = bnb_cores[0] is not None
+        has_bnb = bool(bnb_cores) and bnb_cores[0] is not None
         states = [NF4Tensor.from_bnb(*bc) if bc else quantize_nf4(core.cpu(), double_quant=True).to(device)
                   for bc, core in zip(bnb_cores, cores, strict=False)]  # fmt: skip
         bnb_packed = [bc[0] for bc in bnb_cores] if has_bnb else None
         bnb_states = [bc[1] for bc in bnb_cores] if has_bnb else None
-        l_ts = [core.reshape(case.out_features, n, r) for core in cores[:dense_sets]]
-        merge_fn = _rotating(block_diag_matmul, l_ts, w.transpose(1, 2), s, True)
-        merge_t, how = _time_kernel(merge_fn, profile, device, dense_sets)
-        f, by = floors.merge_cost(case.in_features, case.out_features, r, elem)
-        records.append(_record("kernel", "weight_merge", "fura", case, None, dtype, merge_t, **how,
-                               **_rates(f, by, merge_t["median"], floors.roofline_ms(f, by, c))))  # fmt: skip
-        scratch = torch.empty(numel, device=device, dtype=dtype)
-        f, by = floors.nf4_dequant_cost(numel, elem)
-        dequant = {"qfura": _rotating(nf4_dequantize, states, dtype, scratch)}
-        if has_bnb:
-            dequant["bitsandbytes"] = _rotating(_bnb_functional().dequantize_4bit, bnb_packed, bnb_states)
-        for method, fn in dequant.items():
-            t, how = _time_kernel(fn, profile, device, nf4_sets)
-            records.append(_record("kernel", "nf4_dequant", method, case, None, dtype, t, **how,
-                                   **_rates(f, by, t["median"], floors.roofline_ms(f, by, c))))  # fmt: skip
+        if "weight_merge" in wanted:
+            l_ts = [core.reshape(case.out_features, n, r) for core in cores[:dense_sets]]
+            merge_fn = _rotating(block_diag_matmul, l_ts, w.transpose(1, 2), s, True)
+            merge_t, how = _time_kernel(merge_fn, profile, device, dense_sets)
+            f, by = floors.merge_cost(case.in_features, case.out_features, r, elem)
+            emit(_record("kernel", "weight_merge", "fura", case, None, dtype, merge_t, **how,
+                         **_rates(f, by, merge_t["median"], floors.roofline_ms(f, by, c))))  # fmt: skip
+        if "nf4_dequant" in wanted:
+            scratch = torch.empty(numel, device=device, dtype=dtype)
+            f, by = floors.nf4_dequant_cost(numel, elem)
+            dequant = {"qfura": _rotating(nf4_dequantize, states, dtype, scratch)}
+            if has_bnb:
+                dequant["bitsandbytes"] = _rotating(_bnb_functional().dequantize_4bit, bnb_packed, bnb_states)
+            for method, fn in dequant.items():
+                t, how = _time_kernel(fn, profile, device, nf4_sets)
+                emit(_record("kernel", "nf4_dequant", method, case, None, dtype, t, **how,
+                             **_rates(f, by, t["median"], floors.roofline_ms(f, by, c))))  # fmt: skip
         for tokens in profile.tokens:
             xs = [torch.randn(tokens, n, b, device=device, dtype=dtype) for _ in range(profile.input_sets)]
             gs = [torch.randn(tokens, n, r, device=device, dtype=dtype) for _ in range(profile.input_sets)]
-            k1, how = _time_kernel(_rotating(block_diag_matmul, xs, w, s), profile, device)
-            f, by = floors.k1_cost(tokens, case.in_features, n, r, elem)
-            records.append(_record("kernel", "K1", "fura", case, tokens, dtype, k1, **how,
-                                   **_rates(f, by, k1["median"], floors.roofline_ms(f, by, c))))  # fmt: skip
-            k3, how = _time_kernel(
-                _rotating(block_diag_matmul_backward, gs, xs, w, s, True, True, True), profile, device
-            )
-            f, by = floors.k3_cost(tokens, case.in_features, n, r, elem)
-            records.append(_record("kernel", "K3", "fura", case, tokens, dtype, k3, **how,
-                                   **_rates(f, by, k3["median"], floors.roofline_ms(f, by, c))))  # fmt: skip
+            if "K1" in wanted:
+                k1, how = _time_kernel(_rotating(block_diag_matmul, xs, w, s), profile, device)
+                f, by = floors.k1_cost(tokens, case.in_features, n, r, elem)
+                emit(_record("kernel", "K1", "fura", case, tokens, dtype, k1, **how,
+                             **_rates(f, by, k1["median"], floors.roofline_ms(f, by, c))))  # fmt: skip
+            if "K3" in wanted:
+                k3, how = _time_kernel(
+                    _rotating(block_diag_matmul_backward, gs, xs, w, s, True, True, True), profile, device
+                )
+                f, by = floors.k3_cost(tokens, case.in_features, n, r, elem)
+                emit(_record("kernel", "K3", "fura", case, tokens, dtype, k3, **how,
+                             **_rates(f, by, k3["median"], floors.roofline_ms(f, by, c))))  # fmt: skip
+            gemm_name = "nf4_small_t_gemm" if tokens <= SMALL_T_MAX else "nf4_dequant_gemm"
+            if gemm_name not in wanted:
+                bar.update(1)
+                continue
             zs = [torch.randn(tokens, n * r, device=device, dtype=dtype) for _ in range(profile.input_sets)]
             if tokens <= SMALL_T_MAX:
                 # Decode path: ours dequantises inside the K loop; bitsandbytes' inference path
@@ -307,7 +346,6 @@ def kernel_suite(profile: Profile, device: torch.device, dtype: torch.dtype, c: 
                 timed = {"qfura": _rotating(nf4_matmul, zs, states)}
                 if has_bnb:
                     timed["bitsandbytes"] = _rotating(_bnb_matmul_4bit, zs, bnb_packed, bnb_states)
-                name = "nf4_small_t_gemm"
             else:
                 # Training path: the core is dequantised, then one cuBLAS GEMM (`nf4_matmul`'s
                 # choice above SMALL_T_MAX tokens), as in QFuRALinearFunction's forward.
@@ -315,19 +353,16 @@ def kernel_suite(profile: Profile, device: torch.device, dtype: torch.dtype, c: 
                 timed = {"qfura": _rotating(nf4_matmul, zs, states)}
                 if has_bnb:
                     timed["bitsandbytes"] = _rotating(_bnb_dequant_then_gemm, zs, bnb_packed, bnb_states)
-                name = "nf4_dequant_gemm"
             with torch.no_grad():
                 for method, fn in timed.items():
                     t, how = _time_kernel(fn, profile, device, nf4_sets)
-                    records.append(_record("kernel", name, method, case, tokens, dtype, t, **how,
-                                           **_rates(f, by, t["median"], floors.roofline_ms(f, by, c))))  # fmt: skip
+                    emit(_record("kernel", gemm_name, method, case, tokens, dtype, t, **how,
+                                 **_rates(f, by, t["median"], floors.roofline_ms(f, by, c))))  # fmt: skip
             bar.update(1)
-    return records
 
 
 # --- layer steps ----------------------------------------------------------------------------
-def layer_suite(profile: Profile, device: torch.device, dtype: torch.dtype, c: Ceilings, bar) -> list[dict]:
-    records = []
+def layer_suite(profile: Profile, device: torch.device, dtype: torch.dtype, c: Ceilings, bar, emit) -> None:
     elem = torch.empty(0, dtype=dtype).element_size()
     for case in profile.cases:
         r = min(case.b, case.out_features)
@@ -341,11 +376,9 @@ def layer_suite(profile: Profile, device: torch.device, dtype: torch.dtype, c: C
                 for method in profile.methods:
                     bar.set_postfix_str(f"{case.name} T={tokens} {configuration} {method}")
                     floor = fura_floor if method in ("fura", "qfura", "reference") else dense_floor
-                    records.append(_layer_record(method, case, tokens, dtype, device, configuration, inputs, profile,
-                                                 floor, dense_floor))  # fmt: skip
+                    emit(_layer_record(method, case, tokens, dtype, device, configuration, inputs, profile, floor,
+                                       dense_floor))  # fmt: skip
                     bar.update(1)
-    _add_ratios(records)
-    return records
 
 
 def _layer_record(method, case, tokens, dtype, device, configuration, inputs, profile, floor, dense_floor) -> dict:
@@ -420,14 +453,15 @@ def _host_ms(step, device, profile) -> float:
 
 
 def _add_ratios(records: list[dict]) -> None:
-    """Each layer record gets its time over LoRA r=32's and over the frozen dense layer's."""
+    """Each layer record gets its time over LoRA r=32's and over the frozen dense layer's (None
+    while the other method has not been measured: a partial file)."""
 
     def key_of(r):
         return r["name"], r["shape"]["name"], r["tokens"], r.get("configuration")
 
-    by_key = {(*key_of(r), r["method"]): r for r in records if r.get("time_ms")}
+    by_key = {(*key_of(r), r["method"]): r for r in records if r["suite"] == "layer" and r.get("time_ms")}
     for rec in records:
-        if not rec.get("time_ms"):
+        if rec["suite"] != "layer" or not rec.get("time_ms"):
             continue
         key = key_of(rec)
         for other, field_name in (("lora_r32", "ratio_vs_lora_r32"), ("dense_floor", "ratio_vs_dense")):
@@ -450,11 +484,22 @@ def _sft_step(model, optimizer, batches, amp: torch.dtype | None):
     return step
 
 
-def model_suite(profile: Profile, device: torch.device, dtype: torch.dtype, bar) -> list[dict]:
-    return [rec for spec in profile.models for rec in _model_runs(spec, profile, device, dtype, bar)]
+def model_suite(profile: Profile, device: torch.device, dtype: torch.dtype, bar, emit) -> None:
+    for spec in profile.models:
+        _model_runs(spec, profile, device, dtype, bar, emit)
 
 
-def _model_runs(spec: dict, profile: Profile, device: torch.device, dtype: torch.dtype, bar) -> list[dict]:
+def _model_variants(profile: Profile) -> list[tuple[bool, bool]]:
+    """(checkpointing, compiled) pairs of a profile's whole-model runs."""
+    return [(ckpt, timing == "compiled") for timing in profile.model_timings for ckpt in profile.checkpointing]
+
+
+def _model_methods(profile: Profile) -> list[str]:
+    """The profile's methods that the whole-model suite runs, in the profile's order."""
+    return [m for m in profile.methods if m in MODEL_METHODS]
+
+
+def _model_runs(spec: dict, profile: Profile, device: torch.device, dtype: torch.dtype, bar, emit) -> None:
     from peft import LoraConfig, get_peft_model
     from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -462,11 +507,9 @@ def _model_runs(spec: dict, profile: Profile, device: torch.device, dtype: torch
     model_name, batch, seq = spec.pop("name"), spec.pop("batch"), spec.pop("seq")
     config = LlamaConfig(**spec, max_position_embeddings=max(seq, 128))
     targets = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-    records = []
     amp = autocast_dtype("fair", dtype)
-    variants = [(c, False) for c in (False, True)] + ([(False, True)] if profile.compile_models else [])
-    for method in ("fura", "qfura", "lora_r32", "qlora_r32", "full_ft"):
-        for checkpointing, compiled in variants:
+    for method in _model_methods(profile):
+        for checkpointing, compiled in _model_variants(profile):
             bar.set_postfix_str(f"model {method} ckpt={checkpointing} compiled={compiled}")
             model = None
             try:
@@ -489,10 +532,10 @@ def _model_runs(spec: dict, profile: Profile, device: torch.device, dtype: torch
                 model.train()
                 params = [p for p in model.parameters() if p.requires_grad]
                 batches = [torch.randint(0, config.vocab_size, (batch, seq), device=device) for _ in range(2)]
-                runner = torch.compile(model) if compiled else model
+                runner = torch.compile(model, backend=profile.compile_backend) if compiled else model
                 step = _sft_step(runner, torch.optim.AdamW(params, lr=1e-5, fused=True), batches, amp)
                 t = measure(step, device, warmup=1, reps=max(2, profile.reps // 2))
-                records.append(_record("model", "sft_step", method, None, batch * seq, dtype, t,
+                emit(_record("model", "sft_step", method, None, batch * seq, dtype, t,
                                        model={"name": model_name, "hidden_size": config.hidden_size,
                                               "layers": config.num_hidden_layers, "batch": batch, "seq": seq},
                                        gradient_checkpointing=checkpointing, configuration="fair",
@@ -502,7 +545,7 @@ def _model_runs(spec: dict, profile: Profile, device: torch.device, dtype: torch
                                        peak_mem_bytes=peak_memory(step, device)))  # fmt: skip
             except Exception as err:  # noqa: BLE001 - out of memory, a missing library...: recorded, run goes on
                 why = f"{type(err).__name__}: {err}"[:300]
-                records.append(_record("model", "sft_step", method, None, batch * seq, dtype, None,
+                emit(_record("model", "sft_step", method, None, batch * seq, dtype, None,
                                        model={"name": model_name, "batch": batch, "seq": seq},
                                        gradient_checkpointing=checkpointing, timing="compiled" if compiled else "eager",
                                        skipped=why))  # fmt: skip
@@ -511,7 +554,6 @@ def _model_runs(spec: dict, profile: Profile, device: torch.device, dtype: torch
                 if device.type == "cuda":
                     torch.cuda.empty_cache()
             bar.update(1)
-    return records
 
 
 def count_units(profile: Profile, suites: list[str]) -> int:
@@ -522,18 +564,26 @@ def count_units(profile: Profile, suites: list[str]) -> int:
     if "layers" in suites:
         units += len(profile.cases) * per_case * len(profile.methods) * len(profile.configurations)
     if "model" in suites:
-        units += 5 * (3 if profile.compile_models else 2) * len(profile.models)
+        units += len(_model_methods(profile)) * len(_model_variants(profile)) * len(profile.models)
     return units
 
 
-def run_suites(profile: Profile, suites: list[str], device: torch.device, dtype: torch.dtype) -> dict:
+def run_suites(profile: Profile, suites: list[str], device: torch.device, dtype: torch.dtype, stream) -> None:
+    """Measure the ceilings, then every selected suite, handing each record to `stream` (a
+    `results.ResultsStream`) as soon as it is measured, so a run stopped early keeps them."""
     c, ceiling_info = ceilings(device, dtype, quick=profile.name != "full")
-    records: list[dict] = []
+    stream.set_ceilings(ceiling_info)
+
+    def emit(record: dict) -> None:
+        stream.records.append(record)
+        if record["suite"] == "layer":
+            _add_ratios(stream.records)
+        stream.write()
+
     with tqdm(total=count_units(profile, suites), desc=f"fura-bench [{profile.name}]", unit="case") as bar:
         if "kernels" in suites:
-            records += kernel_suite(profile, device, dtype, c, bar)
+            kernel_suite(profile, device, dtype, c, bar, emit)
         if "layers" in suites:
-            records += layer_suite(profile, device, dtype, c, bar)
+            layer_suite(profile, device, dtype, c, bar, emit)
         if "model" in suites:
-            records += model_suite(profile, device, dtype, bar)
-    return {"ceilings": ceiling_info, "records": records}
+            model_suite(profile, device, dtype, bar, emit)

@@ -147,3 +147,70 @@ def test_results_go_to_an_untracked_directory_by_default(monkeypatch, tmp_path):
     assert path.resolve().is_relative_to(tmp_path / "fura-bench-results")
     assert list((tmp_path / "fura-bench-results").rglob("*.png"))
     assert "/fura-bench-results/" in (ROOT / ".gitignore").read_text().split()
+
+
+def test_selection_flags_run_exactly_what_they_name(tmp_path):
+    """--methods, --configurations, --kernels, --models, --checkpointing, --compile and --no-plots
+    cut a run down to what a time-limited call asks for; --results-file puts it where asked."""
+    path = cli.run(["--profile", "cpu-tiny", "--device", "cpu", "--only", "layers", "--only", "kernels", "--tokens",
+                    "3", "--methods", "fura,lora_r32", "--configurations", "fair", "--kernels", "K3,weight_merge",
+                    "--no-plots", "--results-file", str(tmp_path / "one.json")])  # fmt: skip
+    assert path == tmp_path / "one.json" and not list(tmp_path.rglob("*.png"))
+    data = results.load(path)
+    assert data["partial"] is False
+    layer = [r for r in data["records"] if r["suite"] == "layer"]
+    assert {(r["method"], r["configuration"]) for r in layer} == {("fura", "fair"), ("lora_r32", "fair")}
+    assert layer[0]["ratio_vs_lora_r32"] is not None  # ratios still computed within the selection
+    assert {r["name"] for r in data["records"] if r["suite"] == "kernel"} == {"K3", "weight_merge"}
+    model = cli.run(["--profile", "cpu-tiny", "--device", "cpu", "--only", "model", "--models", "tiny-llama:1x16",
+                     "--methods", "fura", "--checkpointing", "on", "--compile", "off", "--no-plots",
+                     "--results-file", str(tmp_path / "one.json"), "--append"])  # fmt: skip
+    both = results.load(model)
+    runs = [r for r in both["records"] if r["suite"] == "model"]
+    assert len(runs) == 1 and runs[0]["method"] == "fura" and runs[0]["gradient_checkpointing"] is True
+    assert runs[0]["model"]["batch"] == 1 and runs[0]["model"]["seq"] == 16 and runs[0]["timing"] == "eager"
+    assert len(both["records"]) == len(data["records"]) + 1 and both["suites"] == ["layers", "kernels", "model"]
+
+
+@pytest.mark.parametrize(
+    "bad, message",
+    [
+        (["--methods", "fura,dora"], "--methods"),
+        (["--kernels", "K2"], "--kernels"),
+        (["--configurations", "mixed"], "--configurations"),
+        (["--models", "llama9"], "unknown model"),
+        (["--models", "tiny-llama:2by32"], "BATCHxSEQ"),
+    ],
+)
+def test_selection_flags_refuse_what_does_not_exist(tmp_path, bad, message):
+    with pytest.raises(SystemExit, match=message):
+        cli.run(["--profile", "cpu-tiny", "--device", "cpu", "--out", str(tmp_path), *bad])
+
+
+def test_append_refuses_another_device(tiny_run, tmp_path):
+    _, data = tiny_run
+    other = json.loads(json.dumps(data))
+    other["environment"]["device_name"] = "NVIDIA H100 80GB HBM3"
+    (tmp_path / "gpu.json").write_text(json.dumps(other))
+    with pytest.raises(ValueError, match="not of this device"):
+        cli.run(["--profile", "cpu-tiny", "--device", "cpu", "--only", "kernels", "--tokens", "3",
+                 "--results-file", str(tmp_path / "gpu.json"), "--append"])  # fmt: skip
+
+
+def test_a_stream_stopped_early_is_a_valid_partial_file(tiny_run, tmp_path):
+    """What a killed run leaves: every record so far, `partial` with the reason; before the
+    ceilings are measured, none (null), and the report still reads it."""
+    _, data = tiny_run
+    header = {k: data[k] for k in ("schema_version", "profile", "suites", "environment")}
+    stream = results.ResultsStream(tmp_path / "run.json", header)
+    early = results.load(tmp_path / "run.json")
+    assert early["partial"] is True and early["ceilings"] is None and early["records"] == []
+    stream.set_ceilings(data["ceilings"])
+    stream.add(data["records"][0])
+    stream.finish("stopped by SIGTERM (a time limit) after 1 records")
+    done = results.load(tmp_path / "run.json")
+    assert done["partial"] is True and "SIGTERM" in done["partial_reason"] and len(done["records"]) == 1
+    assert "**partial**" in report.table([(done, "run.json")]) and "Partial results" in report.summary(done)
+    complete = dict(done, partial=False, ceilings=None)
+    with pytest.raises(jsonschema.ValidationError):  # only a partial file may lack ceilings
+        results.validate(complete)

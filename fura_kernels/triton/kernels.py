@@ -14,7 +14,8 @@ memory-bound: the work is reading `x` / `g` once and writing the result once. So
   `dx_j = g_j · R'_j^T` and the partial block gradient `G_j = x_j^T · g_j` from the same `g`
   tile. The whole output width of a block sits in one tile (`N <= 256`), so `g` is read exactly
   once. The reduction over T finishes inside the launch: each program writes its fp32 partial,
-  then takes a ticket from its block's counter (an acquire-release atomic); the program that
+  waits at a barrier until all its threads have, then takes a ticket from its block's counter
+  (an acquire-release atomic); the program that
   arrives last sums the block's partials in split order (a fixed order, so the result is
   bitwise reproducible run to run), writes `dR = G ⊙ S` and `dS = sum over K of G ⊙ R` in
   their storage dtypes, and resets the counter to zero for the next launch or graph replay.
@@ -218,6 +219,10 @@ def block_diag_backward_kernel(
         tile = offs_k[:, None] * stride_pk + offs_n[None, :]
         mask_kn = mask_k[:, None] & mask_n[None, :]
         tl.store(partial_ptr + pid_s.to(tl.int64) * stride_ps + blk * stride_pb + tile, gw_acc, mask=mask_kn)
+        # Every thread's share of the partial is stored before the ticket is taken: the ticket's
+        # release orders only the thread that takes it, so the others' stores need this barrier
+        # (the memory model's cumulativity then carries them into the release).
+        tl.debug_barrier()
         # Release this program's partial, acquire everyone else's: the last to arrive reduces.
         ticket = tl.atomic_add(counter_ptr + blk, 1, sem="acq_rel")
         if ticket == n_splits * tl.cdiv(K, BLOCK_K) - 1:

@@ -12,6 +12,9 @@ device and stream (the kernel leaves them at zero), so no launch clears them.
 
 from __future__ import annotations
 
+import threading
+from collections.abc import Callable
+
 import torch
 import triton
 
@@ -51,16 +54,50 @@ def _launch(tuned, kernel, choices: dict, key: tuple, grid, args: tuple, meta: d
     kernel[grid](*args, **meta, **config.kwargs, num_warps=config.num_warps, num_stages=config.num_stages)
 
 
+def persistent_buffer(device: torch.device, make: Callable[[], torch.Tensor], what: str) -> torch.Tensor:
+    """`make()`, a buffer the caller caches across calls, allocated where no CUDA-graph memory
+    pool can claim it.
+
+    Inductor's CUDA-graph trees (`torch.compile(mode="reduce-overhead")`) send every allocation
+    of the thread that warms up or records a graph into the tree's private pool, and later hand
+    that pool's memory to other graphs' tensors: a cache allocated there would be overwritten.
+    The allocator routes to a pool by thread, so a short-lived thread of our own allocates from
+    the ordinary pool; it finishes its work before the caller goes on. During a capture no
+    cache may be created at all (the caller must keep such buffers per call, or warm up first).
+    """
+    if torch.cuda.is_current_stream_capturing():
+        raise RuntimeError(f"fura_kernels: the {what} was first needed during CUDA-graph capture; run one eager "
+                           "step before capturing (as torch.cuda.graph's documentation asks)")  # fmt: skip
+    made: list = []
+
+    def allocate() -> None:
+        try:
+            with torch.cuda.device(device):
+                made.append(make())
+                torch.cuda.current_stream(device).synchronize()
+        except BaseException as err:  # noqa: BLE001 - handed back to the caller's thread
+            made.append(err)
+
+    worker = threading.Thread(target=allocate, name="fura-kernels-persistent-buffer")
+    worker.start()
+    worker.join()
+    if isinstance(made[0], BaseException):
+        raise made[0]
+    return made[0]
+
+
 def counters_for(nblk: int, device: torch.device) -> torch.Tensor:
     """Zeroed int32 counters for K3's blocks. Cached per device and stream (the kernel resets
-    what it uses), except while a CUDA graph is being captured: the graph then records its own
-    zeroing, so no buffer from its private pool leaks into later eager calls."""
+    what it uses) and allocated outside any CUDA-graph pool (`persistent_buffer`), except while a
+    CUDA graph is being captured: the graph then records its own zeroing, so no buffer from its
+    private pool leaks into later eager calls."""
     if device.type != "cuda" or torch.cuda.is_current_stream_capturing():
         return torch.zeros(nblk, dtype=torch.int32, device=device)
     key = (device, torch.cuda.current_stream(device).cuda_stream)
     buffer = _COUNTERS.get(key)
     if buffer is None or buffer.numel() < nblk:
-        buffer = torch.zeros(max(nblk, 256), dtype=torch.int32, device=device)
+        size = max(nblk, 256)
+        buffer = persistent_buffer(device, lambda: torch.zeros(size, dtype=torch.int32, device=device), "K3 counters")
         _COUNTERS[key] = buffer
     return buffer
 

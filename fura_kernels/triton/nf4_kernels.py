@@ -426,6 +426,7 @@ def nf4_decode_t_kernel(
         split_stride = BLOCK_T * K
         tl.store(partial_ptr + pid_s * split_stride + tile, acc_even, mask=out_mask)
         tl.store(partial_ptr + pid_s * split_stride + tile + 1, acc_odd, mask=out_mask)
+        tl.debug_barrier()  # all threads' partials stored before the ticket's release (as in K3)
         ticket = tl.atomic_add(counter_ptr + pid_k, 1, sem="acq_rel")
         if ticket == n_splits - 1:
             total_even = tl.zeros((BLOCK_T, BLOCK_K // 2), dtype=tl.float32)

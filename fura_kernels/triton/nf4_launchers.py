@@ -7,13 +7,14 @@ is decided once, in `nf4_ops.py`.
 from __future__ import annotations
 
 import functools
+from dataclasses import dataclass
 
 import torch
 import triton
 
 from ..nf4 import NF4Tensor, nf4_code
 from . import autotuning
-from .launchers import counters_for
+from .launchers import counters_for, persistent_buffer
 from .nf4_kernels import (
     nf4_decode_kernel,
     nf4_decode_t_kernel,
@@ -27,15 +28,40 @@ DTYPE_NAMES = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp
 # 1 KB of codes per program, enough bytes in flight per program to hide the scale lookups.
 DEQUANT_GROUPS = 32
 # Fused tensor-core GEMM tiles: 64 rows of the dequantised core as the MMA's M side (wgmma's
-# minimum). K tiles of 128 values are 64 bytes per row, read once, and split into even and odd
-# columns (64 each): the dot's K side, and in the transposed kernel its M side, stay at 64.
-# 8 warps: with 4, the T <= 32 and T <= 64 tiles spill on sm_90 and sm_80 (8 to 120 B of
-# stack); 2 stages, double buffering (tests/kernels/test_compile.py checks spills and shared
-# memory).
+# minimum). A K tile of BLOCK_K values is BLOCK_K / 2 bytes per row, read once and split into
+# even and odd columns. 8 warps: with 4, the T <= 32 and T <= 64 tiles spill on sm_90 and sm_80
+# (8 to 120 B of stack); 2 stages, double buffering. The K tile depends on the GPU generation:
+# - Hopper: 128 values (64 bytes a row); the dot's K side, and in the transposed kernel its M
+#   side, stay at 64.
+# - Ampere: mma.sync keeps the operand fragments in registers, and with 128-value tiles the
+#   T <= 64 kernels sit at 254-255 registers of 255 and spill under Triton 3.8 (8 B of stack);
+#   64-value tiles need at most 180 under Triton 3.6-3.9.
+# (tests/kernels/test_compile.py compiles both as production launches them: spills, registers,
+# shared memory.)
 NF4_BLOCK_N = 64
-NF4_BLOCK_K = 128
-NF4_WARPS = 8
-NF4_STAGES = 2
+
+
+@dataclass(frozen=True)
+class FusedTiles:
+    block_k: int
+    num_warps: int
+    num_stages: int
+
+
+FUSED_TILES = {"hopper": FusedTiles(128, 8, 2), "ampere": FusedTiles(64, 8, 2)}
+
+
+@functools.cache
+def capability_major(device: torch.device) -> int:
+    """The GPU generation the kernels are built for (9, Hopper, off a GPU: the interpreter)."""
+    return torch.cuda.get_device_capability(device)[0] if device.type == "cuda" else 9
+
+
+def fused_tiles(major: int) -> FusedTiles:
+    """The fused kernels' K tile and launch shape for a GPU generation."""
+    return FUSED_TILES["hopper" if major >= 9 else "ampere"]
+
+
 # The reduction axis is split so that about NF4_TARGET_PROGRAMS programs run (a few per SM
 # on a large GPU: one tile of a 4096-row core is only 64 programs), in splits of at least
 # NF4_MIN_SPLIT values and at most NF4_MAX_SPLITS of them. The count is a function of the
@@ -45,20 +71,26 @@ NF4_MAX_SPLITS = 16
 NF4_MIN_SPLIT = 512
 # Decode kernels (T <= DECODE_BLOCK_T). `a · Lt^T`: DECODE_ROWS rows a program and DECODE_K
 # values (512 bytes a row) a step, so 4 warps load 16 bytes a thread; 4096 rows make 1024
-# programs. `a · Lt`: DECODE_T_K columns (128 bytes a row) by DECODE_T_ROWS rows a step, N
-# split for about NF4_TARGET_PROGRAMS programs.
+# programs. `a · Lt`: DECODE_T_K columns (128 bytes a row) by DECODE_T_ROWS rows a step, so 8
+# warps load 16 bytes a thread, N split for about NF4_TARGET_PROGRAMS programs. (With 4 warps
+# and 16 rows a step, the fp16 T = 1 kernel reloads a spilled register in its loop under
+# Triton 3.9; 8 warps and 32 rows compile clean under 3.6-3.9, at most 194 registers.)
 DECODE_BLOCK_T = 4
 DECODE_ROWS = 4
 DECODE_K = 1024
-DECODE_T_ROWS = 16
-DECODE_T_K = 256
 DECODE_WARPS = 4
+DECODE_T_ROWS = 32
+DECODE_T_K = 256
+DECODE_T_WARPS = 8
 
 
 @functools.cache
 def levels(device: torch.device) -> torch.Tensor:
-    """The NF4 level table on `device`, built once (not copied to the device at every launch)."""
-    return nf4_code(device)
+    """The NF4 level table on `device`, built once (not copied to the device at every launch),
+    outside any CUDA-graph pool (see `launchers.persistent_buffer`)."""
+    if device.type != "cuda":
+        return nf4_code(device)
+    return persistent_buffer(device, lambda: nf4_code(device), "NF4 level table")
 
 
 def _scale_args(state: NF4Tensor, device: torch.device):
@@ -95,18 +127,19 @@ def triton_nf4_matmul(a: torch.Tensor, state: NF4Tensor, transpose: bool) -> tor
     tokens = a.shape[0]
     nested_code, nested_absmax, offset = _scale_args(state, a.device)
     block_t = max(autotuning.MIN_TILE, triton.next_power_of_2(tokens))
+    tiles = fused_tiles(capability_major(a.device))
     if transpose:  # reduce over the core's rows, in steps of BLOCK_N; output tiles of BLOCK_K columns
-        out_len, per_split, splits = cols, *_splits(rows, NF4_BLOCK_N, triton.cdiv(cols, NF4_BLOCK_K))
+        out_len, per_split, splits = cols, *_splits(rows, NF4_BLOCK_N, triton.cdiv(cols, tiles.block_k))
     else:  # reduce over its columns, in steps of BLOCK_K; output tiles of BLOCK_N rows
-        out_len, per_split, splits = rows, *_splits(cols, NF4_BLOCK_K, triton.cdiv(rows, NF4_BLOCK_N))
+        out_len, per_split, splits = rows, *_splits(cols, tiles.block_k, triton.cdiv(rows, NF4_BLOCK_N))
     partial = torch.empty((splits, out_len, block_t), dtype=torch.float32, device=a.device)
-    meta = dict(BLOCK_N=NF4_BLOCK_N, BLOCK_K=NF4_BLOCK_K, BLOCK_T=block_t, DOUBLE_QUANT=state.double_quant,
+    meta = dict(BLOCK_N=NF4_BLOCK_N, BLOCK_K=tiles.block_k, BLOCK_T=block_t, DOUBLE_QUANT=state.double_quant,
                 L_DTYPE=DTYPE_NAMES.get(state.dtype, "fp32"), UPCAST=autotuning.INTERPRET)  # fmt: skip
-    launch = dict(num_warps=NF4_WARPS, num_stages=NF4_STAGES) if not autotuning.INTERPRET else {}
+    launch = dict(num_warps=tiles.num_warps, num_stages=tiles.num_stages) if not autotuning.INTERPRET else {}
     args = (a, state.packed, state.absmax, levels(a.device), nested_code, nested_absmax, offset, partial, tokens, rows,
             cols, per_split, *a.stride())  # fmt: skip
     if transpose:
-        nf4_matmul_t_kernel[(triton.cdiv(cols, NF4_BLOCK_K), splits)](*args, **meta, **launch)
+        nf4_matmul_t_kernel[(triton.cdiv(cols, tiles.block_k), splits)](*args, **meta, **launch)
     else:
         nf4_matmul_kernel[(triton.cdiv(rows, NF4_BLOCK_N), splits)](*args, **meta, **launch)
     # Second pass of the reduction, in a fixed order; then (out, T) -> (T, out).
@@ -129,7 +162,7 @@ def triton_nf4_decode(a: torch.Tensor, state: NF4Tensor, transpose: bool) -> tor
     nested_code, nested_absmax, offset = _scale_args(state, a.device)
     meta = dict(BLOCK_T=DECODE_BLOCK_T, DOUBLE_QUANT=state.double_quant, L_DTYPE=DTYPE_NAMES.get(state.dtype, "fp32"))
     if not autotuning.INTERPRET:
-        meta["num_warps"] = DECODE_WARPS
+        meta["num_warps"] = DECODE_T_WARPS if transpose else DECODE_WARPS
     scales = (state.absmax, nested_code, nested_absmax, offset)
     if not transpose:
         y = torch.empty((tokens, rows), dtype=a.dtype, device=a.device)

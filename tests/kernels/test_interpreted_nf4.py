@@ -105,6 +105,25 @@ def test_fused_small_t_gemm(dtype, tokens, transpose, rows, cols):
     assert torch.equal(ours, nf4_matmul(a, state, transpose=transpose))  # reproducible
 
 
+@pytest.mark.parametrize("transpose", [False, True], ids=["a@Lt^T", "a@Lt"])
+@pytest.mark.parametrize("tokens", [DECODE_MAX_T + 1, 64])
+@pytest.mark.parametrize(("rows", "cols"), [(100, 1152), (37, 320)], ids=str)
+def test_fused_small_t_gemm_with_ampere_tiles(monkeypatch, tokens, transpose, rows, cols):
+    """An A100 gets 64-value K tiles (nf4_launchers.FUSED_TILES): the same kernels, other splits
+    and masks, checked here as a Hopper's are above."""
+    from fura_kernels.triton import nf4_launchers
+
+    monkeypatch.setattr(nf4_launchers, "capability_major", lambda device: 8)
+    assert nf4_launchers.fused_tiles(8).block_k == 64
+    state, packed, bnb_state = _bnb_state(rows, cols, torch.bfloat16, True)
+    dense64 = bnb_functional.dequantize_4bit(packed, bnb_state).double()
+    a = torch.randn(tokens, rows if transpose else cols).to(torch.bfloat16)
+    ours = nf4_matmul(a, state, transpose=transpose)
+    same = a @ dense64.to(a.dtype) if transpose else a @ dense64.to(a.dtype).t()
+    ref = a.double() @ dense64 if transpose else a.double() @ dense64.t()
+    assert_within_rule(ours, same, ref, torch.bfloat16, f"NF4 GEMM (Ampere tiles) T={tokens} transpose={transpose}")
+
+
 @pytest.mark.parametrize("tokens", [3, SMALL_T_MAX, 150], ids=lambda t: f"T{t}")
 @pytest.mark.parametrize("dtype", HALF, ids=DTYPE_IDS.get)
 def test_qfura_layer_on_the_triton_path(dtype, tokens):

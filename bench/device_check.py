@@ -1,0 +1,318 @@
+"""The device check: one call on a bare GPU machine that checks and times the product in at
+most LIMIT_S seconds and leaves at most 6 files, flat, under $OUT (`bash bench/device_check.sh`).
+
+Steps run in the order below, the product's promise first. Each gets `min(its budget, time
+left)`; one that cannot start with its `min_start_s` left is skipped and logged. A step is sent
+SIGTERM KILL_GRACE_S before its time is up (the benchmark then writes its partial results and
+exits) and SIGKILL, with its whole process group, when it is up, so no step can push the check
+past LIMIT_S. If the first step cannot import what the rest need, the check stops there.
+
+| step | budget | estimate | what |
+|---|---|---|---|
+| env | 20 s | 10 s | install the carried wheels, import what the rest needs, record the environment |
+| tests | 110 s | 80 s | `pytest tests/gpu`, 60 s a test at most, JUnit XML report |
+| layers | 90 s | 60 s | fair layer steps, eager and graphed, 5 methods x 5 Llama-3-8B shapes, T = 8192 |
+| kernels | 60 s | 35 s | NF4 decode vs bitsandbytes at T = 1, 4, 16; K1, K3, merge at T = 8192 |
+| model | 100 s | 70 s | Llama-3-8B shape, 1 x 2048 tokens, fair, eager: FuRA and LoRA r=32 |
+| qmodel | 50 s | 45 s | the same for QFuRA and QLoRA r=32 |
+| compile | 50 s | 60 s | Llama-3.2-1B shape under torch.compile: FuRA and LoRA r=32 |
+
+The env step imports torch, triton, transformers, peft, bitsandbytes, jsonschema,
+pytest_timeout and fura_kernels, and records device, driver, versions and commit. The layer
+step's methods: frozen dense floor, FuRA, LoRA r=32, QFuRA, QLoRA r=32. The whole-model steps
+run without activation checkpointing and report tokens/s, peak memory and conversion time.
+
+The budgets sum to 480 s. How the estimates were made (no GPU was at hand when this was
+written; bench/NOTES.md keeps the record): the GPU tier took 51 s for 45 tests on an H100
+(2026-11-22), and the new tests add a compiled tiny model and a few hundred graph replays; the
+layer suite took 47 s for 40 eager records at T = 8192, and a record now also captures and
+replays a graph (about 1.5x); the kernel suite took 38 s for 30 (shape, T) points; a Llama-3-8B
+step at 1 x 2048 tokens is about 1e14 FLOPs (0.2 s at 500 TFLOP/s), so the model steps are
+dominated by building the model and converting its 224 projections (SVD on the GPU); the
+compile estimate is what Inductor takes for a 16-layer Llama forward and backward, so that step
+is expected to come back partial unless the earlier ones finish early.
+
+Files under $OUT: `summary.json` (environment, commit, every step's budget, time, exit status
+and outcome, written again after each step), `device_check.log` (every step's output),
+`tests.xml` (the GPU tier's JUnit report), `layers.json`, `kernels.json` and `model.json`
+(results files; the three whole-model steps append to one file). Plots are made afterwards,
+on any machine: `python -m bench.report OUT/layers.json ...`.
+
+`DRY_RUN=1` runs the same steps with tiny shapes on the CPU (`--profile cpu-tiny`), for CI.
+Overrides, for tests and reruns: `DEVICE_CHECK_STEPS=layers,kernels` (run only these),
+`DEVICE_CHECK_LIMIT=SECONDS`, `DEVICE_CHECK_BUDGET_<STEP>=SECONDS`, `DEVICE_CHECK_ARGS_<STEP>="..."`
+(more arguments for that step's command).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shlex
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+LIMIT_S = 480
+# SIGTERM this long before a step's time is up: the benchmark writes its partial file and exits.
+KILL_GRACE_S = 10
+# Per-test limit of the GPU tier (pytest-timeout): one hung test must not take the whole step.
+TEST_TIMEOUT_S = 60
+# What the rest of the check imports: the first step stops everything if one of these fails.
+REQUIRED_MODULES = ("torch", "triton", "transformers", "peft", "bitsandbytes", "jsonschema", "pytest_timeout",
+                    "fura_kernels")  # fmt: skip
+WHEELS = ".whl"  # carried with the call: the wheels the machine lacks, and the commit file
+COMMIT_FILE = Path(WHEELS) / "COMMIT"
+SITE = "/tmp/fura-device-site"  # where the carried wheels are installed
+
+
+@dataclass(frozen=True)
+class Step:
+    name: str
+    budget_s: int  # the most wall time it may take, its kill grace included
+    min_start_s: int  # skipped when less than this is left
+    estimate_s: int  # expected on an H100 / H200 (see the module docstring for how)
+    command: tuple[str, ...]
+    output: str | None = None  # the file under OUT it writes
+
+
+@dataclass
+class Outcome:
+    name: str
+    budget_s: int
+    estimate_s: int
+    status: str  # ok, failed, killed (by its time limit), skipped, stopped (after a failed env step)
+    given_s: float | None = None
+    elapsed_s: float | None = None
+    returncode: int | None = None
+    output: str | None = None
+    note: str | None = None
+    extra: dict = field(default_factory=dict)
+
+
+def _bench(*args: str) -> tuple[str, ...]:
+    return (sys.executable, "-m", "bench", "--no-plots", *args)
+
+
+def steps(out: Path, dry_run: bool) -> list[Step]:
+    """The check's steps for a GPU (or, with `dry_run`, the same steps at tiny CPU sizes)."""
+    where = ("--profile", "cpu-tiny", "--device", "cpu") if dry_run else ("--profile", "full")
+    layer_tokens, kernel_tokens = ("64", "1,4,16,64") if dry_run else ("8192", "1,4,16,8192")
+    big, compiled = ("tiny-llama", "tiny-llama") if dry_run else ("llama3-8b:1x2048", "llama3.2-1b:1x2048")
+    # On the CPU, Inductor's C++ build of even a tiny model outlasts the step: the dry run checks
+    # the plumbing of a compiled run with the backend that traces the same graphs and compiles nothing.
+    backend = ("--compile-backend", "aot_eager") if dry_run else ()
+    model = ("--only", "model", "--checkpointing", "off", "--results-file", str(out / "model.json"), "--append")
+    return [
+        Step("env", 20, 10, 10, (sys.executable, "-m", "bench.device_check", "--probe")),
+        Step("tests", 110, 30, 80,
+             (sys.executable, "-m", "pytest", "tests/gpu", "-q", "-p", "no:cacheprovider",
+              f"--timeout={TEST_TIMEOUT_S}", f"--junitxml={out / 'tests.xml'}"), "tests.xml"),
+        Step("layers", 90, 30, 60,
+             _bench(*where, "--only", "layers", "--cases", "llama3-8b", "--tokens", layer_tokens,
+                    "--methods", "dense_floor,fura,lora_r32,qfura,qlora_r32", "--configurations", "fair",
+                    "--results-file", str(out / "layers.json")), "layers.json"),
+        Step("kernels", 60, 20, 35,
+             _bench(*where, "--only", "kernels", "--cases", "llama3-8b", "--tokens", kernel_tokens,
+                    "--kernels", "nf4_small_t_gemm,K1,K3,weight_merge", "--results-file", str(out / "kernels.json")),
+             "kernels.json"),
+        Step("model", 100, 45, 70,
+             _bench(*where, *model, "--models", big, "--methods", "fura,lora_r32", "--compile", "off"), "model.json"),
+        Step("qmodel", 50, 35, 45,
+             _bench(*where, *model, "--models", big, "--methods", "qfura,qlora_r32", "--compile", "off"), "model.json"),
+        Step("compile", 50, 30, 60,
+             _bench(*where, *model, "--models", compiled, "--methods", "fura,lora_r32", "--compile", "only", *backend),
+             "model.json"),
+    ]  # fmt: skip
+
+
+def _commit() -> str | None:
+    """The commit measured: git's, where the tree is a checkout; else the file written before
+    the call (a copied tree has no .git); else None."""
+    try:
+        head = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10)
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True,
+                               text=True, timeout=10)  # fmt: skip
+        if head.returncode == 0:
+            return head.stdout.strip() + ("-dirty" if dirty.stdout.strip() else "")
+    except (OSError, subprocess.SubprocessError):
+        pass
+    if COMMIT_FILE.is_file():
+        return COMMIT_FILE.read_text().strip() or None
+    return None
+
+
+def _install_wheels(log) -> None:
+    """Install the carried wheels (no network on the machine); they are put first on sys.path."""
+    wheels = sorted(Path(WHEELS).glob("*.whl"))
+    if not wheels:
+        print("env: no carried wheels (.whl/*.whl); using what is installed", file=log, flush=True)
+        return
+    cmd = [sys.executable, "-m", "pip", "install", "-q", "--no-index", "--no-deps", "--no-compile", "--no-cache-dir",
+           "--upgrade", "--target", SITE, *map(str, wheels)]  # fmt: skip
+    print(f"env: installing {len(wheels)} wheels: {' '.join(w.name for w in wheels)}", file=log, flush=True)
+    subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, check=True, timeout=120)
+
+
+def probe() -> int:
+    """The first step's imports, in its own process: print the environment as JSON, or say which
+    import failed and exit 1."""
+    import importlib
+
+    failed = []
+    for name in REQUIRED_MODULES:
+        try:
+            importlib.import_module(name)
+        except Exception as err:  # noqa: BLE001 - every failure is reported, whatever it is
+            failed.append(f"{name}: {type(err).__name__}: {err}")
+    if failed:
+        print("env: these imports failed, so the later steps cannot run:\n  " + "\n  ".join(failed), file=sys.stderr)
+        return 1
+    import torch
+
+    from . import environment
+
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    env = environment.describe(device)
+    if device.type == "cuda":
+        props = torch.cuda.get_device_properties(device)
+        env.update(multiprocessors=props.multi_processor_count, memory_bytes=props.total_memory,
+                   capability=list(torch.cuda.get_device_capability(device)))  # fmt: skip
+    env["versions"].update({m: getattr(sys.modules[m], "__version__", None) for m in ("bitsandbytes", "jsonschema")})
+    print(json.dumps(env))
+    return 0
+
+
+def _run(step: Step, given: float, log) -> tuple[int, float, bool, str]:
+    """Run a step with SIGTERM at `given - KILL_GRACE_S` and SIGKILL (its process group) at
+    `given`. Returns (exit status, seconds, whether it was stopped by its limit, its stdout)."""
+    start = time.monotonic()
+    stdout = subprocess.PIPE if step.name == "env" else log
+    proc = subprocess.Popen(step.command, stdout=stdout, stderr=log, start_new_session=True, text=True)
+    killed = False
+    try:
+        captured, _ = proc.communicate(timeout=max(given - KILL_GRACE_S, 1))
+    except subprocess.TimeoutExpired:
+        killed = True
+        proc.send_signal(signal.SIGTERM)
+        try:
+            captured, _ = proc.communicate(timeout=max(given - (time.monotonic() - start), 1))
+        except subprocess.TimeoutExpired:
+            captured = None
+    finally:
+        try:  # whatever it left behind (compile workers, say) goes with it
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        proc.wait()
+    return proc.returncode, time.monotonic() - start, killed, captured or ""
+
+
+def _budget(step: Step) -> int:
+    return int(os.environ.get(f"DEVICE_CHECK_BUDGET_{step.name.upper()}", step.budget_s))
+
+
+def run_check(out: Path, dry_run: bool, started: float, limit_s: int | None = None) -> dict:
+    """Run every step within `limit_s` of `started` (a `time.time()`), writing OUT/summary.json
+    after each one. Returns the summary."""
+    limit_s = limit_s or int(os.environ.get("DEVICE_CHECK_LIMIT", LIMIT_S))
+    only = [s for s in os.environ.get("DEVICE_CHECK_STEPS", "").split(",") if s]
+    out.mkdir(parents=True, exist_ok=True)
+    summary = {"limit_s": limit_s, "kill_grace_s": KILL_GRACE_S, "dry_run": dry_run, "commit": _commit(),
+               "environment": None, "steps": []}  # fmt: skip
+    if summary["commit"]:
+        os.environ["FURA_GIT_COMMIT"] = summary["commit"]  # the results files record it too
+
+    def save() -> None:
+        tmp = out / ".summary.json.tmp"
+        tmp.write_text(json.dumps(summary, indent=1) + "\n")
+        os.replace(tmp, out / "summary.json")
+
+    stop_reason = None
+    with open(out / "device_check.log", "a") as log:
+        for step in steps(out, dry_run):
+            if only and step.name not in only:
+                continue
+            budget = _budget(step)
+            step = Step(step.name, budget, step.min_start_s, step.estimate_s,
+                        step.command + tuple(shlex.split(os.environ.get(f"DEVICE_CHECK_ARGS_{step.name.upper()}", ""))),
+                        step.output)  # fmt: skip
+            outcome = Outcome(step.name, budget, step.estimate_s, "skipped", output=step.output)
+            left = limit_s - (time.time() - started)
+            if stop_reason:
+                outcome.status, outcome.note = "stopped", stop_reason
+            elif left < step.min_start_s:
+                outcome.note = f"{left:.0f} s left, it needs {step.min_start_s} s to start"
+            else:
+                given = min(budget, left)
+                step_start = time.time()
+                print(f"\n===== {step.name}: up to {given:.0f} s: {shlex.join(step.command)}", file=log, flush=True)
+                print(f"[{step_start - started:5.0f} s] {step.name}: started, up to {given:.0f} s", flush=True)
+                try:
+                    if step.name == "env" and not dry_run:
+                        _install_wheels(log)
+                    rc, _, killed, captured = _run(step, given - (time.time() - step_start), log)
+                except (OSError, subprocess.SubprocessError) as err:
+                    rc, killed, captured = -1, False, ""
+                    print(f"{step.name}: could not run: {err}", file=log, flush=True)
+                elapsed = time.time() - step_start
+                outcome.given_s, outcome.elapsed_s, outcome.returncode = round(given, 1), round(elapsed, 1), rc
+                outcome.status = "killed" if killed else ("ok" if rc == 0 else "failed")
+                if step.name == "env":
+                    if rc == 0 and captured.strip():
+                        summary["environment"] = json.loads(captured.strip().splitlines()[-1])
+                    else:
+                        stop_reason = "the env step failed (an import, or the wheels): see device_check.log"
+                        outcome.status = "failed"
+                if step.output and (out / step.output).is_file() and step.output.endswith(".json"):
+                    outcome.extra = _results_summary(out / step.output)
+            summary["steps"].append(asdict(outcome))
+            save()
+            print(f"[{time.time() - started:5.0f} s] {step.name}: {outcome.status}"
+                  + (f" in {outcome.elapsed_s} s (rc {outcome.returncode})" if outcome.elapsed_s is not None else "")
+                  + (f": {outcome.note}" if outcome.note else ""), flush=True)  # fmt: skip
+    summary["total_s"] = round(time.time() - started, 1)
+    save()
+    return summary
+
+
+def _results_summary(path: Path) -> dict:
+    """Records, failures and partial flag of a results file, for the summary."""
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError) as err:
+        return {"unreadable": str(err)}
+    records = data.get("records", [])
+    return {"records": len(records), "failed_records": sum(1 for r in records if r.get("skipped")),
+            "partial": data.get("partial", False)}  # fmt: skip
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv == ["--probe"]:
+        return probe()
+    out = Path(os.environ.get("OUT") or "/tmp/fura-device-check")
+    dry_run = os.environ.get("DRY_RUN", "") not in ("", "0")
+    started = float(os.environ.get("DEVICE_CHECK_START") or time.time())
+    if not dry_run and Path(WHEELS).is_dir():
+        # The carried wheels go first on the path of every step (installed by the env step).
+        os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (SITE, os.environ.get("PYTHONPATH")) if p)
+    summary = run_check(out, dry_run, started)
+    print(f"\ndevice check, {'dry run (CPU)' if dry_run else 'GPU'}: commit {summary['commit'] or 'unknown'}, "
+          f"{summary['total_s']} s of {summary['limit_s']} s")  # fmt: skip
+    print(f"{'step':8s} {'status':8s} {'budget':>6s} {'time':>6s}  results")
+    for s in summary["steps"]:
+        extra = s["extra"]
+        what = f"{extra.get('records')} records, {extra.get('failed_records')} failed" if "records" in extra else ""
+        what += " (partial)" if extra.get("partial") else ""
+        took = f"{s['elapsed_s']:.0f}" if s["elapsed_s"] is not None else "-"
+        print(f"{s['name']:8s} {s['status']:8s} {s['budget_s']:6d} {took:>6s}  {what or s.get('note') or ''}")
+    env_failed = any(s["name"] == "env" and s["status"] != "ok" for s in summary["steps"])
+    return 1 if env_failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

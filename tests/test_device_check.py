@@ -1,0 +1,160 @@
+"""The device check (`bench/device_check.sh`) as CI can run it: the dry run on the CPU leaves the
+same files as a GPU run, no step outlasts its budget, a step stopped by its budget still leaves a
+valid partial results file, and the scheduler skips, kills and stops as documented.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import xml.etree.ElementTree as ET
+from pathlib import Path
+
+import pytest
+
+from bench import device_check, results
+
+ROOT = Path(__file__).resolve().parents[1]
+EXPECTED_FILES = {"summary.json", "device_check.log", "tests.xml", "layers.json", "kernels.json", "model.json"}
+# The device tool brings back at most 8 files, at most two folders below OUT.
+MAX_FILES, MAX_DEPTH = 8, 2
+# Seconds a step may overrun its budget: the time to notice that its process has gone.
+SLACK_S = 2.0
+
+
+def _dry_run(out: Path, **env) -> tuple[subprocess.CompletedProcess, dict]:
+    environ = {**os.environ, "DRY_RUN": "1", "OUT": str(out), "PYTHON": sys.executable, **env}
+    environ.pop("DEVICE_CHECK_START", None)
+    proc = subprocess.run(["bash", str(ROOT / "bench" / "device_check.sh")], cwd=ROOT, env=environ,
+                          capture_output=True, text=True, timeout=device_check.LIMIT_S + 60)  # fmt: skip
+    summary = json.loads((out / "summary.json").read_text())
+    return proc, summary
+
+
+def _files(out: Path) -> list[Path]:
+    return [p for p in out.rglob("*") if p.is_file()]
+
+
+def _assert_within_budgets(summary: dict) -> None:
+    for step in summary["steps"]:
+        if step["elapsed_s"] is not None:
+            assert step["elapsed_s"] <= step["given_s"] + SLACK_S, f"{step['name']} overran its budget: {step}"
+            assert step["given_s"] <= step["budget_s"], step
+    assert summary["total_s"] <= summary["limit_s"] + SLACK_S, summary["total_s"]
+
+
+@pytest.fixture(scope="module")
+def dry_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("device-check")
+    proc, summary = _dry_run(out)
+    return out, proc, summary
+
+
+@pytest.mark.slow
+def test_dry_run_leaves_the_files_a_gpu_run_leaves(dry_run):
+    out, proc, summary = dry_run
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    files = _files(out)
+    assert {p.name for p in files} == EXPECTED_FILES and len(files) <= MAX_FILES
+    assert all(len(p.relative_to(out).parts) <= MAX_DEPTH + 1 for p in files)
+    assert [s["name"] for s in summary["steps"]] == [s.name for s in device_check.steps(out, dry_run=True)]
+    assert all(s["status"] == "ok" for s in summary["steps"]), summary["steps"]
+    _assert_within_budgets(summary)
+    assert summary["dry_run"] and summary["commit"] and summary["environment"]["git_commit"] == summary["commit"]
+    # The last lines the device tool returns: a table with a row per step.
+    assert "device check, dry run (CPU)" in proc.stdout and all(f"\n{s.name}" in proc.stdout for s in
+                                                                 device_check.steps(out, True))  # fmt: skip
+
+
+@pytest.mark.slow
+def test_dry_run_results_hold_every_method_and_kernel(dry_run):
+    out, _, _ = dry_run
+    layers, kernels, model = (results.load(out / name) for name in ("layers.json", "kernels.json", "model.json"))
+    for data in (layers, kernels, model):
+        assert data["partial"] is False and data["environment"]["git_commit"]
+    timed = {r["method"] for r in layers["records"] if r["suite"] == "layer" and r["time_ms"]}
+    assert timed == {"dense_floor", "fura", "lora_r32", "qfura", "qlora_r32"}
+    assert {r["configuration"] for r in layers["records"]} == {"fair"}
+    assert {r["name"] for r in kernels["records"]} == {"K1", "K3", "weight_merge", "nf4_small_t_gemm"}
+    assert {r["tokens"] for r in kernels["records"] if r["name"] == "nf4_small_t_gemm"} == {1, 4, 16, 64}
+    runs = {(r["method"], r["timing"]) for r in model["records"] if r["time_ms"]}
+    assert runs == {("fura", "eager"), ("lora_r32", "eager"), ("qfura", "eager"), ("qlora_r32", "eager"),
+                    ("fura", "compiled"), ("lora_r32", "compiled")}  # fmt: skip
+    assert not any(r["gradient_checkpointing"] for r in model["records"])
+    suite = ET.parse(out / "tests.xml").getroot()
+    suite = suite if suite.tag == "testsuite" else suite.find("testsuite")
+    assert int(suite.get("tests")) > 0 and int(suite.get("errors")) == 0 and int(suite.get("failures")) == 0
+
+
+@pytest.mark.slow
+def test_a_step_stopped_by_its_budget_leaves_a_valid_partial_file(tmp_path):
+    """A layer step with far more work than its budget (200 records, about a minute here) gets
+    SIGTERM 10 s before its 25 s are up: it writes what it measured, marked partial, and exits."""
+    tokens = ",".join(str(t) for t in range(1, 41))
+    proc, summary = _dry_run(tmp_path, DEVICE_CHECK_STEPS="layers", DEVICE_CHECK_BUDGET_LAYERS="25",
+                             DEVICE_CHECK_ARGS_LAYERS=f"--tokens {tokens}")  # fmt: skip
+    (step,) = summary["steps"]
+    assert step["status"] == "killed" and step["returncode"] == 143, step  # 143: it flushed and exited itself
+    _assert_within_budgets(summary)
+    data = results.load(tmp_path / "layers.json")
+    assert data["partial"] is True and "SIGTERM" in data["partial_reason"]
+    assert 1 <= len(data["records"]) < 200 and all(r["time_ms"] for r in data["records"])
+    assert "layers   killed" in proc.stdout
+
+
+def _fake_steps(out, dry_run):
+    """Steps that take known times: the scheduler is checked without running anything heavy."""
+    py = sys.executable
+    ignore_term = "import signal, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); time.sleep(60)"
+    return [
+        device_check.Step("env", 5, 1, 1, (py, "-c", 'print(\'{"device_name": "fake"}\')')),
+        device_check.Step("quick", 5, 1, 1, (py, "-c", "pass")),
+        device_check.Step("stubborn", 3, 1, 1, (py, "-c", ignore_term)),  # ignores SIGTERM: SIGKILL at 3 s
+        device_check.Step("late", 60, 50, 1, (py, "-c", "pass")),  # cannot start: about 16 s are left
+    ]
+
+
+def test_scheduler_kills_an_overrunning_step_and_skips_one_that_cannot_start(monkeypatch, tmp_path):
+    monkeypatch.setattr(device_check, "steps", _fake_steps)
+    monkeypatch.setattr(device_check, "KILL_GRACE_S", 1)
+    import time
+
+    summary = device_check.run_check(tmp_path, dry_run=True, started=time.time(), limit_s=20)
+    status = {s["name"]: s for s in summary["steps"]}
+    assert summary["environment"] == {"device_name": "fake"}
+    assert status["quick"]["status"] == "ok"
+    assert status["stubborn"]["status"] == "killed" and status["stubborn"]["returncode"] == -9
+    assert 2.5 <= status["stubborn"]["elapsed_s"] <= 3 + SLACK_S
+    assert status["late"]["status"] == "skipped" and "needs 50 s" in status["late"]["note"]
+    _assert_within_budgets(summary)
+
+
+def test_scheduler_stops_when_the_first_step_cannot_import(monkeypatch, tmp_path):
+    def steps(out, dry_run):
+        env = device_check.Step("env", 5, 1, 1, (sys.executable, "-c", "import no_such_module_here"))
+        return [env, *_fake_steps(out, dry_run)[1:2]]
+
+    monkeypatch.setattr(device_check, "steps", steps)
+    import time
+
+    summary = device_check.run_check(tmp_path, dry_run=True, started=time.time(), limit_s=20)
+    assert [s["status"] for s in summary["steps"]] == ["failed", "stopped"]
+    assert "No module named 'no_such_module_here'" in (tmp_path / "device_check.log").read_text()
+
+
+def test_gpu_budgets_fit_the_limit_and_name_every_promised_measurement(tmp_path):
+    gpu = device_check.steps(tmp_path, dry_run=False)
+    assert sum(s.budget_s for s in gpu) <= device_check.LIMIT_S == 480
+    assert [s.name for s in gpu] == ["env", "tests", "layers", "kernels", "model", "qmodel", "compile"]
+    assert all(s.min_start_s <= s.budget_s and s.budget_s > device_check.KILL_GRACE_S for s in gpu)
+    layers = " ".join(gpu[2].command)
+    assert "--tokens 8192" in layers and "dense_floor,fura,lora_r32,qfura,qlora_r32" in layers
+    assert "--configurations fair" in layers and "--cases llama3-8b" in layers
+    assert "--tokens 1,4,16,8192" in " ".join(gpu[3].command)
+    model = " ".join(gpu[4].command)
+    assert "llama3-8b:1x2048" in model and "--checkpointing off" in model and "--compile off" in model
+    # The docstring's table is the documentation of record: it must match the steps.
+    for step in gpu:
+        assert f"| {step.name} | {step.budget_s} s | {step.estimate_s} s |" in device_check.__doc__, step.name
