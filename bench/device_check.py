@@ -9,13 +9,13 @@ past LIMIT_S. If the first step cannot import what the rest need, the check stop
 
 | step | budget | estimate | what |
 |---|---|---|---|
-| env | 20 s | 10 s | install the carried wheels, import what the rest needs, record the environment |
-| tests | 110 s | 80 s | `pytest tests/gpu`, 60 s a test at most, JUnit XML report |
-| layers | 90 s | 60 s | fair layer steps, eager and graphed, 5 methods x 5 Llama-3-8B shapes, T = 8192 |
-| kernels | 60 s | 35 s | NF4 decode vs bitsandbytes at T = 1, 4, 16; K1, K3, merge at T = 8192 |
+| env | 30 s | 15 s | install the carried wheels, import what the rest needs, record the environment |
+| tests | 150 s | 130 s | `pytest tests/gpu`, 90 s a test at most, JUnit XML report |
+| layers | 80 s | 60 s | fair layer steps, eager and graphed, 5 methods x 5 Llama-3-8B shapes, T = 8192 |
+| kernels | 50 s | 35 s | NF4 decode vs bitsandbytes at T = 1, 4, 16; K1, K3, merge at T = 8192 |
 | model | 100 s | 70 s | Llama-3-8B shape, 1 x 2048 tokens, fair, eager: FuRA and LoRA r=32 |
-| qmodel | 50 s | 45 s | the same for QFuRA and QLoRA r=32 |
-| compile | 50 s | 60 s | Llama-3.2-1B shape under torch.compile: FuRA and LoRA r=32 |
+| qmodel | 40 s | 45 s | the same for QFuRA and QLoRA r=32 |
+| compile | 30 s | 60 s | Llama-3.2-1B shape under torch.compile: FuRA and LoRA r=32 |
 
 The env step imports torch, triton, transformers, peft, bitsandbytes, jsonschema,
 pytest_timeout and fura_kernels, and records device, driver, versions and commit. The layer
@@ -24,13 +24,15 @@ run without activation checkpointing and report tokens/s, peak memory and conver
 
 The budgets sum to 480 s. How the estimates were made (no GPU was at hand when this was
 written; bench/NOTES.md keeps the record): the GPU tier took 51 s for 45 tests on an H100
-(2026-11-22), and the new tests add a compiled tiny model and a few hundred graph replays; the
-layer suite took 47 s for 40 eager records at T = 8192, and a record now also captures and
-replays a graph (about 1.5x); the kernel suite took 38 s for 30 (shape, T) points; a Llama-3-8B
-step at 1 x 2048 tokens is about 1e14 FLOPs (0.2 s at 500 TFLOP/s), so the model steps are
-dominated by building the model and converting its 224 projections (SVD on the GPU); the
-compile estimate is what Inductor takes for a 16-layer Llama forward and backward, so that step
-is expected to come back partial unless the earlier ones finish early.
+(2026-11-22), and the new tests add about 80 s, mostly Inductor compiling a tiny Llama (FuRA and
+QFuRA, two sequence lengths), plus a few hundred graph replays; the layer suite took 47 s for 40
+eager records at T = 8192, and a record now also captures and replays a graph (about 1.5x); the
+kernel suite took 38 s for 30 (shape, T) points; a Llama-3-8B step at 1 x 2048 tokens is about
+1e14 FLOPs (0.2 s at 500 TFLOP/s), so the model steps are dominated by building the model and
+converting its 224 projections (SVD on the GPU); the compile estimate is what Inductor takes for
+a 16-layer Llama forward and backward. The QFuRA/QLoRA and compile steps run only if time is
+left and are expected back partial: their records are written one by one, so what they finished
+comes back.
 
 Files under $OUT: `summary.json` (environment, commit, every step's budget, time, exit status
 and outcome, written again after each step), `device_check.log` (every step's output),
@@ -60,10 +62,14 @@ LIMIT_S = 480
 # SIGTERM this long before a step's time is up: the benchmark writes its partial file and exits.
 KILL_GRACE_S = 10
 # Per-test limit of the GPU tier (pytest-timeout): one hung test must not take the whole step.
-TEST_TIMEOUT_S = 60
+TEST_TIMEOUT_S = 90
 # What the rest of the check imports: the first step stops everything if one of these fails.
 REQUIRED_MODULES = ("torch", "triton", "transformers", "peft", "bitsandbytes", "jsonschema", "pytest_timeout",
                     "fura_kernels")  # fmt: skip
+# pytest writes its JUnit report when the session ends, also after an interrupt: SIGTERM (the
+# step's time limit) is turned into one, so a tier stopped early still reports what it ran.
+PYTEST_STOPPABLE = ("import signal, sys, pytest; signal.signal(signal.SIGTERM, signal.default_int_handler); "
+                    "sys.exit(pytest.main(sys.argv[1:]))")  # fmt: skip
 WHEELS = ".whl"  # carried with the call: the wheels the machine lacks, and the commit file
 COMMIT_FILE = Path(WHEELS) / "COMMIT"
 SITE = "/tmp/fura-device-site"  # where the carried wheels are installed
@@ -107,23 +113,23 @@ def steps(out: Path, dry_run: bool) -> list[Step]:
     backend = ("--compile-backend", "aot_eager") if dry_run else ()
     model = ("--only", "model", "--checkpointing", "off", "--results-file", str(out / "model.json"), "--append")
     return [
-        Step("env", 20, 10, 10, (sys.executable, "-m", "bench.device_check", "--probe")),
-        Step("tests", 110, 30, 80,
-             (sys.executable, "-m", "pytest", "tests/gpu", "-q", "-p", "no:cacheprovider",
+        Step("env", 30, 10, 15, (sys.executable, "-m", "bench.device_check", "--probe")),
+        Step("tests", 150, 30, 130,
+             (sys.executable, "-c", PYTEST_STOPPABLE, "tests/gpu", "-q", "-p", "no:cacheprovider",
               f"--timeout={TEST_TIMEOUT_S}", f"--junitxml={out / 'tests.xml'}"), "tests.xml"),
-        Step("layers", 90, 30, 60,
+        Step("layers", 80, 30, 60,
              _bench(*where, "--only", "layers", "--cases", "llama3-8b", "--tokens", layer_tokens,
                     "--methods", "dense_floor,fura,lora_r32,qfura,qlora_r32", "--configurations", "fair",
                     "--results-file", str(out / "layers.json")), "layers.json"),
-        Step("kernels", 60, 20, 35,
+        Step("kernels", 50, 20, 35,
              _bench(*where, "--only", "kernels", "--cases", "llama3-8b", "--tokens", kernel_tokens,
                     "--kernels", "nf4_small_t_gemm,K1,K3,weight_merge", "--results-file", str(out / "kernels.json")),
              "kernels.json"),
         Step("model", 100, 45, 70,
              _bench(*where, *model, "--models", big, "--methods", "fura,lora_r32", "--compile", "off"), "model.json"),
-        Step("qmodel", 50, 35, 45,
+        Step("qmodel", 40, 30, 45,
              _bench(*where, *model, "--models", big, "--methods", "qfura,qlora_r32", "--compile", "off"), "model.json"),
-        Step("compile", 50, 30, 60,
+        Step("compile", 30, 25, 60,
              _bench(*where, *model, "--models", compiled, "--methods", "fura,lora_r32", "--compile", "only", *backend),
              "model.json"),
     ]  # fmt: skip

@@ -89,19 +89,31 @@ def test_dry_run_results_hold_every_method_and_kernel(dry_run):
 
 
 @pytest.mark.slow
-def test_a_step_stopped_by_its_budget_leaves_a_valid_partial_file(tmp_path):
-    """A layer step with far more work than its budget (200 records, about a minute here) gets
-    SIGTERM 10 s before its 25 s are up: it writes what it measured, marked partial, and exits."""
+def test_steps_stopped_by_their_budgets_still_bring_back_their_files(tmp_path):
+    """A test tier with a test that outlasts its budget, and a layer step with far more work than
+    its budget (200 records, about a minute here), each get SIGTERM 10 s before their time is
+    up: pytest still writes its report, the benchmark writes what it measured, marked partial."""
+    (tmp_path / "slow").mkdir()
+    (tmp_path / "slow" / "test_slow.py").write_text(
+        "import time\n\n\ndef test_outlasts_the_step():\n    time.sleep(60)\n"
+    )
     tokens = ",".join(str(t) for t in range(1, 41))
-    proc, summary = _dry_run(tmp_path, DEVICE_CHECK_STEPS="layers", DEVICE_CHECK_BUDGET_LAYERS="25",
-                             DEVICE_CHECK_ARGS_LAYERS=f"--tokens {tokens}")  # fmt: skip
-    (step,) = summary["steps"]
-    assert step["status"] == "killed" and step["returncode"] == 143, step  # 143: it flushed and exited itself
+    out = tmp_path / "out"
+    overrides = {"DEVICE_CHECK_STEPS": "tests,layers", "DEVICE_CHECK_BUDGET_TESTS": "20",
+                 "DEVICE_CHECK_ARGS_TESTS": str(tmp_path / "slow" / "test_slow.py"),
+                 "DEVICE_CHECK_BUDGET_LAYERS": "25", "DEVICE_CHECK_ARGS_LAYERS": f"--tokens {tokens}"}  # fmt: skip
+    proc, summary = _dry_run(out, **overrides)
+    tests, layers = summary["steps"]
+    assert tests["status"] == "killed" and layers["status"] == "killed", summary["steps"]
+    assert layers["returncode"] == 143  # it flushed its file and exited by itself
     _assert_within_budgets(summary)
-    data = results.load(tmp_path / "layers.json")
+    report = ET.parse(out / "tests.xml").getroot()
+    report = report if report.tag == "testsuite" else report.find("testsuite")
+    assert int(report.get("tests")) > 0
+    data = results.load(out / "layers.json")
     assert data["partial"] is True and "SIGTERM" in data["partial_reason"]
     assert 1 <= len(data["records"]) < 200 and all(r["time_ms"] for r in data["records"])
-    assert "layers   killed" in proc.stdout
+    assert "layers   killed" in proc.stdout and "tests    killed" in proc.stdout
 
 
 def _fake_steps(out, dry_run):
