@@ -205,7 +205,7 @@ def _run(step: Step, given: float, log) -> tuple[int, float, bool, str]:
         killed = True
         proc.send_signal(signal.SIGTERM)
         try:
-            captured, _ = proc.communicate(timeout=max(given - (time.monotonic() - start), 1))
+            captured, _ = proc.communicate(timeout=max(given - (time.monotonic() - start), 0.1))
         except subprocess.TimeoutExpired:
             captured = None
     finally:
