@@ -9,13 +9,13 @@ past LIMIT_S. If the first step cannot import what the rest need, the check stop
 
 | step | budget | estimate | what |
 |---|---|---|---|
-| env | 30 s | 15 s | install the carried wheels, import what the rest needs, record the environment |
-| tests | 150 s | 130 s | `pytest tests/gpu`, 90 s a test at most, JUnit XML report |
-| layers | 80 s | 60 s | fair layer steps, eager and graphed, 5 methods x 5 Llama-3-8B shapes, T = 8192 |
-| kernels | 50 s | 35 s | NF4 decode vs bitsandbytes at T = 1, 4, 16; K1, K3, merge at T = 8192 |
-| model | 100 s | 70 s | Llama-3-8B shape, 1 x 2048 tokens, fair, eager: FuRA and LoRA r=32 |
+| env | 25 s | 15 s | install the carried wheels, import what the rest needs, record the environment |
+| tests | 140 s | 130 s | `pytest tests/gpu`, 90 s a test at most, JUnit XML report |
+| layers | 75 s | 60 s | fair layer steps, eager and graphed, 5 methods x 5 Llama-3-8B shapes, T = 8192 |
+| kernels | 45 s | 35 s | NF4 decode vs bitsandbytes at T = 1, 4, 16; K1, K3, merge at T = 8192 |
+| model | 95 s | 70 s | Llama-3-8B shape, 1 x 2048 tokens, fair, eager: FuRA and LoRA r=32 |
 | qmodel | 40 s | 45 s | the same for QFuRA and QLoRA r=32 |
-| compile | 30 s | 60 s | Llama-3.2-1B shape under torch.compile: FuRA and LoRA r=32 |
+| compile | 60 s | 60 s | Llama-3.2-1B shape under torch.compile: FuRA and LoRA r=32 |
 
 The env step imports torch, triton, transformers, peft, bitsandbytes, jsonschema,
 pytest_timeout and fura_kernels, and records device, driver, versions and commit. The layer
@@ -55,7 +55,7 @@ import signal
 import subprocess
 import sys
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 LIMIT_S = 480
@@ -83,6 +83,8 @@ class Step:
     estimate_s: int  # expected on an H100 / H200 (see the module docstring for how)
     command: tuple[str, ...]
     output: str | None = None  # the file under OUT it writes
+    # Seconds between SIGTERM and SIGKILL (None: KILL_GRACE_S); a step with nothing to flush needs none.
+    grace_s: float | None = None
 
 
 @dataclass
@@ -113,23 +115,23 @@ def steps(out: Path, dry_run: bool) -> list[Step]:
     backend = ("--compile-backend", "aot_eager") if dry_run else ()
     model = ("--only", "model", "--checkpointing", "off", "--results-file", str(out / "model.json"), "--append")
     return [
-        Step("env", 30, 10, 15, (sys.executable, "-m", "bench.device_check", "--probe")),
-        Step("tests", 150, 30, 130,
+        Step("env", 25, 10, 15, (sys.executable, "-m", "bench.device_check", "--probe"), grace_s=1),
+        Step("tests", 140, 30, 130,
              (sys.executable, "-c", PYTEST_STOPPABLE, "tests/gpu", "-q", "-p", "no:cacheprovider",
               f"--timeout={TEST_TIMEOUT_S}", f"--junitxml={out / 'tests.xml'}"), "tests.xml"),
-        Step("layers", 80, 30, 60,
+        Step("layers", 75, 30, 60,
              _bench(*where, "--only", "layers", "--cases", "llama3-8b", "--tokens", layer_tokens,
                     "--methods", "dense_floor,fura,lora_r32,qfura,qlora_r32", "--configurations", "fair",
                     "--results-file", str(out / "layers.json")), "layers.json"),
-        Step("kernels", 50, 20, 35,
+        Step("kernels", 45, 20, 35,
              _bench(*where, "--only", "kernels", "--cases", "llama3-8b", "--tokens", kernel_tokens,
                     "--kernels", "nf4_small_t_gemm,K1,K3,weight_merge", "--results-file", str(out / "kernels.json")),
              "kernels.json"),
-        Step("model", 100, 45, 70,
+        Step("model", 95, 45, 70,
              _bench(*where, *model, "--models", big, "--methods", "fura,lora_r32", "--compile", "off"), "model.json"),
         Step("qmodel", 40, 30, 45,
              _bench(*where, *model, "--models", big, "--methods", "qfura,qlora_r32", "--compile", "off"), "model.json"),
-        Step("compile", 30, 25, 60,
+        Step("compile", 60, 30, 60,
              _bench(*where, *model, "--models", compiled, "--methods", "fura,lora_r32", "--compile", "only", *backend),
              "model.json"),
     ]  # fmt: skip
@@ -193,14 +195,16 @@ def probe() -> int:
 
 
 def _run(step: Step, given: float, log) -> tuple[int, float, bool, str]:
-    """Run a step with SIGTERM at `given - KILL_GRACE_S` and SIGKILL (its process group) at
-    `given`. Returns (exit status, seconds, whether it was stopped by its limit, its stdout)."""
+    """Run a step with SIGTERM at `given` less its grace (KILL_GRACE_S unless it says otherwise)
+    and SIGKILL (its process group) at `given`. Returns (exit status, seconds, whether it was
+    stopped by its limit, its stdout)."""
+    grace = KILL_GRACE_S if step.grace_s is None else step.grace_s
     start = time.monotonic()
     stdout = subprocess.PIPE if step.name == "env" else log
     proc = subprocess.Popen(step.command, stdout=stdout, stderr=log, start_new_session=True, text=True)
     killed = False
     try:
-        captured, _ = proc.communicate(timeout=max(given - KILL_GRACE_S, 1))
+        captured, _ = proc.communicate(timeout=max(given - grace, 1))
     except subprocess.TimeoutExpired:
         killed = True
         proc.send_signal(signal.SIGTERM)
@@ -243,9 +247,8 @@ def run_check(out: Path, dry_run: bool, started: float, limit_s: int | None = No
             if only and step.name not in only:
                 continue
             budget = _budget(step)
-            step = Step(step.name, budget, step.min_start_s, step.estimate_s,
-                        step.command + tuple(shlex.split(os.environ.get(f"DEVICE_CHECK_ARGS_{step.name.upper()}", ""))),
-                        step.output)  # fmt: skip
+            extra = tuple(shlex.split(os.environ.get(f"DEVICE_CHECK_ARGS_{step.name.upper()}", "")))
+            step = replace(step, budget_s=budget, command=step.command + extra)
             outcome = Outcome(step.name, budget, step.estimate_s, "skipped", output=step.output)
             left = limit_s - (time.time() - started)
             if stop_reason:

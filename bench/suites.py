@@ -575,10 +575,9 @@ def run_suites(profile: Profile, suites: list[str], device: torch.device, dtype:
     stream.set_ceilings(ceiling_info)
 
     def emit(record: dict) -> None:
-        stream.records.append(record)
-        if record["suite"] == "layer":
-            _add_ratios(stream.records)
-        stream.write()
+        if record["suite"] == "layer":  # its ratios, and the earlier records' against it
+            _add_ratios([*stream.records, record])
+        stream.add(record)
 
     with tqdm(total=count_units(profile, suites), desc=f"fura-bench [{profile.name}]", unit="case") as bar:
         if "kernels" in suites:

@@ -49,6 +49,10 @@ class FusedTiles:
 
 
 FUSED_TILES = {"hopper": FusedTiles(128, 8, 2), "ampere": FusedTiles(64, 8, 2)}
+# The split of the reduction is computed as if every GPU took 128-value K tiles (a multiple of
+# both), so an A100 and an H100 group the partial sums alike: the split stays a function of the
+# shape alone.
+SPLIT_TILE_K = 128
 
 
 @functools.cache
@@ -129,9 +133,9 @@ def triton_nf4_matmul(a: torch.Tensor, state: NF4Tensor, transpose: bool) -> tor
     block_t = max(autotuning.MIN_TILE, triton.next_power_of_2(tokens))
     tiles = fused_tiles(capability_major(a.device))
     if transpose:  # reduce over the core's rows, in steps of BLOCK_N; output tiles of BLOCK_K columns
-        out_len, per_split, splits = cols, *_splits(rows, NF4_BLOCK_N, triton.cdiv(cols, tiles.block_k))
+        out_len, per_split, splits = cols, *_splits(rows, NF4_BLOCK_N, triton.cdiv(cols, SPLIT_TILE_K))
     else:  # reduce over its columns, in steps of BLOCK_K; output tiles of BLOCK_N rows
-        out_len, per_split, splits = rows, *_splits(cols, tiles.block_k, triton.cdiv(rows, NF4_BLOCK_N))
+        out_len, per_split, splits = rows, *_splits(cols, SPLIT_TILE_K, triton.cdiv(rows, NF4_BLOCK_N))
     partial = torch.empty((splits, out_len, block_t), dtype=torch.float32, device=a.device)
     meta = dict(BLOCK_N=NF4_BLOCK_N, BLOCK_K=tiles.block_k, BLOCK_T=block_t, DOUBLE_QUANT=state.double_quant,
                 L_DTYPE=DTYPE_NAMES.get(state.dtype, "fp32"), UPCAST=autotuning.INTERPRET)  # fmt: skip
