@@ -47,13 +47,6 @@ def _atomic_write(path: Path, results: dict) -> None:
     os.replace(tmp, path)
 
 
-def write(results: dict, out_dir: Path) -> Path:
-    validate(results)
-    path = default_path(results, out_dir)
-    _atomic_write(path, results)
-    return path
-
-
 def load(path: Path) -> dict:
     results = json.loads(Path(path).read_text())
     validate(results)
