@@ -1,12 +1,14 @@
 """FuRA adapter files (safetensors + JSON, no pickle), merged export, and `save_pretrained`.
 
 An adapter holds only what training changed: the trainable tensors of every FuRA layer. The
-frozen core is not stored; loading onto a plain base re-decomposes the base weight, which is why
-the base must be the same one: each layer records a fingerprint of its base weight (checked
-before anything is touched) and a probe of its frozen core (checked after re-decomposition,
-which catches a basis that came out different, FURA_SPEC.md §6). Loading onto a model that is
-already converted checks the same two things against the layers in place, then loads R, S and
-the biases.
+frozen tensors are not stored; loading onto a plain base re-decomposes the base weight, which is
+why the base must be the same one: each layer records a fingerprint of its base weight's values
+(checked before anything is touched; the same weights in fp32, fp64 or bf16 are one base) and a
+probe of its frozen tensors (checked after re-decomposition, which catches a basis that came out
+different, FURA_SPEC.md §6). A core that trains is stored, never probed. Loading onto a model that
+is already converted checks the same two things against the layers in place, loads the trained
+tensors, and puts the base back in every FuRA layer the adapter does not cover (an adapter swap
+gives exactly "base + the new adapter").
 
 The JSON is validated against a schema, and one checksum covers it and the weights file, so a
 hand-edited or truncated adapter is refused. Tensor names are limited to each layer's trainable
@@ -32,7 +34,7 @@ from torch import nn
 
 from .config import FuRAConfig
 from .distributed import full_tensor, is_rank0
-from .factorization import resolve_block_shape, resolve_roles, weight_fingerprint
+from .factorization import legacy_weight_fingerprint, resolve_block_shape, resolve_roles, weight_fingerprint
 from .layer import FusedBTTLinear
 from .model import convert_to_fura, module_names, split_name
 
@@ -41,9 +43,17 @@ ADAPTER_CONFIG = "fura_config.json"
 # Where `save_pretrained` of a converted model writes the adapter, beside the merged weights.
 ADAPTER_SUBDIR = "fura_adapter"
 FORMAT = "fura-adapter"
-FORMAT_VERSION = 2  # v2: the checksum covers the JSON too; the dense L core is named l_core.btt_l
+# v2: the checksum covers the JSON too; the dense L core is named l_core.btt_l.
+# v3: the base fingerprint hashes values (dtype-free), the probe covers the frozen tensors only
+# (with their dtype), trained tensors are stored in the config's trainable dtype.
+FORMAT_VERSION = 3
+READABLE_VERSIONS = (2, 3)
 PROBE_SAMPLES = 64  # frozen-core values compared after re-decomposition
 PROBE_TOLERANCE = 1e-3  # relative; a sign flip or a rotated basis moves these by O(1)
+# In units of the coarser dtype's eps: a frozen core stored in bf16 on one side and fp32 on the
+# other differs by its rounding, and a base rounded to bf16 re-decomposes to a basis that moves
+# by that rounding over the singular-value gaps.
+PROBE_EPS_FACTOR = 16
 TRAINABLE_TENSORS = ("btt_r", "btt_s", "bias", "l_core.btt_l")
 
 _HEX64 = {"type": "string", "pattern": "^[0-9a-f]{64}$"}
@@ -76,7 +86,8 @@ _LAYER_SCHEMA = {
         "tensors": {"type": "array", "uniqueItems": True, "items": {"enum": list(TRAINABLE_TENSORS)}},
         "aliases": {"type": "array", "items": {"type": "string"}},
         "base_fingerprint": _HEX64,
-        "core_probe": {"type": "array", "minItems": 1, "items": {"type": "number"}},
+        "core_probe": {"type": "array", "items": {"type": "number"}},
+        "probe_dtype": {"enum": ["float64", "float32", "float16", "bfloat16"]},
         "quantize": {"enum": [None, "nf4"]},
         "double_quant": {"type": ["boolean", "null"]},
     },
@@ -96,7 +107,7 @@ ADAPTER_SCHEMA = {
     ],  # fmt: skip
     "properties": {
         "format": {"const": FORMAT},
-        "format_version": {"const": FORMAT_VERSION},
+        "format_version": {"enum": list(READABLE_VERSIONS)},
         "fura_kernels_version": {"type": "string"},
         "config": {"type": "object"},  # FuRAConfig validates its own fields
         "layers": {"type": "object", "minProperties": 1, "additionalProperties": _LAYER_SCHEMA},
@@ -129,7 +140,32 @@ def _layer_state(name: str, layer: FusedBTTLinear, state_dict: Mapping[str, torc
 def _core_probe(values: torch.Tensor) -> list[float]:
     flat = values.reshape(-1)
     step = max(1, flat.numel() // PROBE_SAMPLES)
-    return flat[::step][:PROBE_SAMPLES].cpu().tolist()
+    return flat[::step][:PROBE_SAMPLES].float().cpu().tolist()
+
+
+def _frozen_tensors(layer: FusedBTTLinear, state: Mapping[str, torch.Tensor] | None = None) -> list[torch.Tensor]:
+    """The layer's tensors that an adapter does not store (a load re-decomposes them): the L
+    core, R and S, each when frozen. From `state` (the layer's own state dict) when given."""
+    roles = layer.roles
+    tensors = dict(layer.named_parameters()) if state is None else state
+    frozen = []
+    if not roles.train_l:
+        core_state = None if state is None else {k[len("l_core.") :]: v for k, v in state.items() if k.startswith("l_core.")}
+        frozen.append(layer.l_core.probe_values(core_state).to(layer.l_core.dtype))
+    if not roles.train_r:
+        frozen.append(tensors["btt_r"].detach())
+    if tensors.get("btt_s") is not None and not roles.s_trainable:
+        frozen.append(tensors["btt_s"].detach())
+    return frozen
+
+
+def _frozen_probe(layer: FusedBTTLinear, state: Mapping[str, torch.Tensor] | None = None) -> tuple[list[float], str]:
+    """Samples of every frozen tensor, and the coarsest dtype among them."""
+    frozen = _frozen_tensors(layer, state)
+    probe = [v for t in frozen for v in _core_probe(t)]
+    dtypes = [t.dtype for t in frozen] or [torch.float32]
+    coarsest = max(dtypes, key=lambda d: torch.finfo(d).eps)
+    return probe, str(coarsest).removeprefix("torch.")
 
 
 def _fingerprint_hex(state: Mapping[str, torch.Tensor]) -> str | None:
@@ -182,8 +218,10 @@ def save_fura_adapter(
         state = states[name]
         trainable = _trainable_names(layer)
         for t_name in trainable:
-            tensors[f"{name}.{t_name}"] = state[t_name].detach().contiguous().cpu()
-        core_state = {k[len("l_core.") :]: v for k, v in state.items() if k.startswith("l_core.")}
+            # In the trainable dtype whatever the model was cast to (DeepSpeed's bf16 mode casts the
+            # whole model): the load expects it, and a bf16 value is exact in fp32.
+            tensors[f"{name}.{t_name}"] = state[t_name].detach().to(layer.config.trainable_dtype).contiguous().cpu()
+        probe, probe_dtype = _frozen_probe(layer, state)
         shape = layer.block_shape
         entries[name] = {
             "in_features": layer.in_features,
@@ -193,7 +231,8 @@ def save_fura_adapter(
             "tensors": trainable,
             "aliases": aliases,
             "base_fingerprint": _fingerprint_hex(state),
-            "core_probe": _core_probe(layer.l_core.probe_values(core_state)),
+            "core_probe": probe,
+            "probe_dtype": probe_dtype,
             "quantize": layer.l_core.quant_type,
             "double_quant": layer.l_core.double_quant,
         }
@@ -245,10 +284,10 @@ def _read_adapter(directory: Path) -> tuple[dict, dict[str, torch.Tensor]]:
     if not isinstance(meta, dict) or meta.get("format") != FORMAT:
         raise ValueError(f"load_fura_adapter: {config_path} is not a {FORMAT} file")
     version = meta.get("format_version")
-    if type(version) is not int or version != FORMAT_VERSION:
+    if type(version) is not int or version not in READABLE_VERSIONS:
         raise ValueError(
-            f"load_fura_adapter: {config_path} has format_version={version!r}; this fura-kernels reads version "
-            f"{FORMAT_VERSION} (re-save the adapter with this version)"
+            f"load_fura_adapter: {config_path} has format_version={version!r}; this fura-kernels reads versions "
+            f"{list(READABLE_VERSIONS)} (re-save the adapter with this version)"
         )
     error = jsonschema.exceptions.best_match(jsonschema.Draft202012Validator(ADAPTER_SCHEMA).iter_errors(meta))
     if error is not None:
@@ -294,15 +333,34 @@ def _expected_tensors(layer_or_shape, config: FuRAConfig, bias: bool) -> dict[st
     return expected
 
 
-def _check_probe(name: str, values: torch.Tensor, stored: list[float]) -> None:
-    probe = torch.tensor(_core_probe(values))
-    stored_t = torch.tensor(stored)
-    if probe.shape != stored_t.shape or (probe - stored_t).abs().max() > PROBE_TOLERANCE * stored_t.abs().max().clamp(
-        min=1e-30
-    ):
+def _check_probe(name: str, layer: FusedBTTLinear, entry: dict, version: int) -> None:
+    """The layer's frozen tensors must be the ones the adapter was trained against, to the
+    rounding of the coarser of the two dtypes."""
+    if version == 2:
+        if layer.roles.train_l:
+            return  # version 2 probed L even where it trains; the adapter holds that L itself
+        probe, dtype = _core_probe(layer.l_core.probe_values()), str(layer.l_core.dtype).removeprefix("torch.")
+    else:
+        probe, dtype = _frozen_probe(layer)
+    stored = entry["core_probe"]
+    if len(probe) != len(stored):
+        raise ValueError(
+            f"load_fura_adapter: the frozen tensors of {name!r} give {len(probe)} probe values, the adapter "
+            f"{len(stored)}: the layer freezes other tensors than the one the adapter was trained on"
+        )
+    if not stored:
+        return  # nothing is frozen: every tensor comes from the adapter
+    stored_dtype = entry.get("probe_dtype", dtype)
+    eps = max(torch.finfo(getattr(torch, stored_dtype)).eps, torch.finfo(getattr(torch, dtype)).eps)
+    tolerance = max(PROBE_TOLERANCE, PROBE_EPS_FACTOR * eps)
+    ours, theirs = torch.tensor(probe, dtype=torch.float64), torch.tensor(stored, dtype=torch.float64)
+    deviation = ((ours - theirs).abs().max() / theirs.abs().max().clamp(min=1e-30)).item()
+    if deviation > tolerance:
         raise ValueError(
             f"load_fura_adapter: the frozen core of {name!r} differs from the one the adapter was trained against "
-            "(another SVD basis or another base); it cannot be applied"
+            f"(relative deviation {deviation:.2e}, tolerance {tolerance:.1e} for {dtype} against the adapter's "
+            f"{stored_dtype}): the base is another checkpoint, or its SVD basis came out rotated (repeated singular "
+            "values); it cannot be applied"
         )
 
 
@@ -313,6 +371,7 @@ def _refuse(message: str) -> NoReturn:
 def _plan(model: nn.Module, meta: dict, tensors: dict[str, torch.Tensor], config: FuRAConfig) -> dict[str, bool]:
     """Every check that needs no conversion. Returns name -> whether the layer is converted already."""
     model_config = getattr(model, "config", None)
+    version = meta["format_version"]
     in_place: dict[str, bool] = {}
     for name, entry in meta["layers"].items():
         try:
@@ -330,15 +389,18 @@ def _plan(model: nn.Module, meta: dict, tensors: dict[str, torch.Tensor], config
             stored_as, ours = entry["quantize"] or "dense", module.l_core.quant_type or "dense"
             if ours != stored_as:
                 _refuse(f"{where} stores its core as {ours}, the adapter's as {stored_as}")
-            if module.base_fingerprint != entry["base_fingerprint"]:
+            # A version 2 fingerprint hashed raw bits and dtype; the layer holds today's (values).
+            if version >= 3 and module.base_fingerprint != entry["base_fingerprint"]:
                 _refuse(f"{where} was converted from another base weight than the one this adapter was trained on "
                         "(fingerprint mismatch)")  # fmt: skip
-            _check_probe(name, module.l_core.probe_values(), entry["core_probe"])
+            _check_probe(name, module, entry, version)
             shape, expected = module.block_shape, _expected_tensors(module, config, entry["bias"])
         elif isinstance(module, nn.Linear):
-            if weight_fingerprint(module.weight) != entry["base_fingerprint"]:
-                _refuse(f"the base weight of {name!r} is not the one this adapter was trained on (fingerprint "
-                        "mismatch): load the same base checkpoint, in the same dtype")  # fmt: skip
+            fingerprint = weight_fingerprint if version >= 3 else legacy_weight_fingerprint
+            if fingerprint(module.weight) != entry["base_fingerprint"]:
+                _refuse(f"the base weight of {name!r} is not the one this adapter was trained on (fingerprint mismatch, "
+                        f"in {module.weight.dtype}): load the same base checkpoint"
+                        + ("" if version >= 3 else " in the dtype it was trained in (a version 2 adapter)"))  # fmt: skip
             shape = resolve_block_shape(module.in_features, module.out_features, config, name, model_config)
             expected = _expected_tensors(shape, config, entry["bias"])
         else:
@@ -354,8 +416,11 @@ def _plan(model: nn.Module, meta: dict, tensors: dict[str, torch.Tensor], config
             value = tensors.get(key)
             if value is None:
                 continue  # reported with the inventory below
-            if tuple(value.shape) != t_shape or value.dtype != t_dtype:
-                _refuse(f"{key} is {value.dtype} {tuple(value.shape)} in the adapter; expected {t_dtype} {t_shape}")
+            # Any floating dtype is read (a version 2 adapter of a bf16-cast model holds bf16) and
+            # cast to the layer's own on load.
+            if tuple(value.shape) != t_shape or not value.dtype.is_floating_point:
+                _refuse(f"{key} is {value.dtype} {tuple(value.shape)} in the adapter; expected a floating-point "
+                        f"tensor of shape {t_shape} ({t_dtype})")  # fmt: skip
             if not bool(torch.isfinite(value).all()):
                 _refuse(f"{key} holds NaN or inf values")
     expected_keys = {f"{n}.{t}" for n, e in meta["layers"].items() for t in e["tensors"]}
@@ -371,20 +436,29 @@ def load_fura_adapter(model: nn.Module, directory: str | Path, *, progress: bool
     A layer that is still the base `nn.Linear` is converted the way the adapter's model was
     (re-decomposed, then checked against the stored probe); a layer that is already a FuRA layer
     (to resume training or swap adapters) is checked against the adapter's fingerprint and probe
-    in place. Then the trained tensors (R, S, biases) are loaded. Everything that can be checked
-    is checked first; on any error the model is left exactly as it was."""
+    in place. Then the trained tensors (R, S, biases, a trained core) are loaded, and every FuRA
+    layer the adapter does not cover is put back to its base `nn.Linear`, so loading adapter B
+    over adapter A gives exactly "base + B". Everything that can be checked is checked first; on
+    any error the model is left exactly as it was."""
     meta, tensors = _read_adapter(Path(directory))
     try:
         config = FuRAConfig(**meta["config"])
     except (TypeError, ValueError) as err:
         raise ValueError(f"load_fura_adapter: the adapter's config is invalid: {err}") from None
     in_place = _plan(model, meta, tensors, config)
+    # FuRA layers the adapter does not cover hold another adapter's training: they go back to the base.
+    uncovered = {name: layer for name, (layer, _) in _fura_layers(model).items() if name not in meta["layers"]}
+    unknown = [name for name, layer in uncovered.items() if getattr(layer, "initial_trainables", None) is None]
+    if unknown:
+        _refuse(f"the model's FuRA layers {unknown[:5]} are not in this adapter, and their base cannot be rebuilt "
+                "(they were loaded from a state dict, not decomposed here), so they would keep another adapter's "
+                "training; load the adapter onto a freshly loaded base instead")  # fmt: skip
     fresh = [name for name, converted in in_place.items() if not converted]
     quantize = {meta["layers"][name]["quantize"] for name in fresh}
     double_quant = {meta["layers"][name]["double_quant"] for name in fresh}
     if len(quantize) > 1 or len(double_quant) > 1:
         raise ValueError("load_fura_adapter: the adapter mixes quantised and plain layers (or NF4 formats)")
-    originals = {name: model.get_submodule(name) for name in fresh}
+    originals = {name: model.get_submodule(name) for name in (*fresh, *uncovered)}
     flags = {id(p): p.requires_grad for p in model.parameters()}
     snapshots = {
         name: {t: p.detach().clone() for t, p in model.get_submodule(name).named_parameters() if p.requires_grad}
@@ -396,13 +470,18 @@ def load_fura_adapter(model: nn.Module, directory: str | Path, *, progress: bool
                         progress=progress)  # fmt: skip
     try:
         for name in fresh:
-            layer = model.get_submodule(name)
-            _check_probe(name, layer.l_core.probe_values(), meta["layers"][name]["core_probe"])
+            _check_probe(name, model.get_submodule(name), meta["layers"][name], meta["format_version"])
+        bases = {name: layer.base_linear().requires_grad_(False) for name, layer in uncovered.items()}
         with torch.no_grad():
             for name, entry in meta["layers"].items():
                 params = dict(model.get_submodule(name).named_parameters())
                 for t_name in entry["tensors"]:
                     params[t_name].copy_(tensors[f"{name}.{t_name}"])
+        for names in module_names(model).values():
+            if names[0] in bases:
+                for alias in names:
+                    parent, attr = split_name(model, alias)
+                    setattr(parent, attr, bases[names[0]])
     except BaseException:
         with torch.no_grad():
             for name, saved in snapshots.items():

@@ -269,7 +269,22 @@ DEGENERATE_GAP = 1e-6
 
 
 def weight_fingerprint(weight: torch.Tensor) -> str:
-    """sha256 of a weight's shape, dtype and a strided sample of its raw bits (device-independent)."""
+    """sha256 of a weight's shape and a strided sample of its values rounded to bfloat16.
+
+    It identifies a base by its values, not its storage: the same checkpoint loaded as fp32,
+    fp64 or bf16 (lossless casts, or the one rounding to bf16) gives one fingerprint, and any
+    other checkpoint, a fine-tuned one included, changes the rounding of most sampled entries.
+    Device-independent (round-to-nearest-even everywhere)."""
+    flat = weight.detach().reshape(-1)
+    step = max(1, flat.numel() // FINGERPRINT_SAMPLES)
+    sample = flat[::step][:FINGERPRINT_SAMPLES].to(torch.bfloat16).contiguous().cpu()
+    digest = hashlib.sha256(f"{tuple(weight.shape)}|bf16-values|".encode())
+    digest.update(sample.view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
+def legacy_weight_fingerprint(weight: torch.Tensor) -> str:
+    """The fingerprint of adapter format 2: shape, dtype and raw bits (so dtype-sensitive)."""
     flat = weight.detach().reshape(-1)
     step = max(1, flat.numel() // FINGERPRINT_SAMPLES)
     sample = flat[::step][:FINGERPRINT_SAMPLES].contiguous().cpu()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Mapping
 from typing import Any
 
@@ -171,7 +172,30 @@ class FusedBTTLinear(nn.Module):
                 layer.btt_s.copy_(btt_s)
             if layer.bias is not None:
                 layer.bias.copy_(linear.bias)
+        layer.remember_initial_state()
         return layer
+
+    def remember_initial_state(self) -> None:
+        """Keep a CPU copy of the trainable tensors as decomposed (the size of an adapter), so that
+        `base_linear()` can rebuild the base layer after training: an adapter swap puts the base
+        back wherever the new adapter has no layer."""
+        self.initial_trainables = {
+            name: p.detach().to("cpu", copy=True) for name, p in self.named_parameters() if p.requires_grad
+        }
+
+    @torch.no_grad()
+    def base_linear(self) -> nn.Linear:
+        """The base `nn.Linear` this layer was decomposed from (its merge at the decomposition's
+        own values, to fp32 SVD rounding), whatever training has done since."""
+        initial = getattr(self, "initial_trainables", None)
+        if initial is None:
+            raise ValueError(
+                f"{self._where}: its values as decomposed are not known (it was built from a state dict or on "
+                "the meta device, not by from_linear), so the base layer cannot be rebuilt"
+            )
+        state = {name: value for name, value in self.state_dict().items()}
+        state.update({name: value.to(self.device) for name, value in initial.items()})
+        return self.to_linear(state)
 
     @property
     def base_fingerprint(self) -> str | None:
@@ -257,7 +281,13 @@ class FusedBTTLinear(nn.Module):
     def to_linear(self, state: Mapping[str, torch.Tensor] | None = None) -> nn.Linear:
         """A plain `nn.Linear` with the merged weight, in the layer's storage dtype, on the layer's
         device (or, with `state`, on the device of those tensors)."""
-        weight = self.dense_weight(state)
+        device = self.device if state is None else state["btt_r"].device
+        # A merge is computed at the cores' precision: under an enclosing autocast region the
+        # einsum would run in bf16 and the weight be stored with bf16's error (FURA_SPEC.md §6).
+        with torch.autocast(device.type, enabled=False) if torch.amp.is_autocast_available(device.type) else (
+            contextlib.nullcontext()
+        ):
+            weight = self.dense_weight(state)
         bias = self.bias if state is None else state.get("bias")
         linear = nn.Linear(
             self.in_features,
@@ -283,38 +313,42 @@ class FusedBTTLinear(nn.Module):
 
 
 def _accept_merged_weights_only_if_equal(layer: FusedBTTLinear, state_dict, prefix, *args) -> None:
-    """Load-state-dict pre-hook: a checkpoint that holds this layer's merged `weight` instead of
-    its cores (what `save_pretrained` of a converted model writes) is accepted only if it equals
-    this layer's own merge, that is, if the FuRA adapter saved beside it was loaded first; its
-    merged keys are then consumed. Otherwise the load would keep stale cores behind a warning
-    (HF Trainer resumes with `strict=False`), so it raises instead."""
-    key = prefix + "weight"
-    if key not in state_dict or prefix + "btt_r" in state_dict:
+    """Load-state-dict pre-hook: a checkpoint that holds this layer's merged `weight` (and `bias`)
+    instead of its cores (what `save_pretrained` of a converted model writes) is accepted only if
+    it equals this layer's own merge, that is, if the FuRA adapter saved beside it was loaded
+    first; its merged keys are then consumed. Otherwise the load would keep stale cores behind a
+    warning (HF Trainer resumes with `strict=False`), or copy a merged bias, rounded to the base's
+    dtype, over the trained one, so it raises instead. The weight and the bias are checked each
+    on its own: a sharded checkpoint can hold them in different files, loaded one at a time."""
+    weight_key, bias_key = prefix + "weight", prefix + "bias"
+    if prefix + "btt_r" in state_dict or (weight_key not in state_dict and bias_key not in state_dict):
         return
     where = layer._where if layer.module_name else f"FuRA layer {prefix[:-1]!r}"
-    stored = state_dict[key]
-    bias = state_dict.get(prefix + "bias")
     with torch.no_grad():
         ours = layer.to_linear()
-        same = stored.shape == ours.weight.shape and _equal_to_rounding(stored, ours.weight)
-        if bias is not None:
-            same = same and layer.bias is not None and _equal_to_rounding(bias, ours.bias)
-    if not same:
-        raise ValueError(
-            f"{where}: the checkpoint holds a merged weight for this layer ({key}) that differs from the layer's "
-            "own. It was written by save_pretrained of a FuRA model: load the adapter saved beside it first, "
-            "with fura_kernels.load_fura_adapter(model, '<checkpoint>/fura_adapter'), or load the checkpoint "
-            "into the plain base architecture with from_pretrained"
-        )
-    state_dict.pop(key)
-    state_dict.pop(prefix + "bias", None)
+    for key, own in ((weight_key, ours.weight), (bias_key, ours.bias)):
+        if key not in state_dict:
+            continue
+        stored = state_dict[key]
+        if own is None or stored.shape != own.shape or not _equal_to_rounding(stored, own):
+            raise ValueError(
+                f"{where}: the checkpoint holds a merged {key.rsplit('.', 1)[1]} for this layer ({key}) that differs "
+                "from the layer's own. It was written by save_pretrained of a FuRA model: load the adapter saved "
+                "beside it first, with fura_kernels.load_fura_adapter(model, '<checkpoint>/fura_adapter'), or load "
+                "the checkpoint into the plain base architecture with from_pretrained"
+            )
+        state_dict.pop(key)
 
 
 def _equal_to_rounding(stored: torch.Tensor, ours: torch.Tensor) -> bool:
-    """Equal up to one rounding of the stored dtype (another device may round the merge otherwise)."""
-    eps = torch.finfo(stored.dtype).eps if stored.dtype.is_floating_point else 0.0
+    """Equal up to one rounding of the stored dtype, plus the merge's own arithmetic error at fp32
+    (another device, or an fp64 merge rounded to fp32, differs by that much)."""
+    if not stored.dtype.is_floating_point:
+        return False
+    stored_eps, merge_eps = torch.finfo(stored.dtype).eps, torch.finfo(torch.float32).eps
     a, b = stored.detach().double().cpu(), ours.detach().double().cpu()
-    return bool(torch.allclose(a, b, rtol=eps, atol=eps * b.abs().max().item() * 1e-3))
+    scale = b.abs().max().item() if b.numel() else 0.0
+    return bool(((a - b).abs() <= stored_eps * b.abs() + 16 * merge_eps * scale).all())
 
 
 def _sub_state(state: Mapping[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:

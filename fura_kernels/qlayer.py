@@ -116,6 +116,8 @@ class QFusedBTTLinear(FusedBTTLinear):
             if layer.bias is not None:
                 qlayer.bias.copy_(layer.bias)
         qlayer.base_fingerprint, qlayer.degenerate_blocks = layer.base_fingerprint, layer.degenerate_blocks
+        if getattr(layer, "initial_trainables", None) is not None:
+            qlayer.initial_trainables = dict(layer.initial_trainables)
         return qlayer
 
     def nf4_state(self) -> NF4Tensor:
