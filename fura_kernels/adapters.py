@@ -21,6 +21,9 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import os
+import shutil
+import tempfile
 import warnings
 from collections.abc import Iterator, Mapping
 from pathlib import Path
@@ -28,7 +31,7 @@ from typing import Any, NoReturn
 
 import jsonschema
 import torch
-from safetensors import SafetensorError
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 
@@ -89,6 +92,8 @@ _LAYER_SCHEMA = {
         "core_probe": {"type": "array", "items": {"type": "number"}},
         "probe_dtype": {"enum": ["float64", "float32", "float16", "bfloat16"]},
         "quantize": {"enum": [None, "nf4"]},
+        # Fingerprint of the merged weight `save_pretrained` wrote beside the adapter, if it did.
+        "merged_fingerprint": _HEX64,
         "double_quant": {"type": ["boolean", "null"]},
     },
 }
@@ -184,13 +189,20 @@ def _trainable_names(layer: FusedBTTLinear) -> list[str]:
 
 
 def save_fura_adapter(
-    model: nn.Module, directory: str | Path, *, state_dict: Mapping[str, torch.Tensor] | None = None
+    model: nn.Module,
+    directory: str | Path,
+    *,
+    state_dict: Mapping[str, torch.Tensor] | None = None,
+    merged_fingerprints: Mapping[str, str] | None = None,
 ) -> Path:
     """Write `adapter_model.safetensors` (trainable tensors only) and `fura_config.json`.
 
     The tensors come from the model, or from `state_dict` (the model's full state dict, as HF
     Trainer passes it under FSDP or DeepSpeed). Without `state_dict`, under FSDP2 every rank must
-    call it: sharded tensors are gathered in full, and rank 0 writes.
+    call it: sharded tensors are gathered in full, and rank 0 writes. `merged_fingerprints` (layer
+    name -> fingerprint of the merged weight written beside the adapter) ties the adapter to those
+    weights. The two files are written to a temporary folder first and moved into place, so an
+    interrupted save leaves no adapter rather than half of one.
     """
     layers = _fura_layers(model)
     if not layers:
@@ -236,6 +248,8 @@ def save_fura_adapter(
             "quantize": layer.l_core.quant_type,
             "double_quant": layer.l_core.double_quant,
         }
+        if merged_fingerprints is not None:
+            entries[name]["merged_fingerprint"] = merged_fingerprints[name]
     from . import __version__
 
     meta = {
@@ -249,11 +263,20 @@ def save_fura_adapter(
     directory = Path(directory)
     if not is_rank0():
         return directory
-    directory.mkdir(parents=True, exist_ok=True)
-    save_file(tensors, str(directory / ADAPTER_WEIGHTS), metadata={"format": FORMAT})
-    meta["weights_sha256"] = _sha256_file(directory / ADAPTER_WEIGHTS)
-    meta["checksum"] = _checksum(meta)
-    (directory / ADAPTER_CONFIG).write_text(json.dumps(meta, indent=1) + "\n")
+    directory.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{directory.name}-", dir=directory.parent))
+    try:
+        save_file(tensors, str(staging / ADAPTER_WEIGHTS), metadata={"format": FORMAT})
+        meta["weights_sha256"] = _sha256_file(staging / ADAPTER_WEIGHTS)
+        meta["checksum"] = _checksum(meta)
+        (staging / ADAPTER_CONFIG).write_text(json.dumps(meta, indent=1) + "\n")
+        if directory.is_dir():
+            for stale in (ADAPTER_WEIGHTS, ADAPTER_CONFIG):
+                (directory / stale).unlink(missing_ok=True)
+            directory.rmdir()  # refuses a folder holding anything else, rather than deleting it
+        os.replace(staging, directory)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
     return directory
 
 
@@ -364,6 +387,34 @@ def _check_probe(name: str, layer: FusedBTTLinear, entry: dict, version: int) ->
         )
 
 
+def _check_weights_beside(directory: Path, meta: dict) -> None:
+    """An adapter that `save_pretrained` wrote beside merged weights records their fingerprints;
+    if the folder around it now holds other weights (saved again after `merge_fura`, or a save
+    that stopped between its two writes), the pair does not belong together: refuse. One layer is
+    read (the first), which is enough: a stale adapter differs from the weights in every layer."""
+    name, entry = next(iter(meta["layers"].items()))
+    if "merged_fingerprint" not in entry or directory.name != ADAPTER_SUBDIR:
+        return
+    folder, key = directory.parent, f"{name}.weight"
+    index = folder / "model.safetensors.index.json"
+    try:
+        shard = json.loads(index.read_text())["weight_map"].get(key) if index.is_file() else "model.safetensors"
+    except (OSError, ValueError, KeyError):
+        return
+    path = folder / shard if shard else None
+    if path is None or not path.is_file():
+        return
+    with safe_open(str(path), framework="pt") as weights:
+        if key not in weights.keys():
+            return
+        stored = weights.get_tensor(key)
+    if weight_fingerprint(stored) != entry["merged_fingerprint"]:
+        _refuse(f"{directory} does not belong to the weights beside it: {path.name} holds a {key} that is not the "
+                "merged weight this adapter was saved with (the folder was saved again after the adapter, by "
+                "merge_fura and save_pretrained, or a save stopped half way). Load the weights with from_pretrained, "
+                "or save the FuRA model again")  # fmt: skip
+
+
 def _refuse(message: str) -> NoReturn:
     raise ValueError(f"load_fura_adapter: {message}")
 
@@ -441,6 +492,7 @@ def load_fura_adapter(model: nn.Module, directory: str | Path, *, progress: bool
     over adapter A gives exactly "base + B". Everything that can be checked is checked first; on
     any error the model is left exactly as it was."""
     meta, tensors = _read_adapter(Path(directory))
+    _check_weights_beside(Path(directory), meta)
     try:
         config = FuRAConfig(**meta["config"])
     except (TypeError, ValueError) as err:
@@ -557,15 +609,34 @@ def merged_named_weights(model: nn.Module) -> Iterator[tuple[str, torch.Tensor]]
 def save_merged(model: nn.Module, directory: str | Path, **save_pretrained_kwargs: Any) -> Path:
     """Save a Hugging Face model with its FuRA layers merged, as `save_pretrained` would save the
     base: it reloads with `AutoModelForCausalLM.from_pretrained` and gives the same outputs. No
-    adapter is written (`save_pretrained` of a converted model writes both). The in-memory model is
-    not changed."""
+    adapter is written (`save_pretrained` of a converted model writes both), and one left in the
+    folder by an earlier save is removed: it belongs to other weights. The in-memory model is not
+    changed."""
     if not hasattr(model, "save_pretrained"):
         raise TypeError(f"save_merged: {type(model).__name__} has no save_pretrained (a transformers model is needed)")
     directory = Path(directory)
     state_dict = save_pretrained_kwargs.pop("state_dict", None)
+    if save_pretrained_kwargs.get("is_main_process", True):
+        _remove_adapter(directory / ADAPTER_SUBDIR)
     type(model).save_pretrained(model, directory, state_dict=merged_state_dict(model, state_dict),
                                 **save_pretrained_kwargs)  # fmt: skip
     return directory
+
+
+def _remove_adapter(directory: Path) -> None:
+    """Delete an adapter folder's two files and the folder (left in place if it holds anything else)."""
+    if not directory.is_dir():
+        return
+    for name in (ADAPTER_WEIGHTS, ADAPTER_CONFIG):
+        (directory / name).unlink(missing_ok=True)
+    try:
+        directory.rmdir()
+    except OSError:
+        pass
+
+
+# save_pretrained arguments that only concern the upload to the Hub.
+_HUB_KWARGS = ("repo_id", "commit_message", "commit_description", "private", "token", "revision", "create_pr", "tags")
 
 
 def fura_save_pretrained(self: nn.Module, save_directory, *args: Any, **kwargs: Any) -> None:
@@ -574,13 +645,60 @@ def fura_save_pretrained(self: nn.Module, save_directory, *args: Any, **kwargs: 
     Writes what the base architecture can load: the merged dense weights under the base's own
     names and dtypes, so `AutoModelForCausalLM.from_pretrained(save_directory)` gives the trained
     model; and the FuRA adapter in `save_directory/fura_adapter`, from which training resumes
-    (`load_fura_adapter`). A `state_dict` passed in (HF Trainer does so under FSDP and DeepSpeed)
-    is merged the same way. With no FuRA layer left (after `merge_fura`), it is the class's own
-    `save_pretrained`."""
+    (`load_fura_adapter`), tied to those weights by their fingerprints. A `state_dict` passed in
+    (HF Trainer does so under FSDP and DeepSpeed) is merged the same way. With no FuRA layer left
+    (after `merge_fura`), it is the class's own `save_pretrained`. Either way an adapter already in
+    the folder is removed before anything is written (it belongs to the weights being replaced),
+    and `push_to_hub=True` uploads only once both are written."""
     base_save = type(self).save_pretrained
-    if not _fura_layers(self):
-        return base_save(self, save_directory, *args, **kwargs)
-    state_dict = kwargs.pop("state_dict", None)
-    base_save(self, save_directory, *args, state_dict=merged_state_dict(self, state_dict), **kwargs)
-    if kwargs.get("is_main_process", True):
-        save_fura_adapter(self, Path(save_directory) / ADAPTER_SUBDIR, state_dict=state_dict)
+    push_to_hub = kwargs.pop("push_to_hub", False)
+    hub_kwargs = {key: kwargs.pop(key) for key in _HUB_KWARGS if key in kwargs}
+    is_main = kwargs.get("is_main_process", True)
+    adapter_directory = Path(save_directory) / ADAPTER_SUBDIR
+    if is_main:
+        _remove_adapter(adapter_directory)
+    layers = _fura_layers(self)
+    if not layers:
+        base_save(self, save_directory, *args, **kwargs)
+    else:
+        state_dict = kwargs.pop("state_dict", None)
+        merged = merged_state_dict(self, state_dict)
+        # Before the save: transformers edits the state dict it is given (tied keys, say).
+        fingerprints = {name: weight_fingerprint(merged[f"{name}.weight"]) for name in layers}
+        base_save(self, save_directory, *args, state_dict=merged, **kwargs)
+        if is_main:
+            save_fura_adapter(self, adapter_directory, state_dict=state_dict, merged_fingerprints=fingerprints)
+            # What the load hook below looks in when it is handed these merged weights again.
+            self._fura_saved_adapters = [*getattr(self, "_fura_saved_adapters", []), adapter_directory.resolve()]
+    if push_to_hub and is_main:
+        # PushToHubMixin.push_to_hub saves through this method into a fresh folder, then uploads.
+        repo_id = hub_kwargs.pop("repo_id", Path(save_directory).name)
+        self.push_to_hub(repo_id, max_shard_size=kwargs.get("max_shard_size", "50GB"), **hub_kwargs)
+
+
+def load_adapter_saved_with_weights(model: nn.Module, state_dict, prefix: str, *args: Any) -> None:
+    """Load-state-dict pre-hook of a converted model (`convert_to_fura` registers it).
+
+    A checkpoint written by `save_pretrained` holds merged weights, which the FuRA layers accept
+    only once the adapter saved with them is loaded. HF Trainer loads such a checkpoint itself
+    with `load_best_model_at_end=True`: if the merged weights handed in are those of an adapter
+    this model saved, that adapter is loaded first (all of its checks apply), then the load
+    goes on. Weights this model did not save are left to the layers' own check, which raises."""
+    saved = getattr(model, "_fura_saved_adapters", None)
+    if not saved:
+        return
+    for name in _fura_layers(model):
+        key = f"{prefix}{name}.weight"
+        if key in state_dict and f"{prefix}{name}.btt_r" not in state_dict:
+            break
+    else:
+        return
+    fingerprint = weight_fingerprint(state_dict[key])
+    for directory in reversed(saved):
+        try:
+            entry = json.loads((directory / ADAPTER_CONFIG).read_text())["layers"][name]
+        except (OSError, ValueError, KeyError, TypeError):
+            continue  # a checkpoint rotated away, or not ours
+        if entry.get("merged_fingerprint") == fingerprint:
+            load_fura_adapter(model, directory, progress=False)
+            return

@@ -389,12 +389,16 @@ def merge_fura(model: nn.Module) -> nn.Module:
 
 
 def attach_model_methods(model: nn.Module) -> None:
-    """Give a converted model FuRA-aware `save_pretrained` (a transformers model) and PEFT's
-    `print_trainable_parameters`; see `fura_kernels.adapters.fura_save_pretrained`."""
-    from .adapters import fura_save_pretrained
+    """Give a converted model FuRA-aware `save_pretrained` (a transformers model), PEFT's
+    `print_trainable_parameters`, and a load hook that loads the adapter saved with a checkpoint's
+    merged weights (`fura_kernels.adapters.fura_save_pretrained`, `load_adapter_saved_with_weights`)."""
+    from .adapters import fura_save_pretrained, load_adapter_saved_with_weights
 
     if isinstance(model, FusedBTTLinear):
         return
+    if not getattr(model, "_fura_load_hook", False):
+        model._register_load_state_dict_pre_hook(load_adapter_saved_with_weights, with_module=True)
+        model._fura_load_hook = True
     # functools.partial, not a bound method: it pickles by value, so a whole converted model still
     # round-trips through torch.save / torch.load (a bound method would be looked up by its
     # function's name on load, and fail).

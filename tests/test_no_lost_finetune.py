@@ -223,3 +223,122 @@ def test_a_sharded_resume_keeps_the_trained_biases(tmp_path):
     for name, value in resumed.named_parameters():
         if name in trained:
             assert torch.equal(value, trained[name]), name
+
+
+# 7. save_pretrained(push_to_hub=True) ----------------------------------------------------------
+
+
+def test_push_to_hub_uploads_the_adapter_too(tmp_path, monkeypatch):
+    """The Hub calls are the only thing replaced: what would be uploaded is recorded."""
+    from transformers.utils import PushToHubMixin
+
+    uploaded = []
+
+    class Repo:
+        repo_id = "user/tiny-fura"
+
+    class Api:
+        def create_repo(self, repo_id, **kwargs):
+            return Repo()
+
+    def upload(self, working_dir, repo_id, files_timestamps, **kwargs):
+        uploaded.extend(sorted(str(p.relative_to(working_dir)) for p in __import__("pathlib").Path(working_dir).rglob("*")))
+
+    monkeypatch.setattr("transformers.utils.hub.hf_api", lambda: Api())
+    monkeypatch.setattr("transformers.modeling_utils.hf_api", lambda: Api())
+    monkeypatch.setattr(PushToHubMixin, "_upload_modified_files", upload)
+    model = tiny_llama(seed=0)
+    convert_to_fura(model, ["q_proj"], progress=False)
+    model.save_pretrained(tmp_path / "out", push_to_hub=True, repo_id="user/tiny-fura")
+    assert f"{ADAPTER_SUBDIR}/{ADAPTER_WEIGHTS}" in uploaded and f"{ADAPTER_SUBDIR}/{ADAPTER_CONFIG}" in uploaded
+    assert (tmp_path / "out" / ADAPTER_SUBDIR / ADAPTER_CONFIG).is_file()
+
+
+# 8. A stale adapter beside newer weights ------------------------------------------------------
+
+
+def test_no_stale_adapter_is_left_beside_newer_weights(tmp_path):
+    model = tiny_llama(seed=0)
+    convert_to_fura(model, "all-linear", progress=False)
+    train_causal_lm(model, steps=2)
+    model.save_pretrained(tmp_path)
+    assert (tmp_path / ADAPTER_SUBDIR).is_dir()
+    train_causal_lm(model, steps=2, seed=5)
+    merge_fura(model)
+    model.save_pretrained(tmp_path)  # the merged model: no adapter belongs to these weights
+    assert not (tmp_path / ADAPTER_SUBDIR).exists()
+
+
+def test_save_merged_removes_an_adapter_left_in_the_folder(trained_autocast, tmp_path):
+    model, _ = trained_autocast
+    model.save_pretrained(tmp_path)
+    save_merged(model, tmp_path)
+    assert not (tmp_path / ADAPTER_SUBDIR).exists()
+
+
+def test_the_loader_tells_an_adapter_from_other_weights_beside_it(tmp_path):
+    """A save that stopped between its two writes (here: the weights rewritten, the old adapter
+    copied back) leaves a pair the loader refuses, naming the folder."""
+    import shutil
+
+    model = tiny_llama(seed=0)
+    convert_to_fura(model, "all-linear", progress=False)
+    model.save_pretrained(tmp_path / "ckpt")
+    shutil.copytree(tmp_path / "ckpt" / ADAPTER_SUBDIR, tmp_path / "old")
+    train_causal_lm(model, steps=2)
+    model.save_pretrained(tmp_path / "ckpt")
+    shutil.rmtree(tmp_path / "ckpt" / ADAPTER_SUBDIR)
+    shutil.copytree(tmp_path / "old", tmp_path / "ckpt" / ADAPTER_SUBDIR)
+    fresh = tiny_llama(seed=0)
+    with pytest.raises(ValueError, match="does not belong to the weights beside it"):
+        load_fura_adapter(fresh, tmp_path / "ckpt" / ADAPTER_SUBDIR, progress=False)
+    assert not any(isinstance(m, FusedBTTLinear) for m in fresh.modules())
+
+
+# 9. Trainer(load_best_model_at_end=True) ------------------------------------------------------
+
+
+def test_load_best_model_at_end_loads_the_best_checkpoint(tmp_path):
+    from torch.utils.data import Dataset
+    from transformers import AutoModelForCausalLM, Trainer, TrainingArguments
+
+    class Batches(Dataset):
+        def __init__(self, seed):
+            self.ids = torch.randint(0, 97, (8, 16), generator=torch.Generator().manual_seed(seed))
+
+        def __len__(self):
+            return len(self.ids)
+
+        def __getitem__(self, i):
+            return {"input_ids": self.ids[i], "labels": self.ids[i]}
+
+    model = tiny_llama(seed=0)
+    convert_to_fura(model, "all-linear", progress=False)
+    args = TrainingArguments(output_dir=str(tmp_path / "run"), report_to=[], use_cpu=True, per_device_train_batch_size=4,
+                             learning_rate=1e-2, max_steps=6, eval_strategy="steps", eval_steps=2, save_strategy="steps",
+                             save_steps=2, load_best_model_at_end=True, metric_for_best_model="loss",
+                             greater_is_better=False, disable_tqdm=True)  # fmt: skip
+    trainer = Trainer(model=model, args=args, train_dataset=Batches(0), eval_dataset=Batches(1))
+    trainer.train()
+    best = trainer.state.best_model_checkpoint
+    assert best is not None and not best.endswith("checkpoint-6")  # eval loss on held-out random tokens rises
+    reference = AutoModelForCausalLM.from_pretrained(best).eval()
+    assert max_rel_err(_logits(model.eval()), _logits(reference)) < FP32_ROUNDING
+
+
+# The resume check's rounding ------------------------------------------------------------------
+
+
+def test_a_merge_rounded_from_fp64_is_accepted_on_resume(trained_autocast):
+    """One rounding of tolerance, as promised: an fp64 merge of the same cores rounded to fp32
+    (what another device may write) is the layer's own merge."""
+    model, _ = trained_autocast
+    name = "model.layers.0.mlp.down_proj"
+    layer = model.get_submodule(name)
+    state64 = {k: v.double() if v.is_floating_point() else v for k, v in layer.state_dict().items()}
+    rounded = layer.dense_weight(state64).float()
+    ours = layer.to_linear().weight
+    assert 0 < (rounded - ours).abs().max() < 1e-6  # not bit-equal, but one fp32 rounding away
+    model.load_state_dict({f"{name}.weight": rounded}, strict=False)
+    with pytest.raises(ValueError, match="differs from the layer's own"):  # one training step away is not
+        model.load_state_dict({f"{name}.weight": rounded + 1e-4 * rounded.abs().max()}, strict=False)
