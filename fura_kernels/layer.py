@@ -249,6 +249,14 @@ class FusedBTTLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         self._check_input(x)
+        if not torch.compiler.is_compiling() and torch._C._functorch.peek_interpreter_stack() is not None:
+            # Our autograd Functions use the classic ctx API, which torch.func cannot transform; it
+            # would fail deep inside with "must override the setup_context staticmethod".
+            raise NotImplementedError(
+                f"{self._where}: torch.func transforms (vmap, grad, jacrev, per-sample gradients) are not supported "
+                "by FuRA's fused autograd Functions. Use torch.autograd (loss.backward, torch.autograd.grad), or merge "
+                "the layers first (fura_kernels.merge_fura) to transform plain nn.Linear layers"
+            )
         device_type = x.device.type
         # The meta device has no autocast state to ask about (nn.Linear runs there, so must we).
         if device_type != "meta" and torch.is_autocast_enabled(device_type):

@@ -269,6 +269,15 @@ def convert_to_fura(
     selection = _select(model, target_modules, exclude_modules)
     if not selection.targets:
         _raise_nothing_to_convert(model, selection, target_modules, exclude_modules)
+    _warn_unused_exclusion(model, exclude_modules)
+    on_meta = [names[0] for names, linear in selection.targets if linear.weight.device.type == "meta"]
+    if on_meta and device is None and len(on_meta) < len(selection.targets):
+        real = [names[0] for names, linear in selection.targets if linear.weight.device.type != "meta"]
+        raise ValueError(
+            f"convert_to_fura: layers {on_meta[:4]} are on the meta device (no values) but {real[:4]} hold real "
+            "weights: a FuRA layer built from meta has no values and would fail at its first use. Load the whole "
+            "model's weights first (or convert a model that is all on meta, for shapes and counts)"
+        )
     if selection.refused:
         warnings.warn(
             "convert_to_fura: left these matched linears as they are: "
@@ -350,10 +359,34 @@ def _raise_nothing_to_convert(model: nn.Module, selection: _Selection, target_mo
         )
     linears = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)]
     sample = ", ".join(linears[:8]) + (", ..." if len(linears) > 8 else "")
+    # transformers' Conv1D (GPT-2 and its kin) is a linear with a transposed weight, not an nn.Linear.
+    conv1d = [n for n, m in model.named_modules() if type(m).__name__ == "Conv1D"]
+    conv1d_note = (
+        f". Its {len(conv1d)} Conv1D layers ({', '.join(conv1d[:4])}{', ...' if len(conv1d) > 4 else ''}) are "
+        "transformers' transposed linears (GPT-2 style), which FuRA does not convert: only nn.Linear is supported"
+        if conv1d
+        else ""
+    )
     raise ValueError(
         f"convert_to_fura: {patterns} matched no nn.Linear in {type(model).__name__}; its linears are: "
-        f"{sample or 'none'}"
+        f"{sample or 'none'}{conv1d_note}"
     )
+
+
+def _warn_unused_exclusion(model: nn.Module, exclude_modules: Any) -> None:
+    """An exclusion that matches no module is almost always a misspelt one, or a bare name given
+    as a string (a string is a regex that must match the whole name, as in PEFT)."""
+    patterns = _normalize_patterns(exclude_modules, "exclude_modules")
+    if patterns is None or any(_name_matches(name, patterns) for name, _ in model.named_modules()):
+        return
+    hint = (
+        f" (a string is a regex that must match the whole module name: for every '{patterns}' layer write "
+        f"['{patterns}'] or r'.*\\.{patterns}')"
+        if isinstance(patterns, str) and re.fullmatch(r"[\w.]+", patterns)
+        else ""
+    )
+    warnings.warn(f"convert_to_fura: exclude_modules={exclude_modules!r} matches no module, so nothing is "
+                  f"excluded{hint}", stacklevel=3)  # fmt: skip
 
 
 def _on_device(linear: nn.Linear, device: torch.device | str | None) -> nn.Linear:

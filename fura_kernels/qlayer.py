@@ -54,7 +54,19 @@ class QFusedBTTLinear(FusedBTTLinear):
             quant_type=quant_type,
             double_quant=double_quant,
         )
-        self.nf4_relative_error = float("nan")
+        # A buffer, not an attribute, so that it travels with state dicts: a QFuRA model rebuilt
+        # from one reports its quantisation error too.
+        self.register_buffer("nf4_error", torch.full((), float("nan"), dtype=torch.float32, device=device))
+        self._register_load_state_dict_pre_hook(_state_dicts_from_before_nf4_error, with_module=True)
+
+    @property
+    def nf4_relative_error(self) -> float:
+        return float("nan") if self.nf4_error.device.type == "meta" else float(self.nf4_error.item())
+
+    @nf4_relative_error.setter
+    def nf4_relative_error(self, value: float) -> None:
+        with torch.no_grad():
+            self.nf4_error.fill_(value)
 
     @property
     def double_quant(self) -> bool:
@@ -142,3 +154,8 @@ def _check_quant_type(quant_type: str, module_name: str | None) -> None:
         raise ValueError(
             f"QFusedBTTLinear{where}: quant_type={quant_type!r} is not supported; expected one of {QUANT_TYPES}"
         )
+
+
+def _state_dicts_from_before_nf4_error(layer: QFusedBTTLinear, state_dict, prefix, *args) -> None:
+    """State dicts written before `nf4_error` was a buffer load with the error unknown (NaN)."""
+    state_dict.setdefault(prefix + "nf4_error", torch.full((), float("nan")))

@@ -342,3 +342,84 @@ def test_a_merge_rounded_from_fp64_is_accepted_on_resume(trained_autocast):
     model.load_state_dict({f"{name}.weight": rounded}, strict=False)
     with pytest.raises(ValueError, match="differs from the layer's own"):  # one training step away is not
         model.load_state_dict({f"{name}.weight": rounded + 1e-4 * rounded.abs().max()}, strict=False)
+
+
+# 10. torch.func -------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("quantize", [None, "nf4"])
+@pytest.mark.parametrize("transform", ["vmap", "grad", "jacrev", "per-sample-grad"])
+def test_torch_func_transforms_raise_a_clear_error_naming_the_layer(transform, quantize):
+    model = tiny_llama(seed=0, hidden_size=128, intermediate_size=256)
+    convert_to_fura(model, ["q_proj"], quantize=quantize, progress=False)
+    layer = model.model.layers[0].self_attn.q_proj
+    x = torch.randn(3, 128)
+    params = {k: v.detach() for k, v in layer.named_parameters()}
+
+    def loss(p, xi):
+        return torch.func.functional_call(layer, p, (xi.unsqueeze(0),)).sum()
+
+    run = {
+        "vmap": lambda: torch.func.vmap(layer)(x),
+        "grad": lambda: torch.func.grad(lambda xi: layer(xi).sum())(x),
+        "jacrev": lambda: torch.func.jacrev(layer)(x),
+        "per-sample-grad": lambda: torch.func.vmap(torch.func.grad(loss), in_dims=(None, 0))(params, x),
+    }[transform]
+    with pytest.raises(NotImplementedError, match="'model.layers.0.self_attn.q_proj': torch.func transforms"):
+        run()
+    torch.testing.assert_close(layer(x), layer(x))  # the layer still works outside the transform
+
+
+# Unclear errors -------------------------------------------------------------------------------
+
+
+def test_a_model_partly_on_meta_is_refused_by_name():
+    model = tiny_llama(seed=0)
+    model.model.layers[1].mlp.down_proj.to("meta")
+    with pytest.raises(ValueError, match="layers \\['model.layers.1.mlp.down_proj'\\] are on the meta device"):
+        convert_to_fura(model, "all-linear", progress=False)
+    assert not any(isinstance(m, FusedBTTLinear) for m in model.modules())
+
+
+def test_gpt2_conv1d_layers_are_named_when_nothing_matches():
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    model = GPT2LMHeadModel(GPT2Config(vocab_size=97, n_embd=32, n_layer=1, n_head=2, n_positions=16))
+    with pytest.raises(ValueError, match="Conv1D layers \\(transformer.h.0.attn.c_attn, .*only nn.Linear"):
+        convert_to_fura(model, "all-linear", progress=False)
+
+
+def test_an_exclusion_that_matches_nothing_warns():
+    model = tiny_llama(seed=0)
+    with pytest.warns(UserWarning, match="exclude_modules='down_proj' matches no module.*\\['down_proj'\\]"):
+        convert_to_fura(model, "all-linear", exclude_modules="down_proj", progress=False)
+    quiet = tiny_llama(seed=0)
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        convert_to_fura(quiet, "all-linear", exclude_modules=["down_proj"], progress=False)
+    assert type(quiet.model.layers[0].mlp.down_proj) is torch.nn.Linear
+
+
+def test_an_adapter_loads_onto_a_converted_model_cast_to_bf16(trained_autocast):
+    """It used to blame "another SVD basis": the bf16 core is the same core, rounded."""
+    model, directory = trained_autocast
+    target = tiny_llama(seed=0)
+    convert_to_fura(target, "all-linear", progress=False)
+    target.to(torch.bfloat16)
+    load_fura_adapter(target, directory, progress=False)
+    reference = copy.deepcopy(model).to(torch.bfloat16)
+    assert max_rel_err(_logits(target), _logits(reference)) < 2**-7
+
+
+def test_qfura_reports_its_nf4_error_after_a_state_dict_round_trip():
+    from fura_kernels import QFusedBTTLinear
+
+    model = tiny_llama(seed=0, hidden_size=128, intermediate_size=256)
+    convert_to_fura(model, ["q_proj"], quantize="nf4", progress=False)
+    layer = model.model.layers[0].self_attn.q_proj
+    rebuilt = QFusedBTTLinear(128, 128, bias=True, config=layer.config, module_name=layer.module_name,
+                              model_config=model.config)  # fmt: skip
+    rebuilt.load_state_dict(layer.state_dict())
+    assert 0.05 < rebuilt.nf4_relative_error == layer.nf4_relative_error < 0.2
