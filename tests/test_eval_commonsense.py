@@ -75,7 +75,7 @@ def test_command_with_a_fura_adapter(tiny_model_dir, tmp_path):
     save_fura_adapter(model, tmp_path / "adapter")
     results = ec.main(["--model", str(tiny_model_dir), "--adapter", str(tmp_path / "adapter"), *FAST])
     assert set(results) == set(ec.TASKS) | {"mean"}
-    with pytest.raises(ValueError, match="neither a FuRA nor a PEFT adapter"):
+    with pytest.raises(SystemExit, match="neither a FuRA nor a PEFT adapter"):
         ec.main(["--model", str(tiny_model_dir), "--adapter", str(tmp_path), *FAST])
 
 

@@ -1,9 +1,83 @@
-"""What the recipes share: saving a trained model the way its method calls for."""
+"""What the recipes share: checking their inputs before any model loads, and saving a trained
+model the way its method calls for."""
 
 from __future__ import annotations
 
+import json
+import tempfile
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
+
+
+class RecipeInputError(ValueError):
+    """A recipe's input (a path, a data file, a record) is unusable. `main` prints it as one line
+    and exits with status 1, before anything is loaded or trained."""
+
+
+def read_json(path: str | Path, recipe: str, *, lines: bool = False) -> Any:
+    """A JSON document (or, with `lines`, JSON lines when the whole is not one document), with
+    one-line errors that name the file: missing, empty, not UTF-8, not JSON."""
+    path = Path(path)
+    if not path.is_file():
+        raise RecipeInputError(f"{recipe}: {path} does not exist or is not a file")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as err:
+        raise RecipeInputError(f"{recipe}: {path} is not UTF-8 text (byte {err.start}: {err.reason})") from None
+    if not text.strip():
+        raise RecipeInputError(f"{recipe}: {path} is empty")
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as err:
+        if not lines:
+            raise RecipeInputError(f"{recipe}: {path} is not valid JSON ({err})") from None
+    records = []
+    for number, line in enumerate(text.splitlines(), 1):
+        if line.strip():
+            try:
+                records.append(json.loads(line))
+            except json.JSONDecodeError as err:
+                raise RecipeInputError(f"{recipe}: {path} line {number} is not valid JSON ({err})") from None
+    return records
+
+
+def check_string_fields(record: Any, index: int, path: str | Path, recipe: str, required: tuple[str, ...],
+                        optional: tuple[str, ...] = ()) -> None:  # fmt: skip
+    """Record `index` of `path` is an object whose `required` (and present `optional`) fields are strings."""
+    if not isinstance(record, dict) or not set(required) <= set(record):
+        need = " and ".join(repr(f) for f in required)
+        raise RecipeInputError(f"{recipe}: record {index} of {path} needs {need}"
+                               + (f" (and optional {', '.join(repr(f) for f in optional)})" if optional else ""))  # fmt: skip
+    for field in (*required, *(f for f in optional if f in record)):
+        if not isinstance(record[field], str):
+            raise RecipeInputError(f"{recipe}: record {index} of {path}: {field!r} is {type(record[field]).__name__} "
+                                   f"{record[field]!r}, expected a string")  # fmt: skip
+
+
+def check_paths(recipe: str, model: str | Path, output_dir: str | Path) -> None:
+    """The model must be a local folder and the output folder writable: checked before anything
+    loads, so a run cannot train for hours and then fail to save."""
+    if not Path(model).is_dir():
+        raise RecipeInputError(f"{recipe}: --model {model} is not a folder (the recipes read a local model: "
+                               "config, weights and tokenizer)")  # fmt: skip
+    out = Path(output_dir)
+    if out.exists() and not out.is_dir():
+        raise RecipeInputError(f"{recipe}: --output-dir {out} exists and is not a folder")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=out):
+            pass
+    except OSError as err:
+        raise RecipeInputError(f"{recipe}: --output-dir {out} cannot be written to ({err.strerror})") from None
+
+
+def run_main(recipe: str, train: Callable[[Any], dict], args: Any) -> dict:
+    """`train(args)`, with a `RecipeInputError` turned into a one-line exit."""
+    try:
+        return train(args)
+    except RecipeInputError as err:
+        raise SystemExit(str(err)) from None
 
 from ..adapters import save_fura_adapter, save_merged
 

@@ -24,6 +24,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
+from .common import RecipeInputError, check_string_fields, read_json
 from .sft import format_prompt
 
 # The answer patterns of LLM-Adapters' commonsense evaluation, by task.
@@ -57,12 +58,14 @@ def load_tasks(directory: str | Path) -> dict[str, list[dict]]:
     for task in TASKS:
         path = Path(directory) / task / "test.json"
         if path.is_file():
-            records = json.loads(path.read_text())
-            if not all(isinstance(r, dict) and {"instruction", "answer"} <= set(r) for r in records):
-                raise ValueError(f"eval_commonsense: {path}: every record needs 'instruction' and 'answer'")
+            records = read_json(path, "eval_commonsense")
+            if not isinstance(records, list) or not records:
+                raise RecipeInputError(f"eval_commonsense: {path} must hold a non-empty JSON list of records")
+            for i, record in enumerate(records):
+                check_string_fields(record, i, path, "eval_commonsense", ("instruction", "answer"), ("input",))
             found[task] = records
     if not found:
-        raise ValueError(f"eval_commonsense: no <task>/test.json under {directory} (tasks: {', '.join(TASKS)})")
+        raise RecipeInputError(f"eval_commonsense: no <task>/test.json under {directory} (tasks: {', '.join(TASKS)})")
     return found
 
 
@@ -109,6 +112,10 @@ def load_model(model_path: str | Path, adapter: str | Path | None, dtype: str = 
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from ..adapters import ADAPTER_CONFIG, load_fura_adapter
+    from ..layer import FusedBTTLinear
+
+    if not Path(model_path).is_dir():
+        raise RecipeInputError(f"eval_commonsense: --model {model_path} is not a folder (a local model is read)")
 
     tokenizer = AutoTokenizer.from_pretrained(model_path)
     model = AutoModelForCausalLM.from_pretrained(model_path, dtype=getattr(torch, dtype) if dtype != "auto" else "auto")
@@ -116,12 +123,15 @@ def load_model(model_path: str | Path, adapter: str | Path | None, dtype: str = 
         adapter = Path(adapter)
         if (adapter / ADAPTER_CONFIG).is_file():
             load_fura_adapter(model, adapter, progress=False)
+            layers = sum(isinstance(m, FusedBTTLinear) for m in model.modules())
+            print(f"eval_commonsense: loaded the FuRA adapter {adapter} ({layers} FuRA layers)")
         elif (adapter / "adapter_config.json").is_file():
             from peft import PeftModel
 
             model = PeftModel.from_pretrained(model, adapter)
+            print(f"eval_commonsense: loaded the PEFT adapter {adapter}")
         else:
-            raise ValueError(f"eval_commonsense: {adapter} holds neither a FuRA nor a PEFT adapter")
+            raise RecipeInputError(f"eval_commonsense: {adapter} holds neither a FuRA nor a PEFT adapter")
     return model, tokenizer
 
 
@@ -138,10 +148,14 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
     p.add_argument("--no-progress", dest="progress", action="store_false")
     args = p.parse_args(argv)
-    model, tokenizer = load_model(args.model, args.adapter, args.dtype)
+    try:
+        tasks = load_tasks(args.data)
+        model, tokenizer = load_model(args.model, args.adapter, args.dtype)
+    except RecipeInputError as err:
+        raise SystemExit(str(err)) from None
     if torch.cuda.is_available():
         model = model.cuda()
-    results = evaluate(model, tokenizer, load_tasks(args.data), batch_size=args.batch_size, num_beams=args.num_beams,
+    results = evaluate(model, tokenizer, tasks, batch_size=args.batch_size, num_beams=args.num_beams,
                        max_new_tokens=args.max_new_tokens, progress=args.progress)  # fmt: skip
     print(table(results))
     if args.out:

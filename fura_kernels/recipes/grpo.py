@@ -34,7 +34,7 @@ from ..config import FuRAConfig
 from ..model import convert_to_fura
 from ..optional import check_installed
 from .baselines import quantize_linears_bnb
-from .common import save_outputs
+from .common import RecipeInputError, check_paths, read_json, run_main, save_outputs
 from .sft import DEFAULT_TARGETS
 
 METHODS = ("fura", "qfura", "lora", "qlora", "full")
@@ -50,16 +50,15 @@ def shipped_math_path() -> Path:
 
 def load_problems(path: str | Path) -> list[dict]:
     """Records with `problem` and `answer` from a JSON list or a JSONL file."""
-    text = Path(path).read_text()
-    try:
-        records = json.loads(text)
-    except json.JSONDecodeError:
-        records = [json.loads(line) for line in text.splitlines() if line.strip()]
+    records = read_json(path, "grpo", lines=True)
     if not isinstance(records, list) or not records:
-        raise ValueError(f"grpo: {path} must hold a non-empty list of records")
+        raise RecipeInputError(f"grpo: {path} must hold a non-empty list of records")
     for i, record in enumerate(records):
         if not isinstance(record, dict) or not {"problem", "answer"} <= set(record):
-            raise ValueError(f"grpo: record {i} of {path} needs 'problem' and 'answer'")
+            raise RecipeInputError(f"grpo: record {i} of {path} needs 'problem' and 'answer'")
+        if not isinstance(record["problem"], str):
+            raise RecipeInputError(f"grpo: record {i} of {path}: 'problem' is {type(record['problem']).__name__}, "
+                                   "expected a string")  # fmt: skip
     return [{"prompt": PROMPT.format(problem=r["problem"]), "answer": str(r["answer"])} for r in records]
 
 
@@ -173,13 +172,15 @@ def train(args) -> dict:
     from trl import GRPOTrainer
 
     torch.manual_seed(args.seed)
+    check_paths("grpo", args.model, args.output_dir)
+    problems = load_problems(args.data)
     tokenizer = AutoTokenizer.from_pretrained(args.model)
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     tokenizer.padding_side = "left"  # generation pads prompts on the left
     dtype = getattr(torch, args.dtype) if args.dtype != "auto" else "auto"
     model = prepare_model(AutoModelForCausalLM.from_pretrained(args.model, dtype=dtype), args)
-    dataset = Dataset.from_list(load_problems(args.data))
+    dataset = Dataset.from_list(problems)
     trainer = GRPOTrainer(model=model, reward_funcs=boxed_answer_reward, args=grpo_config(args),
                           train_dataset=dataset, processing_class=tokenizer)  # fmt: skip
     if args.method in ("fura", "qfura"):
@@ -251,7 +252,7 @@ def main(argv: list[str] | None = None) -> dict:
             "grpo: --merge with --method qlora is not supported (PEFT cannot merge into a 4-bit base on every "
             "device); save the adapter and merge it onto the bf16 base with PEFT"
         )
-    return train(args)
+    return run_main("grpo", train, args)
 
 
 if __name__ == "__main__":

@@ -28,7 +28,7 @@ from ..config import FuRAConfig
 from ..model import convert_to_fura
 from ..optional import check_installed
 from .baselines import quantize_linears_bnb
-from .common import save_outputs
+from .common import RecipeInputError, check_paths, check_string_fields, read_json, run_main, save_outputs
 from .tiny_model import shipped_data_path
 
 METHODS = ("fura", "qfura", "lora", "qlora", "full")
@@ -53,13 +53,32 @@ def format_prompt(example: dict) -> str:
 
 
 def load_examples(path: str | Path) -> list[dict]:
-    examples = json.loads(Path(path).read_text())
+    examples = read_json(path, "sft")
     if not isinstance(examples, list) or not examples:
-        raise ValueError(f"sft: {path} must hold a non-empty JSON list of examples")
+        raise RecipeInputError(f"sft: {path} must hold a non-empty JSON list of examples")
     for i, ex in enumerate(examples):
-        if not isinstance(ex, dict) or not {"instruction", "output"} <= set(ex):
-            raise ValueError(f"sft: example {i} of {path} needs 'instruction' and 'output' (and optional 'input')")
+        check_string_fields(ex, i, path, "sft", ("instruction", "output"), ("input",))
     return examples
+
+
+def split_examples(encoded: list[dict], eval_fraction: float, path) -> tuple[list[dict], list[dict]]:
+    """(eval, train): at least one example each, and no training example without a token to learn."""
+    if not 0 < eval_fraction < 1:
+        raise RecipeInputError(f"sft: --eval-fraction {eval_fraction} must be between 0 and 1 (exclusive)")
+    n_eval = max(1, int(len(encoded) * eval_fraction))
+    if len(encoded) - n_eval < 1:
+        raise RecipeInputError(f"sft: {path} has {len(encoded)} example(s); with --eval-fraction {eval_fraction}, "
+                               f"{n_eval} go to evaluation (at least one does) and none remain for training")  # fmt: skip
+    eval_set, train_set = encoded[:n_eval], encoded[n_eval:]
+    empty = sum(all(label == IGNORE_INDEX for label in ex["labels"]) for ex in train_set)
+    if empty == len(train_set):
+        raise RecipeInputError(f"sft: none of the {len(train_set)} training examples of {path} has a response token "
+                               "within --max-length (the prompt fills it): raise --max-length")  # fmt: skip
+    if empty:
+        # They would add no loss, and a batch of only them a NaN one.
+        print(f"sft: dropping {empty} of {len(train_set)} training examples whose prompt fills --max-length")
+        train_set = [ex for ex in train_set if any(label != IGNORE_INDEX for label in ex["labels"])]
+    return eval_set, train_set
 
 
 def tokenize(tokenizer, example: dict, max_length: int) -> dict:
@@ -149,21 +168,20 @@ def train(args) -> dict:
     )
     random.seed(args.seed)
     torch.manual_seed(args.seed)
+    check_paths("sft", args.model, args.output_dir)
+    examples = load_examples(args.data)
     tokenizer = AutoTokenizer.from_pretrained(args.model)
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
+    random.Random(args.seed).shuffle(examples)
+    encoded = [tokenize(tokenizer, ex, args.max_length) for ex in examples]
+    eval_set, train_set = split_examples(encoded, args.eval_fraction, args.data)
     dtype = getattr(torch, args.dtype) if args.dtype != "auto" else "auto"
     model = AutoModelForCausalLM.from_pretrained(args.model, dtype=dtype)
     model = prepare_model(model, args)
     if args.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.enable_input_require_grads()
-
-    examples = load_examples(args.data)
-    random.Random(args.seed).shuffle(examples)
-    n_eval = max(1, int(len(examples) * args.eval_fraction))
-    encoded = [tokenize(tokenizer, ex, args.max_length) for ex in examples]
-    eval_set, train_set = encoded[:n_eval], encoded[n_eval:]
 
     def loader(data, shuffle):
         return torch.utils.data.DataLoader(
@@ -281,7 +299,7 @@ def main(argv: list[str] | None = None) -> dict:
             "sft: --merge with --method qlora is not supported: PEFT cannot merge LoRA into a 4-bit base on every "
             "device. Save the adapter (the default) and merge it onto the bf16 base with PEFT instead."
         )
-    return train(args)
+    return run_main("sft", train, args)
 
 
 if __name__ == "__main__":

@@ -30,7 +30,7 @@ from ..adapters import load_fura_adapter
 from ..config import FuRAConfig
 from ..model import convert_to_fura
 from ..optional import check_installed
-from .common import save_outputs
+from .common import RecipeInputError, check_paths, read_json, run_main, save_outputs
 
 METHODS = ("fura", "qfura", "lora", "full")
 # The seven projections of the language model, never the vision tower's or the projector's linears.
@@ -66,12 +66,22 @@ def prepare_model(model, method: str, progress: bool = True):
     return model
 
 
-def load_records(path: str | Path) -> list[dict]:
-    records = json.loads(Path(path).read_text())
+def load_records(path: str | Path, image_folder: str | Path | None = None) -> list[dict]:
+    """LLaVA conversation records; with `image_folder`, every image must be there (checked before
+    training, not when its batch comes up)."""
+    records = read_json(path, "vlm")
+    if not isinstance(records, list) or not records:
+        raise RecipeInputError(f"vlm: {path} must hold a non-empty JSON list of records")
     for i, record in enumerate(records):
         turns = record.get("conversations") if isinstance(record, dict) else None
-        if not turns or len(turns) < 2 or "image" not in record:
-            raise ValueError(f"vlm: record {i} of {path} needs 'image' and at least two 'conversations' turns")
+        if not isinstance(turns, list) or len(turns) < 2 or not isinstance(record.get("image"), str):
+            raise RecipeInputError(f"vlm: record {i} of {path} needs 'image' and at least two 'conversations' turns")
+        for turn in turns:
+            if not isinstance(turn, dict) or not isinstance(turn.get("value"), str):
+                raise RecipeInputError(f"vlm: record {i} of {path}: every turn needs a string 'value'")
+        if image_folder is not None and not (Path(image_folder) / record["image"]).is_file():
+            raise RecipeInputError(f"vlm: record {i} of {path}: image {Path(image_folder) / record['image']} "
+                                   "does not exist")  # fmt: skip
     return records
 
 
@@ -151,14 +161,15 @@ def train(args) -> dict:
 
     torch.manual_seed(args.seed)
     out = Path(args.output_dir)
+    check_paths("vlm", args.model, out)
     data = Path(args.data) if args.data else make_shapes_dataset(out / "shapes-data")
     image_folder = Path(args.image_folder) if args.image_folder else data.parent
+    records = load_records(data, image_folder)
     processor = AutoProcessor.from_pretrained(args.model)
     processor.tokenizer.padding_side = "right"
     dtype = getattr(torch, args.dtype) if args.dtype != "auto" else "auto"
     model = prepare_model(LlavaForConditionalGeneration.from_pretrained(args.model, dtype=dtype), args.method,
                           args.progress)  # fmt: skip
-    records = load_records(data)
     targs = TrainingArguments(
         output_dir=str(out / "trainer"), num_train_epochs=args.epochs, max_steps=args.max_steps or -1,
         per_device_train_batch_size=args.batch_size, gradient_accumulation_steps=args.grad_accum,
@@ -211,7 +222,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
     check_installed(("accelerate", "peft", "PIL"), "vlm", "python -m fura_kernels.recipes.vlm")
-    return train(args)
+    return run_main("vlm", train, args)
 
 
 if __name__ == "__main__":
