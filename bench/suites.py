@@ -19,6 +19,7 @@ from tqdm.auto import tqdm
 from fura_kernels import convert_to_fura
 from fura_kernels.nf4 import NF4Tensor, quantize_nf4
 from fura_kernels.recipes.baselines import quantize_linears_bnb
+from fura_kernels.recipes.common import enable_activation_checkpointing
 from fura_kernels.triton import block_diag_matmul, block_diag_matmul_backward
 from fura_kernels.triton.nf4_ops import SMALL_T_MAX, nf4_dequantize, nf4_matmul
 
@@ -527,7 +528,7 @@ def _model_runs(spec: dict, profile: Profile, device: torch.device, dtype: torch
                 _sync(device)
                 convert_s = time.perf_counter() - start
                 if checkpointing:
-                    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+                    enable_activation_checkpointing(model)
                     model.enable_input_require_grads()
                 model.train()
                 params = [p for p in model.parameters() if p.requires_grad]

@@ -44,10 +44,29 @@ class ConversionReport:
     def trainable_fraction(self) -> float:
         return self.trainable_params / self.total_params if self.total_params else 0.0
 
+    def converted_patterns(self) -> list[str]:
+        """The converted names with layer numbers folded: `model.layers.{0-31}.self_attn.q_proj`."""
+        groups: dict[str, list[int]] = {}
+        for name in self.converted:
+            numbers = [int(n) for n in re.findall(r"(?<=\.)\d+(?=\.|$)", name)]
+            key = re.sub(r"(?<=\.)\d+(?=\.|$)", "#", name)
+            groups.setdefault(key, []).append(numbers[0] if len(numbers) == 1 else -1)
+        patterns = []
+        for key, numbers in groups.items():
+            if "#" not in key or -1 in numbers:
+                patterns += [n for n in self.converted if re.sub(r"(?<=\.)\d+(?=\.|$)", "#", n) == key]
+                continue
+            ordered = sorted(set(numbers))
+            run = f"{ordered[0]}-{ordered[-1]}" if ordered == list(range(ordered[0], ordered[-1] + 1)) else (
+                ",".join(map(str, ordered)))
+            patterns.append(key.replace("#", "{" + run + "}" if len(ordered) > 1 else str(ordered[0])))
+        return patterns
+
     def __str__(self) -> str:
         text = (
-            f"FuRA: converted {len(self.converted)} linear layers; trainable parameters "
-            f"{self.trainable_params:,} of {self.total_params:,} ({100 * self.trainable_fraction:.3f}%)"
+            f"FuRA: converted {len(self.converted)} linear layers ({', '.join(self.converted_patterns())}); "
+            f"trainable parameters {self.trainable_params:,} of {self.total_params:,} "
+            f"({100 * self.trainable_fraction:.3f}%)"
         )
         if self.quantize:
             text += (

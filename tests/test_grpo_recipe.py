@@ -114,3 +114,12 @@ def test_vllm_weight_sync_is_switched_to_merged_names(tiny_model_dir):
     grpo.use_merged_weight_sync(trainer)
     names = {name for name, _ in trainer.vllm_generation._iter_named_params()}
     assert names == base_keys and not any("btt_" in n for n in names)
+
+
+def test_a_run_that_earns_no_reward_says_why(tiny_model_dir, tmp_path, capsys):
+    """The real reward on a random tiny model is 0 for every completion: the output says that
+    GRPO therefore updated nothing, instead of looking like a run that works."""
+    metrics = _run(tiny_model_dir, tmp_path, "fura")
+    assert all(entry["reward"] == 0 for entry in metrics["reward"])
+    out = capsys.readouterr().out
+    assert "every completion earned reward 0, so every group advantage was 0 and GRPO updated nothing" in out

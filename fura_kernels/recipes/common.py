@@ -113,3 +113,13 @@ def save_outputs(model, processor, method: str, output_dir: str | Path, merge: b
         if key in paths:
             processor.save_pretrained(paths[key])
     return paths
+
+
+def enable_activation_checkpointing(model) -> None:
+    """Non-reentrant activation checkpointing on a transformers model, by the name its version
+    uses (5.x renamed `gradient_checkpointing_enable`, which now warns that it is deprecated)."""
+    enable = getattr(model, "activation_checkpointing_enable", None)
+    if enable is not None:
+        enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})

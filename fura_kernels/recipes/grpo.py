@@ -207,7 +207,18 @@ def train(args) -> dict:
         (Path(args.output_dir) / "metrics.json").write_text(json.dumps(metrics, indent=1) + "\n")
     for entry in rewards:
         print(f"step {entry['step']}: mean reward {entry['reward']:.3f}")
+    if rewards and all(entry["reward"] == 0 for entry in rewards):
+        print(no_reward_note(args.model))
     return metrics
+
+
+def no_reward_note(model: str) -> str:
+    """Why a run whose completions all earned 0 learned nothing (a random tiny model, say)."""
+    return (
+        f"grpo: every completion earned reward 0, so every group advantage was 0 and GRPO updated nothing: "
+        f"{model} never wrote a correct \\boxed{{answer}}. The run checks the pipeline (generation, rewards, "
+        "weight sync, saving); to see learning, start from a model that solves some of the problems"
+    )
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

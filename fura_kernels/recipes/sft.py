@@ -28,7 +28,7 @@ from ..config import FuRAConfig
 from ..model import convert_to_fura
 from ..optional import check_installed
 from .baselines import quantize_linears_bnb
-from .common import RecipeInputError, check_paths, check_string_fields, read_json, run_main, save_outputs
+from .common import RecipeInputError, check_paths, enable_activation_checkpointing, check_string_fields, read_json, run_main, save_outputs
 from .tiny_model import shipped_data_path
 
 METHODS = ("fura", "qfura", "lora", "qlora", "full")
@@ -180,7 +180,7 @@ def train(args) -> dict:
     model = AutoModelForCausalLM.from_pretrained(args.model, dtype=dtype)
     model = prepare_model(model, args)
     if args.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        enable_activation_checkpointing(model)
         model.enable_input_require_grads()
 
     def loader(data, shuffle):

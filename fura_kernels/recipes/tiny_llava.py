@@ -18,6 +18,8 @@ from pathlib import Path
 
 import torch
 
+from ..optional import check_installed
+
 from .tiny_model import build_tokenizer
 
 IMAGE_TOKEN = "<image>"
@@ -106,6 +108,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--data", action="store_true", help="write the synthetic shapes data set instead")
     parser.add_argument("--count", type=int, default=48)
     args = parser.parse_args(argv)
+    check_installed(("PIL",), "vlm", "python -m fura_kernels.recipes.tiny_llava")
     print(make_shapes_dataset(args.directory, args.count) if args.data else make_tiny_llava(args.directory))
 
 
