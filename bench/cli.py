@@ -176,7 +176,8 @@ def run(argv: list[str] | None = None) -> Path:
     print(text)
     print(report.summary(out))
     if not args.no_plots:
-        for plot in report.plots(out, path.parent / "plots"):
+        # One folder per run, named after its results file: a second run never overwrites the plots.
+        for plot in report.plots(out, path.parent / "plots" / path.stem):
             print(f"plot: {plot}")
     if args.readme:
         report.update_readme(args.readme, text)

@@ -13,7 +13,9 @@ from .results import load
 START, END = "<!-- bench-table:start -->", "<!-- bench-table:end -->"
 # The NF4 kernel rows the README shows: the per-layer passes, decode (1, 16) and training (8192).
 KERNEL_TOKENS = (None, 1, 16, 8192)
-LAYER_METHODS = ("fura", "lora_r32", "qfura", "qlora_r32", "reference", "full_ft", "dense_floor")
+LAYER_METHODS = ("fura", "lora_r32", "lora_r64", "qfura", "qlora_r32", "reference", "full_ft", "dense_floor")
+# Start and end ceilings further apart than this (relative) mean the machine's speed changed.
+CEILING_DRIFT = 0.10
 
 
 def _ms(rec: dict | None) -> str:
@@ -165,6 +167,27 @@ def _median(values: list[float]) -> float:
     return values[len(values) // 2] if values else float("nan")
 
 
+def _spread(time_ms: dict) -> float:
+    """(p80 - p20) / median, in percent: how much repeated steps of one case disagreed."""
+    if not time_ms.get("median") or time_ms.get("p80") is None or time_ms.get("p20") is None:
+        return float("nan")
+    return 100 * (time_ms["p80"] - time_ms["p20"]) / time_ms["median"]
+
+
+def _ceiling_drift(c: dict) -> list[str]:
+    repeat = c.get("repeat")
+    if not repeat:
+        return []
+    line = (f"Measured again at the end: matmul {repeat['matmul_tflops']:.2f} TFLOP/s, copy "
+            f"{repeat['copy_gbps']:.1f} GB/s.")  # fmt: skip
+    drift = max(abs(repeat[k] / c[k] - 1) for k in ("matmul_tflops", "copy_gbps"))
+    if drift > CEILING_DRIFT:
+        line += (f" WARNING: {100 * drift:.0f}% apart from the start: the machine's speed changed during the run "
+                 "(other work on it, or its clocks), so these times and ratios are not reliable; rerun on an idle "
+                 "machine.")  # fmt: skip
+    return [line]
+
+
 def summary(results: dict) -> str:
     """What a newcomer should read off a run: the ceilings, how close each kernel came to its
     floor, each method's step, and one closing paragraph on what the figures show here."""
@@ -176,6 +199,7 @@ def summary(results: dict) -> str:
     else:
         lines = ["", f"Ceilings on {device}: matmul {c['matmul_tflops']:.2f} TFLOP/s ({c['dtype']}), copy "
                  f"{c['copy_gbps']:.1f} GB/s."]  # fmt: skip
+        lines += _ceiling_drift(c)
     kernels = [r for r in records if r["suite"] == "kernel" and r.get("time_ms") and r["method"] in ("fura", "qfura")]
     if kernels:
         lines += ["", "Kernels, % of the roofline floor (median over shapes and token counts):"]
@@ -188,8 +212,8 @@ def summary(results: dict) -> str:
     ratios = {}
     if layer:
         lines += ["", f"Layer steps, {_config_text(config, layer)}; medians over shapes and token counts:",
-                  f"  {'method':12s} {'step ms':>9s} {'peak MB':>9s} {'saved MB':>9s} {'GFLOP':>8s} {'launches':>8s} "
-                  f"{'/ LoRA r=32':>11s}"]  # fmt: skip
+                  f"  {'method':12s} {'step ms':>9s} {'spread':>7s} {'peak MB':>9s} {'saved MB':>9s} {'GFLOP':>8s} "
+                  f"{'launches':>8s} {'/ LoRA r=32':>11s}"]  # fmt: skip
         for method in LAYER_METHODS:
             rows = [r for r in layer if r["method"] == method]
             if not rows:
@@ -198,6 +222,7 @@ def summary(results: dict) -> str:
             ratios[method] = ratio
             lines.append(
                 f"  {method:12s} {_median([r['time_ms']['median'] for r in rows]):9.3f} "
+                f"{_median([_spread(r['time_ms']) for r in rows]):6.0f}% "
                 f"{_median([(r.get('peak_mem_bytes') or 0) / 2**20 for r in rows]):9.2f} "
                 f"{_median([(r.get('saved_bytes') or 0) / 2**20 for r in rows]):9.2f} "
                 f"{_median([(r.get('flops_per_step') or 0) / 1e9 for r in rows]):8.3f} "
@@ -236,6 +261,10 @@ def plots(results: dict, out_dir: Path) -> list[Path]:
     layer = [r for r in layer if r.get("configuration") == (configurations[0] if configurations else None)]
     written = []
     out_dir.mkdir(parents=True, exist_ok=True)
+    # Methods that save the same bytes (the Q variants, say) draw on top of each other: each gets
+    # its own marker and line style so that every one stays visible.
+    styles = {m: (marker, dash) for m, marker, dash in zip(LAYER_METHODS, "osD^vPX*", ["-", "--", ":", "-.", "-",
+                                                                                       "--", ":", "-."], strict=True)}  # fmt: skip
     for name in sorted({r["shape"]["name"] for r in layer}):
         fig, (ax_t, ax_m) = plt.subplots(1, 2, figsize=(11, 4))
         for method in LAYER_METHODS:
@@ -244,10 +273,11 @@ def plots(results: dict, out_dir: Path) -> list[Path]:
             if not pts:
                 continue
             ts = [t for t, _ in pts]
-            ax_t.plot(ts, [r["time_ms"]["median"] for _, r in pts], marker="o", label=method)
+            marker, dash = styles[method]
+            ax_t.plot(ts, [r["time_ms"]["median"] for _, r in pts], marker=marker, linestyle=dash, label=method)
             saved = [(t, r["saved_bytes"] / 2**20) for t, r in pts if r.get("saved_bytes")]  # log axis: no zeros
             if saved:
-                ax_m.plot(*zip(*saved, strict=True), marker="o", label=method)
+                ax_m.plot(*zip(*saved, strict=True), marker=marker, linestyle=dash, label=method, alpha=0.8)
         for ax, ylabel in ((ax_t, "step time, median (ms)"), (ax_m, "saved for backward (MB)")):
             ax.set_xscale("log", base=2)
             ax.set_yscale("log")
@@ -255,6 +285,8 @@ def plots(results: dict, out_dir: Path) -> list[Path]:
             ax.set_ylabel(ylabel)
             ax.grid(True, which="both", alpha=0.3)
         ax_t.legend(fontsize=7)
+        if ax_m.lines:
+            ax_m.legend(fontsize=7)
         fig.suptitle(f"{name} on {results['environment']['device_name']}", fontsize=9)
         fig.tight_layout()
         path = out_dir / f"{name.replace('/', '_div')}.png"

@@ -587,3 +587,7 @@ def run_suites(profile: Profile, suites: list[str], device: torch.device, dtype:
             layer_suite(profile, device, dtype, c, bar, emit)
         if "model" in suites:
             model_suite(profile, device, dtype, bar, emit)
+    # Measured again at the end: a machine whose speed changed during the run (other work on it,
+    # clocks) shows here, and the summary warns that its ratios cannot be trusted.
+    _, again = ceilings(device, dtype, quick=profile.name != "full")
+    stream.set_ceilings({**ceiling_info, "repeat": {key: again[key] for key in ("matmul_tflops", "copy_gbps")}})

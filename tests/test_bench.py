@@ -214,3 +214,40 @@ def test_a_stream_stopped_early_is_a_valid_partial_file(tiny_run, tmp_path):
     complete = dict(done, partial=False, ceilings=None)
     with pytest.raises(jsonschema.ValidationError):  # only a partial file may lack ceilings
         results.validate(complete)
+
+
+def test_the_summary_shows_the_spread_and_warns_when_the_ceilings_moved(tiny_run):
+    """A busy machine moved the quick run's ratios without a sign: the start and end ceilings
+    are both recorded, and the summary warns when they disagree by more than 10%."""
+    _, data = tiny_run
+    repeat = data["ceilings"]["repeat"]
+    assert repeat["matmul_tflops"] > 0 and repeat["copy_gbps"] > 0
+    busy = json.loads(json.dumps(data))
+    busy["ceilings"]["repeat"] = {"matmul_tflops": 0.6 * data["ceilings"]["matmul_tflops"],
+                                  "copy_gbps": data["ceilings"]["copy_gbps"]}  # fmt: skip
+    idle = json.loads(json.dumps(data))
+    idle["ceilings"]["repeat"] = {k: data["ceilings"][k] for k in ("matmul_tflops", "copy_gbps")}
+    assert "WARNING: 40% apart from the start" in report.summary(busy)
+    assert "WARNING" not in report.summary(idle)
+    text = report.summary(data)
+    assert " spread " in text and "lora_r64" in text  # measured, so shown
+
+
+def test_each_run_keeps_its_plots_and_every_panel_has_a_legend(tiny_run, tmp_path, monkeypatch):
+    import matplotlib.pyplot as plt
+
+    path, data = tiny_run
+    figures = []
+    monkeypatch.setattr(plt, "close", lambda fig=None: figures.append(fig))
+    written = report.plots(data, tmp_path / "plots")
+    shape_figures = [f for f in figures if len(f.axes) == 2 and f.axes[0].get_xscale() == "log"]
+    assert shape_figures
+    for fig in shape_figures:
+        time_ax, saved_ax = fig.axes
+        assert time_ax.get_legend() is not None and saved_ax.get_legend() is not None
+        styles = [(line.get_marker(), line.get_linestyle()) for line in saved_ax.lines]
+        assert len(set(styles)) == len(styles)  # overlapping lines stay distinguishable
+        assert "lora_r64" in [t.get_text() for t in time_ax.get_legend().get_texts()]
+    assert written
+    # The command line puts each run's plots in a folder named after its results file.
+    assert (path.parent / "plots" / path.stem).is_dir()
