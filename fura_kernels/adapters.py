@@ -35,9 +35,17 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from . import reference
 from .config import FuRAConfig
 from .distributed import full_tensor, is_rank0
-from .factorization import legacy_weight_fingerprint, resolve_block_shape, resolve_roles, weight_fingerprint
+from .cores import DenseCore
+from .factorization import (
+    frozen_l_from_weight,
+    legacy_weight_fingerprint,
+    resolve_block_shape,
+    resolve_roles,
+    weight_fingerprint,
+)
 from .layer import FusedBTTLinear
 from .model import convert_to_fura, module_names, split_name
 
@@ -58,6 +66,7 @@ PROBE_TOLERANCE = 1e-3  # relative; a sign flip or a rotated basis moves these b
 # by that rounding over the singular-value gaps.
 PROBE_EPS_FACTOR = 16
 TRAINABLE_TENSORS = ("btt_r", "btt_s", "bias", "l_core.btt_l")
+INITIAL_TENSORS = ("btt_r", "btt_s")
 
 _HEX64 = {"type": "string", "pattern": "^[0-9a-f]{64}$"}
 _POSITIVE = {"type": "integer", "minimum": 1}
@@ -94,6 +103,9 @@ _LAYER_SCHEMA = {
         "quantize": {"enum": [None, "nf4"]},
         # Fingerprint of the merged weight `save_pretrained` wrote beside the adapter, if it did.
         "merged_fingerprint": _HEX64,
+        # Decomposition-time tensors stored as `<layer>.initial.<name>`: with them a load rebuilds the
+        # frozen L from the base weight itself (factorization.frozen_l_from_weight), no SVD.
+        "initial": {"type": "array", "uniqueItems": True, "items": {"enum": list(INITIAL_TENSORS)}},
         "double_quant": {"type": ["boolean", "null"]},
     },
 }
@@ -162,6 +174,15 @@ def _frozen_tensors(layer: FusedBTTLinear, state: Mapping[str, torch.Tensor] | N
     if tensors.get("btt_s") is not None and not roles.s_trainable:
         frozen.append(tensors["btt_s"].detach())
     return frozen
+
+
+def _initial_tensors(layer: FusedBTTLinear) -> dict[str, torch.Tensor]:
+    """R and S as decomposed, for a layer whose L is frozen and R trains (the default layout) and
+    that was decomposed here; empty otherwise (a load then re-decomposes and checks the probe)."""
+    initial = getattr(layer, "initial_trainables", None)
+    if layer.roles.train_l or not initial or "btt_r" not in initial:
+        return {}
+    return {t: initial[t] for t in INITIAL_TENSORS if t in initial}
 
 
 def _frozen_probe(layer: FusedBTTLinear, state: Mapping[str, torch.Tensor] | None = None) -> tuple[list[float], str]:
@@ -234,6 +255,9 @@ def save_fura_adapter(
             # whole model): the load expects it, and a bf16 value is exact in fp32.
             tensors[f"{name}.{t_name}"] = state[t_name].detach().to(layer.config.trainable_dtype).contiguous().cpu()
         probe, probe_dtype = _frozen_probe(layer, state)
+        initial = _initial_tensors(layer)
+        for t_name, value in initial.items():
+            tensors[f"{name}.initial.{t_name}"] = value.to(layer.config.trainable_dtype).contiguous()
         shape = layer.block_shape
         entries[name] = {
             "in_features": layer.in_features,
@@ -250,6 +274,8 @@ def save_fura_adapter(
         }
         if merged_fingerprints is not None:
             entries[name]["merged_fingerprint"] = merged_fingerprints[name]
+        if initial:
+            entries[name]["initial"] = sorted(initial)
     from . import __version__
 
     meta = {
@@ -387,6 +413,51 @@ def _check_probe(name: str, layer: FusedBTTLinear, entry: dict, version: int) ->
         )
 
 
+# A re-decomposed column of L is kept when it matches the rebuilt one, both in the core's dtype,
+# to this many units of that dtype's eps (relative to the column's norm; at least 1e-5): the same
+# base then keeps exactly the L training had. A flipped column is off by 2, a rotated one by its
+# angle. An NF4 core is compared dequantised, where NF4 itself moves a column by about 10%.
+SAME_COLUMN_EPS = 2
+SAME_COLUMN_NF4 = 0.5
+
+
+@torch.no_grad()
+def _rebuild_frozen_core(layer: FusedBTTLinear, base: nn.Linear, entry: dict, initial: dict[str, torch.Tensor]) -> None:
+    """Make the frozen L the one the adapter was trained against, column by column. A column of
+    the re-decomposition (already in the layer) is kept where it is that basis; where it is not
+    (a flipped or rotated singular vector, the base in another dtype) it is rebuilt from the
+    adapter's decomposition-time R and S and this base's weight (`frozen_l_from_weight`), which
+    gives the trained model on this base to the base's own rounding. Columns of singular values
+    that are zero to 1e-6 of their block's largest are left as decomposed: no basis is defined
+    there, and the rebuild would zero them. The layer's record of its values as decomposed
+    becomes the adapter's, so a later swap puts this base back."""
+    weight = base.weight.detach().double()
+    rebuilt = frozen_l_from_weight(weight, initial["btt_r"], initial.get("btt_s"), layer.block_shape)
+    dtype, dense = layer.l_core.dtype, isinstance(layer.l_core, DenseCore)
+    current = layer.l_core.probe_values().double().to(rebuilt.device)
+    comparable = rebuilt.to(dtype).double() if dense else rebuilt
+    column_error = (current - comparable).norm(dim=-1) / comparable.norm(dim=-1).clamp(min=1e-30)  # (m, n*r)
+    tolerance = max(SAME_COLUMN_EPS * torch.finfo(dtype).eps, 1e-5) if dense else SAME_COLUMN_NF4
+    shape = layer.block_shape
+    weight_of_column = initial["btt_r"].double().reshape(shape.n, shape.b, shape.m, shape.r).norm(dim=1)  # (n, m, r)
+    weight_of_column = weight_of_column.permute(1, 0, 2)  # (m, n, r)
+    if "btt_s" in initial:
+        weight_of_column = weight_of_column * initial["btt_s"].double().abs()
+    defined = weight_of_column > 1e-6 * weight_of_column.amax(dim=-1, keepdim=True)
+    replace = (column_error.to(defined.device).reshape(defined.shape) > tolerance) & defined
+    if bool(replace.any()):
+        mask = replace.reshape(shape.m, shape.n * shape.r, 1).to(current.device)
+        chosen = torch.where(mask, rebuilt, current)
+        if dense:
+            layer.l_core.btt_l.copy_(chosen)
+        else:
+            layer.nf4_relative_error = layer.l_core.quantize_from(chosen[0].t().to(dtype))
+    record = {t: v.detach().float().cpu() for t, v in initial.items()}
+    if layer.bias is not None and layer.bias.requires_grad:
+        record["bias"] = base.bias.detach().to("cpu", copy=True)
+    layer.initial_trainables = {t: record[t].to(p.dtype) for t, p in layer.named_parameters() if p.requires_grad}
+
+
 def _check_weights_beside(directory: Path, meta: dict) -> None:
     """An adapter that `save_pretrained` wrote beside merged weights records their fingerprints;
     if the folder around it now holds other weights (saved again after `merge_fura`, or a save
@@ -474,7 +545,18 @@ def _plan(model: nn.Module, meta: dict, tensors: dict[str, torch.Tensor], config
                         f"tensor of shape {t_shape} ({t_dtype})")  # fmt: skip
             if not bool(torch.isfinite(value).all()):
                 _refuse(f"{key} holds NaN or inf values")
+    for name, entry in meta["layers"].items():
+        params = {"btt_r": (entry["block_shape"]["n"], entry["block_shape"]["b"],
+                            entry["block_shape"]["m"] * entry["block_shape"]["r"]),
+                  "btt_s": tuple(entry["block_shape"][k] for k in "mnr")}  # fmt: skip
+        for t_name in entry.get("initial", []):
+            value = tensors.get(f"{name}.initial.{t_name}")
+            if value is not None and (tuple(value.shape) != params[t_name] or not value.dtype.is_floating_point
+                                      or not bool(torch.isfinite(value).all())):  # fmt: skip
+                _refuse(f"{name}.initial.{t_name} is {value.dtype} {tuple(value.shape)} in the adapter; expected "
+                        f"finite floating-point values of shape {params[t_name]}")  # fmt: skip
     expected_keys = {f"{n}.{t}" for n, e in meta["layers"].items() for t in e["tensors"]}
+    expected_keys |= {f"{n}.initial.{t}" for n, e in meta["layers"].items() for t in e.get("initial", [])}
     missing, extra = expected_keys - set(tensors), set(tensors) - expected_keys
     if missing or extra:
         _refuse(f"tensor inventory mismatch: missing {sorted(missing)[:5]}, extra {sorted(extra)[:5]}")
@@ -522,7 +604,12 @@ def load_fura_adapter(model: nn.Module, directory: str | Path, *, progress: bool
                         progress=progress)  # fmt: skip
     try:
         for name in fresh:
-            _check_probe(name, model.get_submodule(name), meta["layers"][name], meta["format_version"])
+            entry, layer = meta["layers"][name], model.get_submodule(name)
+            if entry.get("initial"):
+                _rebuild_frozen_core(layer, originals[name], entry, {t: tensors[f"{name}.initial.{t}"]
+                                                                     for t in entry["initial"]})  # fmt: skip
+            else:
+                _check_probe(name, layer, entry, meta["format_version"])
         bases = {name: layer.base_linear().requires_grad_(False) for name, layer in uncovered.items()}
         with torch.no_grad():
             for name, entry in meta["layers"].items():

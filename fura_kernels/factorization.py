@@ -324,3 +324,22 @@ def qfura_layout_problem(shape: BlockShape, roles: CoreRoles, config: FuRAConfig
         "train_position='small' trains L (ties go to L), but QFuRA keeps L frozen in NF4; leave this layer out "
         "(exclude_modules) or give it more input blocks with input_factorization"
     )
+
+
+def frozen_l_from_weight(
+    weight: torch.Tensor, btt_r: torch.Tensor, btt_s: torch.Tensor | None, shape: BlockShape
+) -> torch.Tensor:
+    """The L core (m, n*r, a) that turns the decomposition-time `btt_r` (and `btt_s`) back into
+    `weight`: per block, `L_ij = W_ij · pinv(diag(S_ij) · R_ij^T)`, in float64.
+
+    For the weight they were decomposed from this is that decomposition's L (to rounding). For
+    the same weights rounded to another dtype it is the L that makes the model exactly
+    `W_rounded · pinv(M) · M_trained`, the trained model on that base, to that base's own
+    rounding: no second SVD, so no basis that could come out flipped or rotated."""
+    m, n, a, b, r = (getattr(shape, k) for k in "mnabr")
+    blocks = weight.detach().double().reshape(m, a, n, b).permute(0, 2, 1, 3)  # (m, n, a, b)
+    right = btt_r.detach().double().to(blocks.device).reshape(n, b, m, r).permute(2, 0, 3, 1)  # (m, n, r, b)
+    if btt_s is not None:
+        right = right * btt_s.detach().double().to(blocks.device).unsqueeze(-1)
+    left = blocks @ torch.linalg.pinv(right)  # (m, n, a, r)
+    return left.permute(0, 1, 3, 2).reshape(m, n * r, a)

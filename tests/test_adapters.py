@@ -47,7 +47,9 @@ def test_adapter_holds_only_trainable_tensors(trained):
     assert sorted(p.name for p in directory.iterdir()) == [ADAPTER_WEIGHTS, ADAPTER_CONFIG]
     tensors = load_file(str(directory / ADAPTER_WEIGHTS))
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
-    assert set(tensors) == trainable
+    # Beside them, R and S as decomposed (the frozen L is rebuilt from them and the base weight).
+    initial = {n.replace(".btt_", ".initial.btt_") for n in trainable if n.endswith((".btt_r", ".btt_s"))}
+    assert set(tensors) == trainable | initial
     assert not any(k.endswith("btt_l") for k in tensors)  # the frozen core is re-decomposed, not stored
     meta = json.loads((directory / ADAPTER_CONFIG).read_text())
     layer = meta["layers"]["model.layers.0.self_attn.o_proj"]
