@@ -263,8 +263,8 @@ def plots(results: dict, out_dir: Path) -> list[Path]:
     out_dir.mkdir(parents=True, exist_ok=True)
     # Methods that save the same bytes (the Q variants, say) draw on top of each other: each gets
     # its own marker and line style so that every one stays visible.
-    styles = {m: (marker, dash) for m, marker, dash in zip(LAYER_METHODS, "osD^vPX*", ["-", "--", ":", "-.", "-",
-                                                                                       "--", ":", "-."], strict=True)}  # fmt: skip
+    dashes = ["-", "--", ":", "-."] * 2
+    styles = {m: (marker, dash) for m, marker, dash in zip(LAYER_METHODS, "osD^vPX*", dashes, strict=True)}
     for name in sorted({r["shape"]["name"] for r in layer}):
         fig, (ax_t, ax_m) = plt.subplots(1, 2, figsize=(11, 4))
         for method in LAYER_METHODS:

@@ -20,19 +20,6 @@ Public API:
 import logging
 from importlib.metadata import PackageNotFoundError, version
 
-
-class _WithoutBitsandbytesHubKernelNotice(logging.Filter):
-    """bitsandbytes (imported by PEFT, which transformers' trainer imports) logs on every import
-    on a CPU with AVX512-BF16 that it could not fetch an optional Hub kernel for its 4-bit CPU
-    GEMM. Nothing here uses that kernel (its own fallback serves QLoRA baselines on a CPU), and
-    the line made every command, `--method fura` included, look broken: drop that one notice."""
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        return not str(record.msg).startswith("Failed to load CPU gemm_4bit_forward from kernels-community")
-
-
-logging.getLogger("bitsandbytes.backends.cpu.ops").addFilter(_WithoutBitsandbytesHubKernelNotice())
-
 from . import reference
 from .adapters import load_fura_adapter, merged_named_weights, save_fura_adapter, save_merged
 from .autograd import FuRALinearFunction, fura_linear, step2_s_scaled_bmm
@@ -82,3 +69,16 @@ __all__ = [
     "save_merged",
     "step2_s_scaled_bmm",
 ]
+
+
+class _WithoutBitsandbytesHubKernelNotice(logging.Filter):
+    """bitsandbytes (imported by PEFT, which transformers' trainer imports) logs on every import
+    on a CPU with AVX512-BF16 that it could not fetch an optional Hub kernel for its 4-bit CPU
+    GEMM. Nothing here uses that kernel (its own fallback serves QLoRA baselines on a CPU), and
+    the line made every command, `--method fura` included, look broken: drop that one notice."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith("Failed to load CPU gemm_4bit_forward from kernels-community")
+
+
+logging.getLogger("bitsandbytes.backends.cpu.ops").addFilter(_WithoutBitsandbytesHubKernelNotice())

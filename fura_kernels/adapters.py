@@ -35,10 +35,9 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from . import reference
 from .config import FuRAConfig
-from .distributed import full_tensor, is_rank0
 from .cores import DenseCore
+from .distributed import full_tensor, is_rank0
 from .factorization import (
     frozen_l_from_weight,
     legacy_weight_fingerprint,
@@ -167,7 +166,9 @@ def _frozen_tensors(layer: FusedBTTLinear, state: Mapping[str, torch.Tensor] | N
     tensors = dict(layer.named_parameters()) if state is None else state
     frozen = []
     if not roles.train_l:
-        core_state = None if state is None else {k[len("l_core.") :]: v for k, v in state.items() if k.startswith("l_core.")}
+        core_state = (
+            None if state is None else {k[len("l_core.") :]: v for k, v in state.items() if k.startswith("l_core.")}
+        )
         frozen.append(layer.l_core.probe_values(core_state).to(layer.l_core.dtype))
     if not roles.train_r:
         frozen.append(tensors["btt_r"].detach())
@@ -520,9 +521,9 @@ def _plan(model: nn.Module, meta: dict, tensors: dict[str, torch.Tensor], config
         elif isinstance(module, nn.Linear):
             fingerprint = weight_fingerprint if version >= 3 else legacy_weight_fingerprint
             if fingerprint(module.weight) != entry["base_fingerprint"]:
-                _refuse(f"the base weight of {name!r} is not the one this adapter was trained on (fingerprint mismatch, "
-                        f"in {module.weight.dtype}): load the same base checkpoint"
-                        + ("" if version >= 3 else " in the dtype it was trained in (a version 2 adapter)"))  # fmt: skip
+                hint = "" if version >= 3 else " in the dtype it was trained in (a version 2 adapter)"
+                _refuse(f"the base weight of {name!r} is not the one this adapter was trained on (fingerprint "
+                        f"mismatch, in {module.weight.dtype}): load the same base checkpoint{hint}")  # fmt: skip
             shape = resolve_block_shape(module.in_features, module.out_features, config, name, model_config)
             expected = _expected_tensors(shape, config, entry["bias"])
         else:

@@ -292,8 +292,10 @@ class FusedBTTLinear(nn.Module):
         device = self.device if state is None else state["btt_r"].device
         # A merge is computed at the cores' precision: under an enclosing autocast region the
         # einsum would run in bf16 and the weight be stored with bf16's error (FURA_SPEC.md §6).
-        with torch.autocast(device.type, enabled=False) if torch.amp.is_autocast_available(device.type) else (
-            contextlib.nullcontext()
+        with (
+            torch.autocast(device.type, enabled=False)
+            if torch.amp.is_autocast_available(device.type)
+            else (contextlib.nullcontext())
         ):
             weight = self.dense_weight(state)
         bias = self.bias if state is None else state.get("bias")

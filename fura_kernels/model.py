@@ -57,8 +57,11 @@ class ConversionReport:
                 patterns += [n for n in self.converted if re.sub(r"(?<=\.)\d+(?=\.|$)", "#", n) == key]
                 continue
             ordered = sorted(set(numbers))
-            run = f"{ordered[0]}-{ordered[-1]}" if ordered == list(range(ordered[0], ordered[-1] + 1)) else (
-                ",".join(map(str, ordered)))
+            run = (
+                f"{ordered[0]}-{ordered[-1]}"
+                if ordered == list(range(ordered[0], ordered[-1] + 1))
+                else (",".join(map(str, ordered)))
+            )
             patterns.append(key.replace("#", "{" + run + "}" if len(ordered) > 1 else str(ordered[0])))
         return patterns
 

@@ -196,7 +196,10 @@ def _layer(meta, name=Q_PROJ):
             "up_proj.btt_s is torch.int64 \\(1, 8, 8\\) in the adapter; expected a floating-point",
         ),
         (dict(edit_meta=lambda m: m.update(format_version=True)), "format_version=True"),
-        (dict(edit_meta=lambda m: m.update(format_version=1)), "format_version=1; this fura-kernels reads versions \\[2, 3\\]"),
+        (
+            dict(edit_meta=lambda m: m.update(format_version=1)),
+            "format_version=1; this fura-kernels reads versions \\[2, 3\\]",
+        ),
         (dict(edit_meta=lambda m: m.pop("layers")), "'layers' is a required property"),
         (dict(edit_meta=lambda m: m.update(layers=[])), "\\[\\] is not of type 'object'"),
         (dict(edit_meta=lambda m: _layer(m).pop("block_shape")), "'block_shape' is a required property"),

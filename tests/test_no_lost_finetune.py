@@ -242,7 +242,9 @@ def test_push_to_hub_uploads_the_adapter_too(tmp_path, monkeypatch):
             return Repo()
 
     def upload(self, working_dir, repo_id, files_timestamps, **kwargs):
-        uploaded.extend(sorted(str(p.relative_to(working_dir)) for p in __import__("pathlib").Path(working_dir).rglob("*")))
+        uploaded.extend(
+            sorted(str(p.relative_to(working_dir)) for p in __import__("pathlib").Path(working_dir).rglob("*"))
+        )
 
     monkeypatch.setattr("transformers.utils.hub.hf_api", lambda: Api())
     monkeypatch.setattr("transformers.modeling_utils.hf_api", lambda: Api())
@@ -314,10 +316,11 @@ def test_load_best_model_at_end_loads_the_best_checkpoint(tmp_path):
 
     model = tiny_llama(seed=0)
     convert_to_fura(model, "all-linear", progress=False)
-    args = TrainingArguments(output_dir=str(tmp_path / "run"), report_to=[], use_cpu=True, per_device_train_batch_size=4,
-                             learning_rate=1e-2, max_steps=6, eval_strategy="steps", eval_steps=2, save_strategy="steps",
-                             save_steps=2, load_best_model_at_end=True, metric_for_best_model="loss",
-                             greater_is_better=False, disable_tqdm=True)  # fmt: skip
+    args = TrainingArguments(
+        output_dir=str(tmp_path / "run"), report_to=[], use_cpu=True, per_device_train_batch_size=4,
+        learning_rate=1e-2, max_steps=6, eval_strategy="steps", eval_steps=2, save_strategy="steps", save_steps=2,
+        load_best_model_at_end=True, metric_for_best_model="loss", greater_is_better=False, disable_tqdm=True,
+    )  # fmt: skip
     trainer = Trainer(model=model, args=args, train_dataset=Batches(0), eval_dataset=Batches(1))
     trainer.train()
     best = trainer.state.best_model_checkpoint

@@ -50,7 +50,9 @@ def test_a_missing_model_path_is_one_line(tmp_path, main, name):
 
 
 def test_a_max_length_shorter_than_every_prompt_is_refused(tiny_model_dir, tmp_path):
-    with pytest.raises(SystemExit, match="none of the \\d+ training examples .* has a response token within --max-length"):
+    with pytest.raises(
+        SystemExit, match="none of the \\d+ training examples .* has a response token within --max-length"
+    ):
         _sft(tiny_model_dir, tmp_path, "--max-length", "8")
     assert not (tmp_path / "adapter").exists() and not (tmp_path / "metrics.json").exists()
 
@@ -58,7 +60,11 @@ def test_a_max_length_shorter_than_every_prompt_is_refused(tiny_model_dir, tmp_p
 @pytest.mark.parametrize(
     "records, extra, message",
     [
-        ([{"instruction": "a", "output": "b"}], (), "has 1 example\\(s\\); with --eval-fraction 0.1, 1 go to evaluation"),
+        (
+            [{"instruction": "a", "output": "b"}],
+            (),
+            "has 1 example\\(s\\); with --eval-fraction 0.1, 1 go to evaluation",
+        ),
         ([{"instruction": "a", "output": "b"}] * 4, ("--eval-fraction", "1.0"), "--eval-fraction 1.0 must be between"),
         ([{"instruction": "a", "output": 3}], (), "record 0 of .*data.json: 'output' is int 3, expected a string"),
         ([{"instruction": "a"}], (), "record 0 of .*data.json needs 'instruction' and 'output'"),
@@ -71,8 +77,11 @@ def test_sft_data_problems_are_one_line(tiny_model_dir, tmp_path, records, extra
         _sft(tiny_model_dir, tmp_path / "out", "--data", str(data), *extra)
 
 
-@pytest.mark.parametrize("content, message", [("", "is empty"), (b"\xff\xfe[]", "is not UTF-8 text"),
-                                              ("[{", "is not valid JSON")], ids=["empty", "not-utf8", "not-json"])  # fmt: skip
+@pytest.mark.parametrize(
+    "content, message",
+    [("", "is empty"), (b"\xff\xfe[]", "is not UTF-8 text"), ("[{", "is not valid JSON")],
+    ids=["empty", "not-utf8", "not-json"],
+)
 def test_unreadable_data_files_are_one_line(tiny_model_dir, tmp_path, content, message):
     data = _write(tmp_path / "data.json", content)
     with pytest.raises(SystemExit, match=f"^sft: .*data.json {message}"):
@@ -95,6 +104,8 @@ def test_a_vlm_image_missing_is_found_before_training(tmp_path):
     data = make_shapes_dataset(tmp_path / "shapes", count=8)
     records = json.loads(data.read_text())
     (data.parent / records[5]["image"]).unlink()
-    with pytest.raises(SystemExit, match=f"^vlm: record 5 of .*data.json: image .*{records[5]['image']} does not exist"):
+    with pytest.raises(
+        SystemExit, match=f"^vlm: record 5 of .*data.json: image .*{records[5]['image']} does not exist"
+    ):
         vlm.main(["--model", str(model_dir), "--output-dir", str(tmp_path / "out"), "--data", str(data),
                   "--max-steps", "2", "--no-progress", "--cpu"])  # fmt: skip

@@ -4,10 +4,13 @@ model the way its method calls for."""
 from __future__ import annotations
 
 import json
+import math
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
+
+from ..adapters import save_fura_adapter, save_merged
 
 
 class RecipeInputError(ValueError):
@@ -47,8 +50,8 @@ def check_string_fields(record: Any, index: int, path: str | Path, recipe: str, 
     """Record `index` of `path` is an object whose `required` (and present `optional`) fields are strings."""
     if not isinstance(record, dict) or not set(required) <= set(record):
         need = " and ".join(repr(f) for f in required)
-        raise RecipeInputError(f"{recipe}: record {index} of {path} needs {need}"
-                               + (f" (and optional {', '.join(repr(f) for f in optional)})" if optional else ""))  # fmt: skip
+        also = f" (and optional {', '.join(repr(f) for f in optional)})" if optional else ""
+        raise RecipeInputError(f"{recipe}: record {index} of {path} needs {need}{also}")
     for field in (*required, *(f for f in optional if f in record)):
         if not isinstance(record[field], str):
             raise RecipeInputError(f"{recipe}: record {index} of {path}: {field!r} is {type(record[field]).__name__} "
@@ -78,8 +81,6 @@ def run_main(recipe: str, train: Callable[[Any], dict], args: Any) -> dict:
         return train(args)
     except RecipeInputError as err:
         raise SystemExit(str(err)) from None
-
-from ..adapters import save_fura_adapter, save_merged
 
 
 def save_outputs(model, processor, method: str, output_dir: str | Path, merge: bool,
@@ -123,3 +124,19 @@ def enable_activation_checkpointing(model) -> None:
         enable(activation_checkpointing_kwargs={"use_reentrant": False})
     else:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+
+
+def write_metrics(path: str | Path, metrics: dict) -> None:
+    """`metrics` as strict JSON: a non-finite number (a NaN loss, say) is written as null, which
+    every JSON reader accepts, where Python's default `NaN` is not JSON at all."""
+
+    def strict(value):
+        if isinstance(value, float) and not math.isfinite(value):
+            return None
+        if isinstance(value, dict):
+            return {k: strict(v) for k, v in value.items()}
+        if isinstance(value, list | tuple):
+            return [strict(v) for v in value]
+        return value
+
+    Path(path).write_text(json.dumps(strict(metrics), indent=1, allow_nan=False) + "\n")

@@ -21,7 +21,6 @@ checkpoint's names, each layer merged on its own, which vLLM's `load_weights` ac
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import time
 from importlib import resources
@@ -34,7 +33,7 @@ from ..config import FuRAConfig
 from ..model import convert_to_fura
 from ..optional import check_installed
 from .baselines import quantize_linears_bnb
-from .common import RecipeInputError, check_paths, read_json, run_main, save_outputs
+from .common import RecipeInputError, check_paths, read_json, run_main, save_outputs, write_metrics
 from .sft import DEFAULT_TARGETS
 
 METHODS = ("fura", "qfura", "lora", "qlora", "full")
@@ -204,7 +203,7 @@ def train(args) -> dict:
     }
     if trainer.accelerator.is_main_process:
         Path(args.output_dir).mkdir(parents=True, exist_ok=True)
-        (Path(args.output_dir) / "metrics.json").write_text(json.dumps(metrics, indent=1) + "\n")
+        write_metrics(Path(args.output_dir) / "metrics.json", metrics)
     for entry in rewards:
         print(f"step {entry['step']}: mean reward {entry['reward']:.3f}")
     if rewards and all(entry["reward"] == 0 for entry in rewards):

@@ -14,7 +14,6 @@ PEFT (and bitsandbytes NF4), r=32 and alpha=64 on the same modules as FuRA.
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import os
 import random
@@ -28,7 +27,16 @@ from ..config import FuRAConfig
 from ..model import convert_to_fura
 from ..optional import check_installed
 from .baselines import quantize_linears_bnb
-from .common import RecipeInputError, check_paths, enable_activation_checkpointing, check_string_fields, read_json, run_main, save_outputs
+from .common import (
+    RecipeInputError,
+    check_paths,
+    check_string_fields,
+    enable_activation_checkpointing,
+    read_json,
+    run_main,
+    save_outputs,
+    write_metrics,
+)
 from .tiny_model import shipped_data_path
 
 METHODS = ("fura", "qfura", "lora", "qlora", "full")
@@ -67,8 +75,10 @@ def split_examples(encoded: list[dict], eval_fraction: float, path) -> tuple[lis
         raise RecipeInputError(f"sft: --eval-fraction {eval_fraction} must be between 0 and 1 (exclusive)")
     n_eval = max(1, int(len(encoded) * eval_fraction))
     if len(encoded) - n_eval < 1:
-        raise RecipeInputError(f"sft: {path} has {len(encoded)} example(s); with --eval-fraction {eval_fraction}, "
-                               f"{n_eval} go to evaluation (at least one does) and none remain for training")  # fmt: skip
+        raise RecipeInputError(
+            f"sft: {path} has {len(encoded)} example(s); with --eval-fraction {eval_fraction}, "
+            f"{n_eval} go to evaluation (at least one does) and none remain for training"
+        )
     eval_set, train_set = encoded[:n_eval], encoded[n_eval:]
     empty = sum(all(label == IGNORE_INDEX for label in ex["labels"]) for ex in train_set)
     if empty == len(train_set):
@@ -249,7 +259,7 @@ def train(args) -> dict:
         metrics["commonsense"] = results
     if accelerator.is_main_process:
         Path(args.output_dir).mkdir(parents=True, exist_ok=True)
-        (Path(args.output_dir) / "metrics.json").write_text(json.dumps(metrics, indent=1) + "\n")
+        write_metrics(Path(args.output_dir) / "metrics.json", metrics)
     return metrics
 
 

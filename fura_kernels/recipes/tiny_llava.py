@@ -19,7 +19,6 @@ from pathlib import Path
 import torch
 
 from ..optional import check_installed
-
 from .tiny_model import build_tokenizer
 
 IMAGE_TOKEN = "<image>"

@@ -19,7 +19,6 @@ the merged model, which `LlavaForConditionalGeneration.from_pretrained` loads.
 from __future__ import annotations
 
 import argparse
-import json
 import math
 from pathlib import Path
 
@@ -30,7 +29,7 @@ from ..adapters import load_fura_adapter
 from ..config import FuRAConfig
 from ..model import convert_to_fura
 from ..optional import check_installed
-from .common import RecipeInputError, check_paths, read_json, run_main, save_outputs
+from .common import RecipeInputError, check_paths, read_json, run_main, save_outputs, write_metrics
 
 METHODS = ("fura", "qfura", "lora", "full")
 # The seven projections of the language model, never the vision tower's or the projector's linears.
@@ -190,7 +189,7 @@ def train(args) -> dict:
         outputs = save_outputs(model, processor, args.method, out, args.merge,
                                adapter_extra=lambda directory: save_projector(model, directory))  # fmt: skip
         metrics = {"method": args.method, "train_loss": losses, "outputs": outputs}
-        (out / "metrics.json").write_text(json.dumps(metrics, indent=1) + "\n")
+        write_metrics(out / "metrics.json", metrics)
     return {"method": args.method, "train_loss": losses, "outputs": outputs}
 
 
