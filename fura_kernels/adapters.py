@@ -224,7 +224,7 @@ def save_fura_adapter(
     call it: sharded tensors are gathered in full, and rank 0 writes. `merged_fingerprints` (layer
     name -> fingerprint of the merged weight written beside the adapter) ties the adapter to those
     weights. The two files are written to a temporary folder first and moved into place, so an
-    interrupted save leaves no adapter rather than half of one.
+    interrupted save never leaves a file half written.
     """
     layers = _fura_layers(model)
     if not layers:
@@ -298,10 +298,12 @@ def save_fura_adapter(
         meta["checksum"] = _checksum(meta)
         (staging / ADAPTER_CONFIG).write_text(json.dumps(meta, indent=1) + "\n")
         if directory.is_dir():
-            for stale in (ADAPTER_WEIGHTS, ADAPTER_CONFIG):
-                (directory / stale).unlink(missing_ok=True)
-            directory.rmdir()  # refuses a folder holding anything else, rather than deleting it
-        os.replace(staging, directory)
+            # A folder that exists may hold other files (a VLM's projector): replace the two files
+            # one by one. Stopped between the two, the checksum refuses the mixed pair on load.
+            for name in (ADAPTER_WEIGHTS, ADAPTER_CONFIG):
+                os.replace(staging / name, directory / name)
+        else:
+            os.replace(staging, directory)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return directory

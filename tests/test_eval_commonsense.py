@@ -69,12 +69,13 @@ def test_command_prints_a_table_and_writes_json(tiny_model_dir, tmp_path, capsys
     assert json.loads((tmp_path / "r.json").read_text())["mean"] == results["mean"]
 
 
-def test_command_with_a_fura_adapter(tiny_model_dir, tmp_path):
+def test_command_with_a_fura_adapter(tiny_model_dir, tmp_path, capsys):
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
     convert_to_fura(model, ["q_proj", "v_proj"], progress=False)
     save_fura_adapter(model, tmp_path / "adapter")
     results = ec.main(["--model", str(tiny_model_dir), "--adapter", str(tmp_path / "adapter"), *FAST])
     assert set(results) == set(ec.TASKS) | {"mean"}
+    assert f"loaded the FuRA adapter {tmp_path / 'adapter'} (4 FuRA layers)" in capsys.readouterr().out
     with pytest.raises(SystemExit, match="neither a FuRA nor a PEFT adapter"):
         ec.main(["--model", str(tiny_model_dir), "--adapter", str(tmp_path), *FAST])
 

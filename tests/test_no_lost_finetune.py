@@ -426,3 +426,17 @@ def test_qfura_reports_its_nf4_error_after_a_state_dict_round_trip():
                               model_config=model.config)  # fmt: skip
     rebuilt.load_state_dict(layer.state_dict())
     assert 0.05 < rebuilt.nf4_relative_error == layer.nf4_relative_error < 0.2
+
+
+def test_an_adapter_saved_again_into_a_folder_with_other_files(trained_autocast, tmp_path):
+    """The VLM recipe keeps its projector beside the adapter: a second save replaces the two
+    adapter files and leaves the rest, and no temporary folder is left behind."""
+    model, _ = trained_autocast
+    save_fura_adapter(model, tmp_path / "adapter")
+    (tmp_path / "adapter" / "projector.safetensors").write_bytes(b"kept")
+    save_fura_adapter(model, tmp_path / "adapter")
+    assert sorted(p.name for p in (tmp_path / "adapter").iterdir()) == sorted(
+        [ADAPTER_WEIGHTS, ADAPTER_CONFIG, "projector.safetensors"]
+    )
+    assert [p.name for p in tmp_path.iterdir()] == ["adapter"]
+    load_fura_adapter(tiny_llama(seed=0), tmp_path / "adapter", progress=False)

@@ -109,3 +109,12 @@ def test_a_vlm_image_missing_is_found_before_training(tmp_path):
     ):
         vlm.main(["--model", str(model_dir), "--output-dir", str(tmp_path / "out"), "--data", str(data),
                   "--max-steps", "2", "--no-progress", "--cpu"])  # fmt: skip
+
+
+def test_metrics_are_strict_json_even_with_a_nan(tmp_path):
+    from fura_kernels.recipes.common import write_metrics
+
+    write_metrics(tmp_path / "metrics.json", {"train_loss": [{"step": 1, "loss": float("nan")}], "x": float("inf")})
+    text = (tmp_path / "metrics.json").read_text()
+    assert "NaN" not in text and "Infinity" not in text
+    assert json.loads(text) == {"train_loss": [{"step": 1, "loss": None}], "x": None}
