@@ -159,9 +159,12 @@ def _core_probe(values: torch.Tensor) -> list[float]:
     return flat[::step][:PROBE_SAMPLES].float().cpu().tolist()
 
 
-def _frozen_tensors(layer: FusedBTTLinear, state: Mapping[str, torch.Tensor] | None = None) -> list[torch.Tensor]:
-    """The layer's tensors that an adapter does not store (a load re-decomposes them): the L
-    core, R and S, each when frozen. From `state` (the layer's own state dict) when given."""
+def _frozen_tensors(
+    layer: FusedBTTLinear, state: Mapping[str, torch.Tensor] | None = None
+) -> list[tuple[torch.Tensor, torch.dtype]]:
+    """The layer's tensors that an adapter does not store (a load re-decomposes them), each with
+    the dtype it is stored in: the L core, R and S, each when frozen. From `state` (the layer's
+    own state dict) when given."""
     roles = layer.roles
     tensors = dict(layer.named_parameters()) if state is None else state
     frozen = []
@@ -169,11 +172,11 @@ def _frozen_tensors(layer: FusedBTTLinear, state: Mapping[str, torch.Tensor] | N
         core_state = (
             None if state is None else {k[len("l_core.") :]: v for k, v in state.items() if k.startswith("l_core.")}
         )
-        frozen.append(layer.l_core.probe_values(core_state).to(layer.l_core.dtype))
+        frozen.append((layer.l_core.probe_values(core_state), layer.l_core.dtype))
     if not roles.train_r:
-        frozen.append(tensors["btt_r"].detach())
+        frozen.append((tensors["btt_r"].detach(), tensors["btt_r"].dtype))
     if tensors.get("btt_s") is not None and not roles.s_trainable:
-        frozen.append(tensors["btt_s"].detach())
+        frozen.append((tensors["btt_s"].detach(), tensors["btt_s"].dtype))
     return frozen
 
 
@@ -189,8 +192,8 @@ def _initial_tensors(layer: FusedBTTLinear) -> dict[str, torch.Tensor]:
 def _frozen_probe(layer: FusedBTTLinear, state: Mapping[str, torch.Tensor] | None = None) -> tuple[list[float], str]:
     """Samples of every frozen tensor, and the coarsest dtype among them."""
     frozen = _frozen_tensors(layer, state)
-    probe = [v for t in frozen for v in _core_probe(t)]
-    dtypes = [t.dtype for t in frozen] or [torch.float32]
+    probe = [v for t, _ in frozen for v in _core_probe(t)]
+    dtypes = [dtype for _, dtype in frozen] or [torch.float32]
     coarsest = max(dtypes, key=lambda d: torch.finfo(d).eps)
     return probe, str(coarsest).removeprefix("torch.")
 

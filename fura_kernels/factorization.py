@@ -268,6 +268,13 @@ FINGERPRINT_SAMPLES = 4096
 DEGENERATE_GAP = 1e-6
 
 
+def _fingerprint_sample(weight: torch.Tensor) -> torch.Tensor:
+    """The FINGERPRINT_SAMPLES strided entries of a weight that a fingerprint hashes, on the CPU."""
+    flat = weight.detach().reshape(-1)
+    step = max(1, flat.numel() // FINGERPRINT_SAMPLES)
+    return flat[::step][:FINGERPRINT_SAMPLES].contiguous().cpu()
+
+
 def weight_fingerprint(weight: torch.Tensor) -> str:
     """sha256 of a weight's shape and a strided sample of its values rounded to bfloat16.
 
@@ -275,9 +282,7 @@ def weight_fingerprint(weight: torch.Tensor) -> str:
     fp64 or bf16 (lossless casts, or the one rounding to bf16) gives one fingerprint, and any
     other checkpoint, a fine-tuned one included, changes the rounding of most sampled entries.
     Device-independent (round-to-nearest-even everywhere)."""
-    flat = weight.detach().reshape(-1)
-    step = max(1, flat.numel() // FINGERPRINT_SAMPLES)
-    sample = flat[::step][:FINGERPRINT_SAMPLES].to(torch.bfloat16).contiguous().cpu()
+    sample = _fingerprint_sample(weight).to(torch.bfloat16)
     digest = hashlib.sha256(f"{tuple(weight.shape)}|bf16-values|".encode())
     digest.update(sample.view(torch.uint8).numpy().tobytes())
     return digest.hexdigest()
@@ -285,11 +290,8 @@ def weight_fingerprint(weight: torch.Tensor) -> str:
 
 def legacy_weight_fingerprint(weight: torch.Tensor) -> str:
     """The fingerprint of adapter format 2: shape, dtype and raw bits (so dtype-sensitive)."""
-    flat = weight.detach().reshape(-1)
-    step = max(1, flat.numel() // FINGERPRINT_SAMPLES)
-    sample = flat[::step][:FINGERPRINT_SAMPLES].contiguous().cpu()
     digest = hashlib.sha256(f"{tuple(weight.shape)}|{weight.dtype}|".encode())
-    digest.update(sample.view(torch.uint8).numpy().tobytes())
+    digest.update(_fingerprint_sample(weight).view(torch.uint8).numpy().tobytes())
     return digest.hexdigest()
 
 
