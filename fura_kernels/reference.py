@@ -65,3 +65,19 @@ def forward(
     y = torch.einsum("...ijk,ijk,ijkc->...ic", z, s, btt_l.reshape(m, n, r, a))
     y = y.reshape(*x.shape[:-1], m * a)
     return y if bias is None else y + bias
+
+
+def transform_blocks(btt_r: torch.Tensor, btt_s: torch.Tensor, v0: torch.Tensor, s0: torch.Tensor) -> torch.Tensor:
+    """The transform form's per-block input maps (FURA_SPEC.md §11), `M_j = T_j^T` (n, b, b):
+
+        M_j = R_j · diag(S_j / S0_j) · V0_j          btt_r (n, b, r), btt_s and s0 (n, r), v0 (n, r, b)
+
+    so that `x · W'^T = base(x')` with `x'_j = x_j · M_j` and `W'[:, j] = W[:, j] · M_j^T`."""
+    return (btt_r * (btt_s / s0).unsqueeze(1)) @ v0
+
+
+def transform_forward(x: torch.Tensor, maps: torch.Tensor) -> torch.Tensor:
+    """`x'_j = x_j · M_j` for every input block `j`; `x` (..., n*b), `maps` (n, b, b)."""
+    n, b, _ = maps.shape
+    xb = x.reshape(*x.shape[:-1], n, b)
+    return torch.einsum("...jd,jde->...je", xb, maps).reshape(x.shape)

@@ -83,25 +83,53 @@ def run_main(recipe: str, train: Callable[[Any], dict], args: Any) -> dict:
         raise SystemExit(str(err)) from None
 
 
+PEFT_FORM_HELP = (
+    "FuRA as a PEFT method in the transform form (fura_kernels.peft: get_peft_model with FuRAPeftConfig; the base "
+    "weights stay as they are, the adapter is PEFT's own files). With --method qfura the base is quantised to "
+    "bitsandbytes NF4 first: FuRA on a QLoRA base"
+)
+
+
+def fura_peft_model(model, target_modules, quantize_base: bool, progress: bool = True, **config_fields: Any):
+    """`get_peft_model(model, FuRAPeftConfig(...))` on the targets, after quantising them to
+    bitsandbytes NF4 when `quantize_base` (QLoRA's base); prints the trainable parameters."""
+    from peft import get_peft_model
+
+    from ..peft import FuRAPeftConfig
+    from .baselines import quantize_linears_bnb
+
+    if quantize_base:
+        quantize_linears_bnb(model, list(target_modules))
+    config = FuRAPeftConfig(target_modules=list(target_modules), progress_bar=progress, **config_fields)
+    model = get_peft_model(model, config)
+    model.print_trainable_parameters()
+    return model
+
+
+def is_peft_model(model) -> bool:
+    """A PEFT model (LoRA, QLoRA, or FuRA in the PEFT form): PEFT saves and merges it."""
+    return hasattr(model, "peft_config") and callable(getattr(model, "merge_and_unload", None))
+
+
 def save_outputs(model, processor, method: str, output_dir: str | Path, merge: bool,
                  adapter_extra: Callable[[Path], object] | None = None) -> dict[str, str]:  # fmt: skip
     """Save `model` (unwrapped, on the main process) as its method calls for; returns the paths.
 
     - FuRA / QFuRA: the adapter (`save_fura_adapter`), then `adapter_extra(adapter_dir)` (say, a
       VLM's projector); with `merge`, the merged model as the base architecture saves it;
-    - LoRA / QLoRA: PEFT's adapter; with `merge`, PEFT's merged model;
+    - LoRA / QLoRA and FuRA in the PEFT form: PEFT's adapter; with `merge`, PEFT's merged model;
     - full fine-tuning: the model.
 
     The processor (tokenizer) is saved beside every full model (merged or fine-tuned)."""
     out = Path(output_dir)
     paths: dict[str, str] = {}
-    if method in ("fura", "qfura"):
+    if method in ("fura", "qfura") and not is_peft_model(model):
         paths["adapter"] = str(save_fura_adapter(model, out / "adapter"))
         if adapter_extra is not None:
             adapter_extra(out / "adapter")
         if merge:
             paths["merged"] = str(save_merged(model, out / "merged"))
-    elif method in ("lora", "qlora"):
+    elif method in ("lora", "qlora", "fura", "qfura"):
         model.save_pretrained(out / "adapter")
         paths["adapter"] = str(out / "adapter")
         if merge:

@@ -33,7 +33,16 @@ from ..config import FuRAConfig
 from ..model import convert_to_fura
 from ..optional import check_installed
 from .baselines import quantize_linears_bnb
-from .common import RecipeInputError, check_paths, read_json, run_main, save_outputs, write_metrics
+from .common import (
+    PEFT_FORM_HELP,
+    RecipeInputError,
+    check_paths,
+    fura_peft_model,
+    read_json,
+    run_main,
+    save_outputs,
+    write_metrics,
+)
 from .sft import DEFAULT_TARGETS
 
 METHODS = ("fura", "qfura", "lora", "qlora", "full")
@@ -94,6 +103,8 @@ def boxed_answer_reward(completions: list, answer: list[str], **_) -> list[float
 
 def prepare_model(model, args):
     """Apply the method and return the model to train (a PEFT model for LoRA and QLoRA)."""
+    if args.method in ("fura", "qfura") and args.peft_form:
+        return fura_peft_model(model, args.target_modules, args.method == "qfura", args.progress, task_type="CAUSAL_LM")
     if args.method in ("fura", "qfura"):
         quantize = "nf4" if args.method == "qfura" else None
         report = convert_to_fura(model, args.target_modules, FuRAConfig(), quantize=quantize, progress=args.progress)
@@ -182,13 +193,14 @@ def train(args) -> dict:
     dataset = Dataset.from_list(problems)
     trainer = GRPOTrainer(model=model, reward_funcs=boxed_answer_reward, args=grpo_config(args),
                           train_dataset=dataset, processing_class=tokenizer)  # fmt: skip
-    if args.method in ("fura", "qfura"):
+    if args.method in ("fura", "qfura") and not args.peft_form:  # a PEFT model: TRL merges, pushes, unmerges
         use_merged_weight_sync(trainer)
     start = time.perf_counter()
     trainer.train()
     rewards = [{"step": e["step"], "reward": e["reward"]} for e in trainer.state.log_history if "reward" in e]
     metrics = {
         "method": args.method,
+        "peft_form": args.peft_form,
         "loss": args.loss,
         "reward": rewards,
         "train_seconds": time.perf_counter() - start,
@@ -226,6 +238,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--output-dir", required=True)
     p.add_argument("--data", default=str(shipped_math_path()), help="JSON/JSONL with problem and answer")
     p.add_argument("--method", choices=METHODS, default="fura")
+    p.add_argument("--peft-form", action="store_true", help=PEFT_FORM_HELP)
     p.add_argument("--target-modules", nargs="+", default=DEFAULT_TARGETS)
     p.add_argument("--max-steps", type=int, default=50)
     p.add_argument("--prompts-per-step", type=int, default=32)
@@ -257,9 +270,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
     check_installed(("trl", "math_verify", "datasets", "peft"), "rl", "python -m fura_kernels.recipes.grpo")
-    if args.method == "qlora" and args.merge:
+    if args.peft_form and args.method not in ("fura", "qfura"):
+        raise SystemExit(f"grpo: --peft-form applies to --method fura or qfura, not {args.method!r}")
+    if (args.method == "qlora" or (args.method == "qfura" and args.peft_form)) and args.merge:
         raise SystemExit(
-            "grpo: --merge with --method qlora is not supported (PEFT cannot merge into a 4-bit base on every "
+            f"grpo: --merge with --method {args.method}{' --peft-form' if args.peft_form else ''} is not supported "
+            "(PEFT cannot merge into a 4-bit base on every "
             "device); save the adapter and merge it onto the bf16 base with PEFT"
         )
     return run_main("grpo", train, args)

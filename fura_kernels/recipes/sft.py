@@ -28,6 +28,8 @@ from ..model import convert_to_fura
 from ..optional import check_installed
 from .baselines import quantize_linears_bnb
 from .common import (
+    PEFT_FORM_HELP,
+    fura_peft_model,
     RecipeInputError,
     check_paths,
     check_string_fields,
@@ -116,6 +118,8 @@ def collate(batch: list[dict], pad_id: int) -> dict:
 
 def prepare_model(model, args) -> torch.nn.Module:
     """Apply the fine-tuning method; returns the model to train."""
+    if args.method in ("fura", "qfura") and args.peft_form:
+        return fura_peft_model(model, args.target_modules, args.method == "qfura", args.progress, task_type="CAUSAL_LM")
     if args.method in ("fura", "qfura"):
         report = convert_to_fura(
             model,
@@ -269,6 +273,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--output-dir", required=True)
     p.add_argument("--data", default=str(shipped_data_path()), help="LLM-Adapters-format JSON (default: shipped set)")
     p.add_argument("--method", choices=METHODS, default="fura")
+    p.add_argument("--peft-form", action="store_true", help=PEFT_FORM_HELP)
     p.add_argument("--target-modules", nargs="+", default=DEFAULT_TARGETS)
     p.add_argument("--epochs", type=int, default=3)
     p.add_argument("--max-steps", type=int, default=0, help="stop after this many optimizer steps (0: epochs)")
@@ -302,11 +307,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
-    check_installed(("accelerate", "peft") if args.method in ("lora", "qlora") else ("accelerate",), "sft",
+    peft_needed = args.method in ("lora", "qlora") or args.peft_form
+    check_installed(("accelerate", "peft") if peft_needed else ("accelerate",), "sft",
                     "python -m fura_kernels.recipes.sft")  # fmt: skip
-    if args.method == "qlora" and args.merge:
+    if args.peft_form and args.method not in ("fura", "qfura"):
+        raise SystemExit(f"sft: --peft-form applies to --method fura or qfura, not {args.method!r}")
+    if (args.method == "qlora" or (args.method == "qfura" and args.peft_form)) and args.merge:
         raise SystemExit(
-            "sft: --merge with --method qlora is not supported: PEFT cannot merge LoRA into a 4-bit base on every "
+            f"sft: --merge with --method {args.method}{' --peft-form' if args.peft_form else ''} is not supported: PEFT cannot merge LoRA into a 4-bit base on every "
             "device. Save the adapter (the default) and merge it onto the bf16 base with PEFT instead."
         )
     return run_main("sft", train, args)

@@ -29,7 +29,16 @@ from ..adapters import load_fura_adapter
 from ..config import FuRAConfig
 from ..model import convert_to_fura
 from ..optional import check_installed
-from .common import RecipeInputError, check_paths, read_json, run_main, save_outputs, write_metrics
+from .common import (
+    PEFT_FORM_HELP,
+    RecipeInputError,
+    check_paths,
+    fura_peft_model,
+    read_json,
+    run_main,
+    save_outputs,
+    write_metrics,
+)
 
 METHODS = ("fura", "qfura", "lora", "full")
 # The seven projections of the language model, never the vision tower's or the projector's linears.
@@ -42,9 +51,12 @@ def _projector(model):
     return model.get_submodule("model.multi_modal_projector")
 
 
-def prepare_model(model, method: str, progress: bool = True):
+def prepare_model(model, method: str, progress: bool = True, peft_form: bool = False):
     """Apply the method and set which parts train: the language model's adapter (or weights), the
     projector; never the vision tower."""
+    if method in ("fura", "qfura") and peft_form:  # the track's settings: no head factorisation, biases frozen
+        return fura_peft_model(model, LANGUAGE_TARGETS, method == "qfura", progress, factorize_by_head=False,
+                               train_bias=False, modules_to_save=["multi_modal_projector"])  # fmt: skip
     if method in ("fura", "qfura"):
         config = FuRAConfig(factorize_by_head=False, train_bias=False)
         print(convert_to_fura(model, LANGUAGE_TARGETS, config, quantize="nf4" if method == "qfura" else None,
@@ -168,7 +180,7 @@ def train(args) -> dict:
     processor.tokenizer.padding_side = "right"
     dtype = getattr(torch, args.dtype) if args.dtype != "auto" else "auto"
     model = prepare_model(LlavaForConditionalGeneration.from_pretrained(args.model, dtype=dtype), args.method,
-                          args.progress)  # fmt: skip
+                          args.progress, args.peft_form)  # fmt: skip
     targs = TrainingArguments(
         output_dir=str(out / "trainer"), num_train_epochs=args.epochs, max_steps=args.max_steps or -1,
         per_device_train_batch_size=args.batch_size, gradient_accumulation_steps=args.grad_accum,
@@ -200,6 +212,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--data", help="LLaVA conversation JSON (default: a synthetic shapes set, drawn on the fly)")
     p.add_argument("--image-folder", help="where the records' images are (default: the JSON's folder)")
     p.add_argument("--method", choices=METHODS, default="fura")
+    p.add_argument("--peft-form", action="store_true", help=PEFT_FORM_HELP)
     p.add_argument("--epochs", type=float, default=1.0)
     p.add_argument("--max-steps", type=int, default=0, help="stop after this many optimizer steps (0: epochs)")
     p.add_argument("--batch-size", type=int, default=4)
@@ -221,6 +234,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
     check_installed(("accelerate", "peft", "PIL"), "vlm", "python -m fura_kernels.recipes.vlm")
+    if args.peft_form and args.method not in ("fura", "qfura"):
+        raise SystemExit(f"vlm: --peft-form applies to --method fura or qfura, not {args.method!r}")
+    if args.method == "qfura" and args.peft_form and args.merge:
+        raise SystemExit("vlm: --merge with --method qfura --peft-form is not supported (a 4-bit base would be "
+                         "quantised again); save the adapter and merge it onto the bf16 base with PEFT")  # fmt: skip
     return run_main("vlm", train, args)
 
 

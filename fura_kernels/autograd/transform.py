@@ -1,0 +1,62 @@
+"""The transform form's input map as a `torch.autograd.Function`: `x'_j = x_j · M_j` per block.
+
+In the transform form (FURA_SPEC.md §11) a FuRA layer leaves its base layer untouched and
+feeds it a block-wise transformed input, `y = base(x')`. This Function is that transform: K1
+forward, K3 backward (`dx` and the block gradient `dM` in one launch, reduced over T in a fixed
+order in fp32). The small maps `M_j = R_j · diag(S_j / S0_j) · V0_j` are built by the caller
+with ordinary tensor ops, so autograd carries `dM` on to `dR` and `dS` (b x b batched products,
+nothing activation- or weight-sized).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .. import reference
+from .common import check_input, no_autocast, stage, stage_backward
+
+
+class BlockTransformFunction(torch.autograd.Function):
+    """`x' = x · blockdiag(M)`: `x` (T, n*b) in the compute dtype, `maps` (n, b, b) in any float
+    dtype (fp32 trainables need no cast; the kernels read them as they are).
+
+    Forward:   x'_j = x_j · M_j                        (K1; one dense GEMM when n = 1)
+    Backward:  dx_j = dx'_j · M_j^T                    (K3)
+               dM_j = x_j^T · dx'_j                    (K3, reduced over T in fp32, in M's dtype)
+
+    Saved for backward: `x` only when `maps` needs a gradient, and `maps` itself (a reference).
+    A backward with `create_graph=True` differentiates the einsum reference instead.
+    """
+
+    @staticmethod
+    def forward(ctx, x, maps):
+        n, b, _ = maps.shape
+        tokens = x.shape[0]
+        with no_autocast(x.device.type):
+            out = stage(x.reshape(tokens, n, b), maps).reshape(tokens, n * b)
+        ctx.save_for_backward(x if ctx.needs_input_grad[1] else None, maps)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        x, maps = ctx.saved_tensors
+        needs_x, needs_maps = ctx.needs_input_grad[:2]
+        n, b, _ = maps.shape
+        tokens = grad_out.shape[0]
+        if torch.is_grad_enabled():  # create_graph=True: the same products, differentiable
+            g3 = grad_out.reshape(tokens, n, b)
+            dx = reference.transform_forward(grad_out, maps.transpose(1, 2).to(grad_out.dtype)) if needs_x else None
+            d_maps = torch.einsum("tjd,tje->jde", x.reshape(tokens, n, b).to(maps.dtype), g3.to(maps.dtype)) if needs_maps else None
+            return dx, d_maps
+        x3 = x.reshape(tokens, n, b) if x is not None else None
+        with no_autocast(grad_out.device.type):
+            dx, d_maps, _ = stage_backward(grad_out.reshape(tokens, n, b), x3, maps, None, needs_x, needs_maps, False)
+        return (dx.reshape(tokens, n * b) if dx is not None else None), d_maps
+
+
+def block_transform(x: torch.Tensor, maps: torch.Tensor) -> torch.Tensor:
+    """Apply `BlockTransformFunction` to `x` of shape (..., n*b); computes in `x.dtype`."""
+    check_input(x, "block_transform")
+    lead = x.shape[:-1]
+    out = BlockTransformFunction.apply(x.reshape(-1, x.shape[-1]), maps)
+    return out.reshape(*lead, out.shape[-1])

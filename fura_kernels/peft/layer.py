@@ -1,0 +1,355 @@
+"""The FuRA tuner layer in the transform form: a wrapper that never changes its base layer.
+
+For the default layout (FURA_SPEC.md §11), each input block `j` of the base weight `W`
+(out x in, cut into `n` blocks of `b` columns) has the thin SVD `W[:, j] = U_j · diag(S0_j) · V0_j`.
+The trained FuRA weight `U_j · diag(S_j) · R_j` is then `W[:, j] · T_j` with
+`T_j = V0_j^T · diag(S_j / S0_j) · R_j`, so
+
+    y = base(x'),      x'_j = x_j · M_j,      M_j = T_j^T = R_j^T · diag(S_j / S0_j) · V0_j
+
+(`R` is stored as FusedBTTLinear's `btt_r`, (n, b, r), i.e. `R_j^T`). The base layer runs its own
+forward and backward on `x'` whatever it is: `nn.Linear`, bitsandbytes 4-bit or 8-bit, or
+transformers' `Conv1D`. Per adapter the layer holds:
+
+- `fura_R[name]` (n, b, r) and `fura_S[name]` (n, r): trained, fp32;
+- `fura_bias[name]` (out,): a trained bias update, fp32, when the base has a bias and
+  `train_bias` is on (the base bias stays as it is);
+- `fura_V0[name]` (n, r, b), `fura_S0[name]` (n, r): the frozen SVD of the base's blocks, fp32;
+- `fura_fingerprint[name]`: the sha256 of the base weight's values, so that an adapter is
+  never loaded onto another base.
+
+Nothing weight-sized is added: `R`, `S`, `V0` and `S0` together hold about `2 * in * b` values.
+"""
+
+from __future__ import annotations
+
+import warnings
+from typing import Any
+
+import torch
+from peft.tuners._buffer_dict import BufferDict
+from peft.tuners.tuners_utils import BaseTunerLayer, _get_in_out_features, check_adapters_to_merge
+from peft.utils import resolve_quantization_backend
+from torch import nn
+
+from .. import reference
+from ..autograd import block_transform
+from ..factorization import (
+    DEGENERATE_GAP,
+    BlockShape,
+    block_svd,
+    resolve_block_shape,
+    resolve_roles,
+    weight_fingerprint,
+)
+from .config import FuRAPeftConfig
+
+
+def _is_conv1d(module: nn.Module) -> bool:
+    """transformers' Conv1D (GPT-2) stores its weight as (in, out)."""
+    return type(module).__name__ == "Conv1D" and hasattr(module, "nf")
+
+
+def supports_base_layer(module: nn.Module) -> bool:
+    """Whether FuRA's transform form can wrap this layer: `nn.Linear` and its bitsandbytes
+    subclasses (`Linear4bit`, `Linear8bitLt`), and transformers' `Conv1D`."""
+    return isinstance(module, nn.Linear) or _is_conv1d(module)
+
+
+def _fingerprint_bytes(hexdigest: str) -> torch.Tensor:
+    return torch.tensor(list(bytes.fromhex(hexdigest)), dtype=torch.uint8)
+
+
+def fingerprint_hex(digest: torch.Tensor) -> str | None:
+    """The hex sha256 a `fura_fingerprint` buffer holds, or None for an unset (all-zero) one."""
+    if digest.device.type == "meta" or not bool(digest.any()):
+        return None
+    return bytes(digest.cpu().tolist()).hex()
+
+
+class FuRALayer(nn.Module, BaseTunerLayer):
+    """A base layer with FuRA adapters in the transform form (see the module docstring)."""
+
+    adapter_layer_names = ("fura_R", "fura_S", "fura_bias")
+    other_param_names = ("fura_V0", "fura_S0", "fura_fingerprint")
+
+    def __init__(
+        self,
+        base_layer: nn.Module,
+        adapter_name: str,
+        config: FuRAPeftConfig,
+        *,
+        module_name: str | None = None,
+        model_config: Any = None,
+    ) -> None:
+        super().__init__()
+        if not supports_base_layer(base_layer):
+            raise TypeError(
+                f"FuRA layer {module_name!r}: {type(base_layer).__name__} is not supported; the transform form wraps "
+                "nn.Linear, bitsandbytes Linear4bit/Linear8bitLt and transformers' Conv1D"
+            )
+        self.base_layer = base_layer
+        self.quantization_backend = resolve_quantization_backend(base_layer)
+        self.fan_in_fan_out = _is_conv1d(base_layer)
+        in_features, out_features = _get_in_out_features(base_layer)
+        self.in_features, self.out_features = int(in_features), int(out_features)
+        self.module_name = module_name
+        self.model_config = model_config
+        self.fura_R = nn.ParameterDict({})
+        self.fura_S = nn.ParameterDict({})
+        self.fura_bias = nn.ParameterDict({})
+        self.fura_V0 = BufferDict({}, persistent=True)
+        self.fura_S0 = BufferDict({}, persistent=True)
+        self.fura_fingerprint = BufferDict({}, persistent=True)
+        self.block_shapes: dict[str, BlockShape] = {}
+        # Adapters built from a saved config, whose tensors a state dict has not filled yet.
+        self.awaiting_saved_tensors: set[str] = set()
+        self._disable_adapters = False
+        self.merged_adapters: list[str] = []
+        self._register_load_state_dict_pre_hook(_note_loaded_adapters, with_module=True)
+        self.update_layer(adapter_name, config)
+
+    @property
+    def _where(self) -> str:
+        return f"FuRA layer {self.module_name!r}" if self.module_name else "FuRA layer"
+
+    # ----------------------------------------------------------------------------------------
+    # the base weight, whatever stores it
+
+    def base_weight_out_in(self) -> torch.Tensor:
+        """The base weight as (out, in) values (dequantised for bitsandbytes layers), no copy for
+        a plain layer."""
+        weight = self.get_base_weight()
+        return weight.t() if self.fan_in_fan_out else weight
+
+    def _set_base_weight_out_in(self, weight: torch.Tensor) -> None:
+        base = self.get_base_layer()
+        if self.fan_in_fan_out:
+            weight = weight.t()
+        if self.quantization_backend is not None:
+            self.quantization_backend.set_base_weight(self, weight.to(self.get_base_weight().dtype).contiguous())
+        else:
+            base.weight.data = weight.to(base.weight.dtype).contiguous()
+
+    def base_fingerprint(self) -> str:
+        """sha256 of the base weight's values (bf16-rounded sample; see `weight_fingerprint`)."""
+        return weight_fingerprint(self.base_weight_out_in())
+
+    def _device(self) -> torch.device:
+        base = self.get_base_layer()
+        weight = getattr(base, "weight", None)
+        return weight.device if weight is not None else torch.device("cpu")
+
+    # ----------------------------------------------------------------------------------------
+    # adapters
+
+    def update_layer(self, adapter_name: str, config: FuRAPeftConfig, **_: Any) -> None:
+        """Add adapter `adapter_name`: the per-block SVD of the base weight (on its device, in
+        `config.svd_dtype`), or empty tensors waiting for a saved adapter's state dict."""
+        fura_config = config.fura_config()
+        shape = resolve_block_shape(
+            self.in_features, self.out_features, fura_config, self.module_name, self.model_config
+        )
+        roles = resolve_roles(shape, fura_config)
+        if roles.train_l:
+            raise ValueError(
+                f"{self._where}: train_position={config.train_position!r} trains the L core here (out_features="
+                f"{self.out_features} <= b={shape.b}, so L is not the larger core), and the transform form never "
+                "stores L; exclude this layer (exclude_modules) or give it more input blocks with input_factorization"
+            )
+        n, b, r = shape.n, shape.b, shape.r
+        device = self._device()
+        awaiting = getattr(config, "_awaiting_saved_tensors", False) or device.type == "meta"
+        if awaiting:
+            r_core = torch.zeros(n, b, r, device=device)
+            s0 = torch.ones(n, r, device=device)
+            v0 = torch.zeros(n, r, b, device=device)
+            fingerprint = torch.zeros(32, dtype=torch.uint8, device=device)
+        else:
+            v0, s0 = self._decompose(shape, fura_config.svd_dtype)
+            r_core = v0.transpose(1, 2).contiguous()
+            fingerprint = _fingerprint_bytes(self.base_fingerprint()).to(device)
+        self.block_shapes[adapter_name] = shape
+        self.fura_R[adapter_name] = nn.Parameter(r_core.float())
+        self.fura_S[adapter_name] = nn.Parameter(s0.float().clone())
+        self.fura_V0[adapter_name] = v0.float()
+        self.fura_S0[adapter_name] = s0.float()
+        self.fura_fingerprint[adapter_name] = fingerprint
+        if self.get_base_layer().bias is not None and config.train_bias:
+            self.fura_bias[adapter_name] = nn.Parameter(torch.zeros(self.out_features, device=device))
+        if awaiting and device.type != "meta":
+            self.awaiting_saved_tensors.add(adapter_name)
+        self.set_adapter(self.active_adapters, inference_mode=config.inference_mode)
+
+    @torch.no_grad()
+    def _decompose(self, shape: BlockShape, svd_dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """`(V0, S0)` of every input block of the base weight, sign-canonical; refuses a block
+        with a (numerically) zero singular value, which the transform form would divide by."""
+        weight = self.base_weight_out_in()
+        if not weight.dtype.is_floating_point:
+            raise TypeError(f"{self._where}: base weight dtype {weight.dtype} is not floating point")
+        if not torch.isfinite(weight).all():
+            raise ValueError(f"{self._where}: the base weight holds NaN or inf values; cannot decompose it")
+        _, s, vh = block_svd(weight, shape, svd_dtype)
+        s0, v0 = s[0], vh[0]  # (n, r), (n, r, b): one block row in this layout
+        ratio = s0[:, -1] / s0[:, 0].clamp(min=torch.finfo(s0.dtype).tiny)
+        worst = int(ratio.argmin())
+        if float(ratio[worst]) < DEGENERATE_GAP:
+            raise ValueError(
+                f"{self._where}: input block {worst} has a (numerically) zero singular value "
+                f"(smallest/largest = {float(ratio[worst]):.3e} < {DEGENERATE_GAP:g}); the transform form divides by "
+                "it (T = V0^T diag(S/S0) R), so its directions cannot be trained here. Exclude this layer "
+                "(exclude_modules), lower the rank, or use fura_kernels.convert_to_fura"
+            )
+        return v0, s0
+
+    def _active_adapter_here(self) -> str | None:
+        """The one active adapter this layer holds, or None. Two FuRA adapters active at once
+        are refused: each replaces the layer's function, so there is no sum to take."""
+        active = [name for name in self.active_adapters if name in self.fura_R]
+        if len(active) > 1:
+            raise ValueError(
+                f"{self._where}: adapters {active} are active together; a FuRA adapter transforms the layer's input, "
+                "so only one can be active at a time (set_adapter(name))"
+            )
+        return active[0] if active else None
+
+    def _check_loaded(self, adapter_name: str) -> None:
+        if adapter_name in self.awaiting_saved_tensors:
+            raise RuntimeError(
+                f"{self._where}: adapter {adapter_name!r} was built from a saved adapter config, but no saved tensors "
+                "were loaded into it; load it with PeftModel.from_pretrained / load_adapter, or create a new "
+                "adapter with get_peft_model(model, FuRAPeftConfig(...))"
+            )
+
+    def transform_maps(self, adapter_name: str) -> torch.Tensor:
+        """`M_j = R_j^T · diag(S_j / S0_j) · V0_j` (n, b, b) in fp32, differentiable in R and S."""
+        return reference.transform_blocks(
+            self.fura_R[adapter_name], self.fura_S[adapter_name], self.fura_V0[adapter_name], self.fura_S0[adapter_name]
+        )
+
+    def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        if self.disable_adapters:
+            if self.merged:
+                self.unmerge()
+            return self.base_layer(x, *args, **kwargs)
+        if self.merged:
+            return self.base_layer(x, *args, **kwargs)
+        adapter = self._active_adapter_here()
+        if adapter is None:
+            return self.base_layer(x, *args, **kwargs)
+        self._check_loaded(adapter)
+        if x.shape[-1] != self.in_features:
+            raise ValueError(
+                f"{self._where}: input of shape {tuple(x.shape)}; expected last dimension {self.in_features}"
+            )
+        device_type = x.device.type
+        # The transform computes in the dtype the base layer's GEMM will see: autocast's inside a
+        # region, else the input's. The fp32 maps are read as they are (no cast of their own).
+        if device_type != "meta" and torch.is_autocast_enabled(device_type):
+            x = x.to(torch.get_autocast_dtype(device_type))
+        x_transformed = block_transform(x, self.transform_maps(adapter))
+        out = self.base_layer(x_transformed, *args, **kwargs)
+        if adapter in self.fura_bias:
+            out = out + self.fura_bias[adapter].to(out.dtype)
+        return out
+
+    # ----------------------------------------------------------------------------------------
+    # merge / unmerge
+
+    @torch.no_grad()
+    def _transformed_weight(self, weight: torch.Tensor, maps: torch.Tensor) -> torch.Tensor:
+        """`W[:, j] · M_j^T` for every block: (out, in) fp32 -> (out, in) fp32."""
+        n, b, _ = maps.shape
+        w3 = weight.float().reshape(self.out_features, n, b)
+        return torch.einsum("ojd,jkd->ojk", w3, maps.float()).reshape(self.out_features, n * b)
+
+    def merge(self, safe_merge: bool = False, adapter_names: list[str] | None = None) -> None:
+        """`W <- W · blockdiag(T)` (and the bias update into the bias), at fp32; a quantised base is
+        dequantised, merged and quantised again."""
+        adapter_names = check_adapters_to_merge(self, adapter_names)
+        adapter_names = [name for name in adapter_names if name in self.fura_R]
+        if not adapter_names:
+            return
+        if len(adapter_names) + len(self.merged_adapters) > 1:
+            raise ValueError(
+                f"{self._where}: merging {adapter_names} (merged already: {self.merged_adapters}); a FuRA adapter "
+                "transforms the layer's input, so only one can be merged at a time"
+            )
+        name = adapter_names[0]
+        self._check_loaded(name)
+        if self.quantization_backend is not None:
+            warnings.warn(
+                f"{self._where}: merging into a {self.quantization_backend.backend_name} base quantises the merged "
+                "weight again; the merged model differs from the adapter's by that rounding",
+                stacklevel=2,
+            )
+        with torch.no_grad():
+            merged = self._transformed_weight(self.base_weight_out_in(), self.transform_maps(name))
+            if safe_merge and not torch.isfinite(merged).all():
+                raise ValueError(f"{self._where}: NaNs or infs in the merged weight of adapter {name!r}; not merged")
+            self._set_base_weight_out_in(merged)
+            if name in self.fura_bias:
+                bias = self.get_base_layer().bias
+                bias.data = (bias.float() + self.fura_bias[name].float()).to(bias.dtype)
+        self.merged_adapters.append(name)
+
+    def unmerge(self) -> None:
+        """Undo `merge`: `W <- W' · blockdiag(T)^+` (exact to rounding when every block keeps its full
+        rank; a truncated rank dropped part of W at merge, so it cannot be unmerged)."""
+        if not self.merged:
+            warnings.warn("Already unmerged. Nothing to do.", stacklevel=2)
+            return
+        name = self.merged_adapters[-1]
+        shape = self.block_shapes[name]
+        if shape.r < min(self.out_features, shape.b):
+            raise ValueError(
+                f"{self._where}: adapter {name!r} has rank {shape.r} < min(out, b) = {min(self.out_features, shape.b)}: "
+                "merging it dropped the rest of each block, so it cannot be unmerged"
+            )
+        with torch.no_grad():
+            maps = self.transform_maps(name).double()
+            merged = self.base_weight_out_in()
+            restored = self._transformed_weight(merged.double(), torch.linalg.pinv(maps).transpose(1, 2))
+            self._set_base_weight_out_in(restored)
+            if name in self.fura_bias:
+                bias = self.get_base_layer().bias
+                bias.data = (bias.float() - self.fura_bias[name].float()).to(bias.dtype)
+        self.merged_adapters.pop()
+
+    def get_delta_weight(self, adapter_name: str) -> torch.Tensor:
+        """`W · blockdiag(T) - W` in the base layer's weight orientation, fp32 (what merging adds)."""
+        with torch.no_grad():
+            weight = self.base_weight_out_in().float()
+            delta = self._transformed_weight(weight, self.transform_maps(adapter_name)) - weight
+        return delta.t() if self.fan_in_fan_out else delta
+
+    def _move_adapter_to_device_of_base_layer(self, adapter_name: str, device: torch.device | None = None) -> None:
+        """Move (never cast) an adapter to the base layer's device: R and S train in fp32 whatever
+        the base's dtype."""
+        target = device if device is not None else self._device()
+        for attr in self.adapter_layer_names + self.other_param_names:
+            container = getattr(self, attr)
+            if adapter_name not in container or container[adapter_name].device.type == "meta":
+                continue
+            tensor = container[adapter_name]
+            if isinstance(tensor, nn.Parameter):
+                container[adapter_name] = nn.Parameter(tensor.detach().to(target), requires_grad=tensor.requires_grad)
+            else:
+                container[adapter_name] = tensor.to(target)
+
+    def delete_adapter(self, adapter_name: str) -> None:
+        super().delete_adapter(adapter_name)
+        self.block_shapes.pop(adapter_name, None)
+        self.awaiting_saved_tensors.discard(adapter_name)
+
+    def __repr__(self) -> str:
+        return "fura." + super().__repr__()
+
+
+def _note_loaded_adapters(layer: FuRALayer, state_dict, prefix: str, *args: Any) -> None:
+    """A load of this layer's state marks the adapters whose tensors it carries as filled."""
+    for name in list(layer.awaiting_saved_tensors):
+        if all(f"{prefix}{attr}.{name}" in state_dict for attr in ("fura_R", "fura_S", "fura_V0", "fura_S0")):
+            layer.awaiting_saved_tensors.discard(name)
+
