@@ -46,7 +46,9 @@ class BlockTransformFunction(torch.autograd.Function):
         if torch.is_grad_enabled():  # create_graph=True: the same products, differentiable
             g3 = grad_out.reshape(tokens, n, b)
             dx = reference.transform_forward(grad_out, maps.transpose(1, 2).to(grad_out.dtype)) if needs_x else None
-            d_maps = torch.einsum("tjd,tje->jde", x.reshape(tokens, n, b).to(maps.dtype), g3.to(maps.dtype)) if needs_maps else None
+            d_maps = None
+            if needs_maps:
+                d_maps = torch.einsum("tjd,tje->jde", x.reshape(tokens, n, b).to(maps.dtype), g3.to(maps.dtype))
             return dx, d_maps
         x3 = x.reshape(tokens, n, b) if x is not None else None
         with no_autocast(grad_out.device.type):

@@ -80,7 +80,7 @@ class FuRAPeftConfig(PeftConfig):
     )
     svd_dtype: str = field(
         default="float32",
-        metadata={"help": "Precision of the per-block SVD at init: 'float32' or 'float64', whatever the weight's dtype."},
+        metadata={"help": "Precision of the per-block SVD at init: 'float32' or 'float64', whatever the weight dtype."},
     )
     train_bias: bool = field(
         default=True,

@@ -259,10 +259,11 @@ class FuRALayer(nn.Module, BaseTunerLayer):
 
     @torch.no_grad()
     def _transformed_weight(self, weight: torch.Tensor, maps: torch.Tensor) -> torch.Tensor:
-        """`W[:, j] · M_j^T` for every block: (out, in) fp32 -> (out, in) fp32."""
+        """`W[:, j] · M_j^T` for every block: (out, in) -> (out, in), in at least fp32."""
         n, b, _ = maps.shape
-        w3 = weight.float().reshape(self.out_features, n, b)
-        return torch.einsum("ojd,jkd->ojk", w3, maps.float()).reshape(self.out_features, n * b)
+        dtype = torch.promote_types(torch.promote_types(weight.dtype, maps.dtype), torch.float32)
+        w3 = weight.to(dtype).reshape(self.out_features, n, b)
+        return torch.einsum("ojd,jkd->ojk", w3, maps.to(dtype)).reshape(self.out_features, n * b)
 
     def merge(self, safe_merge: bool = False, adapter_names: list[str] | None = None) -> None:
         """`W <- W · blockdiag(T)` (and the bias update into the bias), at fp32; a quantised base is
@@ -304,13 +305,14 @@ class FuRALayer(nn.Module, BaseTunerLayer):
         shape = self.block_shapes[name]
         if shape.r < min(self.out_features, shape.b):
             raise ValueError(
-                f"{self._where}: adapter {name!r} has rank {shape.r} < min(out, b) = {min(self.out_features, shape.b)}: "
+                f"{self._where}: adapter {name!r} has rank {shape.r} < min(out_features, b) = "
+                f"{min(self.out_features, shape.b)}: "
                 "merging it dropped the rest of each block, so it cannot be unmerged"
             )
         with torch.no_grad():
             maps = self.transform_maps(name).double()
             merged = self.base_weight_out_in()
-            restored = self._transformed_weight(merged.double(), torch.linalg.pinv(maps).transpose(1, 2))
+            restored = self._transformed_weight(merged.double(), torch.linalg.pinv(maps))
             self._set_base_weight_out_in(restored)
             if name in self.fura_bias:
                 bias = self.get_base_layer().bias
@@ -352,4 +354,3 @@ def _note_loaded_adapters(layer: FuRALayer, state_dict, prefix: str, *args: Any)
     for name in list(layer.awaiting_saved_tensors):
         if all(f"{prefix}{attr}.{name}" in state_dict for attr in ("fura_R", "fura_S", "fura_V0", "fura_S0")):
             layer.awaiting_saved_tensors.discard(name)
-

@@ -35,6 +35,9 @@ class FuRAModel(BaseTuner):
         self._progress = tqdm(desc=f"FuRA: decomposing layers for {adapter_name!r}", unit="layer", disable=not show)
         try:
             super().inject_adapter(model, adapter_name, *args, **kwargs)
+        except BaseException:
+            _roll_back_adapter(model, adapter_name, keep_config=True)  # the model as it was
+            raise
         finally:
             self._progress.close()
 
@@ -59,8 +62,9 @@ class FuRAModel(BaseTuner):
                     f"FuRA: target module {current_key!r} is a {type(target).__name__}; the transform form wraps "
                     "nn.Linear, bitsandbytes Linear4bit/Linear8bitLt and transformers' Conv1D"
                 )
+            model_config = getattr(self.model, "config", None)
             new_module = FuRALayer(
-                target, adapter_name, peft_config, module_name=current_key, model_config=getattr(self.model, "config", None)
+                target, adapter_name, peft_config, module_name=current_key, model_config=model_config
             )
             if adapter_name not in self.active_adapters:
                 new_module.requires_grad_(False)
@@ -108,14 +112,16 @@ def _base_mismatch(model: nn.Module, adapter_name: str, state: dict[str, torch.T
     return None
 
 
-def _roll_back_adapter(model: nn.Module, adapter_name: str) -> None:
+def _roll_back_adapter(model: nn.Module, adapter_name: str, keep_config: bool = False) -> None:
     """Remove a half-injected adapter: its entries in every layer, its config, and the FuRA
     wrappers left with no adapter at all (their base layers go back in place)."""
     for name, module in list(model.named_modules()):
         if not isinstance(module, FuRALayer) or adapter_name not in module.fura_R:
             continue
         for attr in module.adapter_layer_names + module.other_param_names:
-            getattr(module, attr).pop(adapter_name, None)
+            container = getattr(module, attr)
+            if adapter_name in container:
+                del container[adapter_name]
         module.block_shapes.pop(adapter_name, None)
         module.awaiting_saved_tensors.discard(adapter_name)
         if not module.fura_R:
@@ -123,5 +129,5 @@ def _roll_back_adapter(model: nn.Module, adapter_name: str) -> None:
             parent = model.get_submodule(parent_name) if parent_name else model
             setattr(parent, child, module.get_base_layer())
     peft_config = getattr(model, "peft_config", None)
-    if isinstance(peft_config, dict):
+    if isinstance(peft_config, dict) and not keep_config:
         peft_config.pop(adapter_name, None)

@@ -29,11 +29,11 @@ from ..optional import check_installed
 from .baselines import quantize_linears_bnb
 from .common import (
     PEFT_FORM_HELP,
-    fura_peft_model,
     RecipeInputError,
     check_paths,
     check_string_fields,
     enable_activation_checkpointing,
+    fura_peft_model,
     read_json,
     run_main,
     save_outputs,
@@ -314,7 +314,8 @@ def main(argv: list[str] | None = None) -> dict:
         raise SystemExit(f"sft: --peft-form applies to --method fura or qfura, not {args.method!r}")
     if (args.method == "qlora" or (args.method == "qfura" and args.peft_form)) and args.merge:
         raise SystemExit(
-            f"sft: --merge with --method {args.method}{' --peft-form' if args.peft_form else ''} is not supported: PEFT cannot merge LoRA into a 4-bit base on every "
+            f"sft: --merge with --method {args.method}{' --peft-form' if args.peft_form else ''} is not supported: "
+            "PEFT cannot merge into a 4-bit base on every "
             "device. Save the adapter (the default) and merge it onto the bf16 base with PEFT instead."
         )
     return run_main("sft", train, args)
