@@ -41,11 +41,13 @@ def test_shapes_data_and_collator_mask_the_prompt(tiny_llava, tmp_path):
         assert supervised.strip().startswith("It is") and "USER" not in supervised and "<image>" not in supervised
 
 
-@pytest.mark.parametrize("method", ["fura", "lora"])
+@pytest.mark.parametrize("method", ["fura", "lora", "fura-peft-form"])
 def test_recipe_trains_the_language_adapter_and_projector_only(tiny_llava, tmp_path, method):
+    peft_form = method == "fura-peft-form"
+    method = method.removesuffix("-peft-form")
     metrics = vlm.main(["--model", str(tiny_llava), "--output-dir", str(tmp_path), "--method", method,
                         "--max-steps", "2", "--lr", "1e-2", "--projector-lr", "1e-2", "--cpu", "--no-progress",
-                        "--merge"])  # fmt: skip
+                        "--merge", *(["--peft-form"] if peft_form else [])])  # fmt: skip
     assert len(metrics["train_loss"]) == 2
     base = LlavaForConditionalGeneration.from_pretrained(tiny_llava)
     merged = LlavaForConditionalGeneration.from_pretrained(tmp_path / "merged")
@@ -60,12 +62,14 @@ def test_recipe_trains_the_language_adapter_and_projector_only(tiny_llava, tmp_p
     assert not torch.equal(base_state[q], merged_state[q])  # the language model's adapter trained
     # The adapter reloads onto a fresh base, and equals the merged model.
     fresh = LlavaForConditionalGeneration.from_pretrained(tiny_llava)
-    if method == "fura":
+    if method == "fura" and not peft_form:
         reloaded = vlm.load_vlm_adapter(fresh, tmp_path / "adapter", progress=False)
         fura = [n for n, m in reloaded.named_modules() if isinstance(m, FusedBTTLinear)]
         assert fura and all(".language_model." in n for n in fura)
     else:
         from peft import PeftModel
+
+        import fura_kernels.peft  # noqa: F401  (a FuRA adapter in PEFT's files needs the method registered)
 
         reloaded = PeftModel.from_pretrained(fresh, tmp_path / "adapter")
     batch = _batch(tiny_llava, tmp_path / "shapes-data")

@@ -73,6 +73,16 @@ class FuRAModel(BaseTuner):
         if progress is not None:
             progress.update(1)
 
+    def _replace_module(self, parent: nn.Module, child_name: str, new_module: nn.Module, child: nn.Module) -> None:
+        """Put `new_module` in place. BaseTuner's version copies `weight` onto anything without a
+        `base_layer`, which breaks unloading a `modules_to_save` module that has none (LLaVA's
+        projector); a FuRA layer is built on its base layer's device, so nothing else is needed
+        but bitsandbytes 8-bit state."""
+        setattr(parent, child_name, new_module)
+        base = getattr(child, "base_layer", child)
+        if getattr(base, "state", None) is not None and hasattr(new_module, "base_layer"):
+            new_module.base_layer.state = base.state
+
     @classmethod
     def _remap_adapter_state_dict_for_load(
         cls, model: nn.Module, config: FuRAPeftConfig, adapter_name: str, state_dict: dict[str, torch.Tensor]

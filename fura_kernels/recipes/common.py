@@ -98,9 +98,10 @@ def fura_peft_model(model, target_modules, quantize_base: bool, progress: bool =
     from ..peft import FuRAPeftConfig
     from .baselines import quantize_linears_bnb
 
+    targets = target_modules if isinstance(target_modules, str) else list(target_modules)  # a regex, or names
     if quantize_base:
-        quantize_linears_bnb(model, list(target_modules))
-    config = FuRAPeftConfig(target_modules=list(target_modules), progress_bar=progress, **config_fields)
+        quantize_linears_bnb(model, targets)
+    config = FuRAPeftConfig(target_modules=targets, progress_bar=progress, **config_fields)
     model = get_peft_model(model, config)
     model.print_trainable_parameters()
     return model
