@@ -10,31 +10,33 @@ past LIMIT_S. If the first step cannot import what the rest need, the check stop
 | step | budget | estimate | what |
 |---|---|---|---|
 | env | 50 s | 30 s | install the carried wheels, import what the rest needs, record the environment |
-| tests | 140 s | 130 s | `pytest tests/gpu`, 90 s a test at most, JUnit XML report |
-| layers | 60 s | 50 s | fair layer steps, eager and graphed, 5 methods x 5 Llama-3-8B shapes, T = 8192 |
+| tests | 125 s | 120 s | `pytest tests/gpu`, 90 s a test at most, JUnit XML report |
+| layers | 75 s | 70 s | fair layer steps, eager and graphed, 7 methods x 5 Llama-3-8B shapes, T = 8192 |
 | kernels | 45 s | 35 s | NF4 decode vs bitsandbytes at T = 1, 4, 16; K1, K3, merge at T = 8192 |
-| model | 80 s | 65 s | Llama-3-8B shape, 1 x 2048 tokens, fair, eager: FuRA and LoRA r=32 |
+| model | 95 s | 85 s | Llama-3-8B shape, 1 x 2048 tokens, fair, eager: FuRA, LoRA r=32, FuRA's PEFT form |
 | qmodel | 40 s | 45 s | the same for QFuRA and QLoRA r=32 |
-| compile | 60 s | 60 s | Llama-3.2-1B shape under torch.compile: FuRA and LoRA r=32 |
+| compile | 45 s | 60 s | Llama-3.2-1B shape under torch.compile: FuRA and LoRA r=32 |
 
 The env step imports torch, triton, transformers, peft, bitsandbytes, jsonschema,
 pytest_timeout and fura_kernels, and records device, driver, versions and commit. The layer
-step's methods: frozen dense floor, FuRA, LoRA r=32, QFuRA, QLoRA r=32. The whole-model steps
+step's methods: frozen dense floor, FuRA, LoRA r=32, QFuRA, QLoRA r=32, and FuRA's PEFT form
+(`fura_kernels.peft`) on the bf16 base and on QLoRA's NF4 base. The whole-model steps
 run without activation checkpointing and report tokens/s, peak memory and conversion time.
 
-The budgets sum to 475 s. The first GPU run (H200, 2026-11-27) measured env 20 s on a warm
-machine and over 25 s on a cold one (installing the 43 MB bitsandbytes wheel), layers 50 s,
-kernels 34 s, model 61 s; the budgets follow it. How the first estimates were made (no GPU was at hand when this was
-written; bench/NOTES.md keeps the record): the GPU tier took 51 s for 45 tests on an H100
-(2026-11-22), and the new tests add about 80 s, mostly Inductor compiling a tiny Llama (FuRA and
-QFuRA, two sequence lengths), plus a few hundred graph replays; the layer suite took 47 s for 40
-eager records at T = 8192, and a record now also captures and replays a graph (about 1.5x); the
-kernel suite took 38 s for 30 (shape, T) points; a Llama-3-8B step at 1 x 2048 tokens is about
-1e14 FLOPs (0.2 s at 500 TFLOP/s), so the model steps are dominated by building the model and
-converting its 224 projections (SVD on the GPU); the compile estimate is what Inductor takes for
-a 16-layer Llama forward and backward. The QFuRA/QLoRA and compile steps run only if time is
-left and are expected back partial: their records are written one by one, so what they finished
-comes back.
+The budgets sum to 475 s. The first GPU run (H200, 2026-11-27) measured env 20 s on a warm machine
+and over 25 s on a cold one (installing the 43 MB bitsandbytes wheel), layers 50 s, kernels 34 s,
+model 61 s; the budgets follow it, with the PEFT form's two layer methods (+20 s) and one model run
+(+20 s) taken from the tests and compile steps, which stop at their budget anyway. How the first
+estimates were made (no GPU was at hand when this was written; bench/NOTES.md keeps the record): the
+GPU tier took 51 s for 45 tests on an H100 (2026-11-22), and the new tests add about 80 s, mostly
+Inductor compiling a tiny Llama (FuRA and QFuRA, two sequence lengths), plus a few hundred graph
+replays; the layer suite took 47 s for 40 eager records at T = 8192, and a record now also captures
+and replays a graph (about 1.5x); the kernel suite took 38 s for 30 (shape, T) points; a Llama-3-8B
+step at 1 x 2048 tokens is about 1e14 FLOPs (0.2 s at 500 TFLOP/s), so the model steps are dominated
+by building the model and converting its 224 projections (SVD on the GPU); the compile estimate is
+what Inductor takes for a 16-layer Llama forward and backward. The QFuRA/QLoRA and compile steps run
+only if time is left and are expected back partial: their records are written one by one, so what
+they finished comes back.
 
 Files under $OUT: `summary.json` (environment, commit, every step's budget, time, exit status
 and outcome, written again after each step), `device_check.log` (every step's output),
@@ -118,22 +120,24 @@ def steps(out: Path, dry_run: bool) -> list[Step]:
     model = ("--only", "model", "--checkpointing", "off", "--results-file", str(out / "model.json"), "--append")
     return [
         Step("env", 50, 10, 30, (sys.executable, "-m", "bench.device_check", "--probe"), grace_s=1),
-        Step("tests", 140, 30, 130,
+        Step("tests", 125, 30, 120,
              (sys.executable, "-c", PYTEST_STOPPABLE, "tests/gpu", "-q", "-p", "no:cacheprovider",
               f"--timeout={TEST_TIMEOUT_S}", f"--junitxml={out / 'tests.xml'}"), "tests.xml"),
-        Step("layers", 60, 30, 50,
+        Step("layers", 75, 30, 70,
              _bench(*where, "--only", "layers", "--cases", "llama3-8b", "--tokens", layer_tokens,
-                    "--methods", "dense_floor,fura,lora_r32,qfura,qlora_r32", "--configurations", "fair",
+                    "--methods", "dense_floor,fura,lora_r32,qfura,qlora_r32,fura_peft,fura_peft_nf4",
+                    "--configurations", "fair",
                     "--results-file", str(out / "layers.json")), "layers.json"),
         Step("kernels", 45, 20, 35,
              _bench(*where, "--only", "kernels", "--cases", "llama3-8b", "--tokens", kernel_tokens,
                     "--kernels", "nf4_small_t_gemm,K1,K3,weight_merge", "--results-file", str(out / "kernels.json")),
              "kernels.json"),
-        Step("model", 80, 45, 65,
-             _bench(*where, *model, "--models", big, "--methods", "fura,lora_r32", "--compile", "off"), "model.json"),
+        Step("model", 95, 45, 85,
+             _bench(*where, *model, "--models", big, "--methods", "fura,lora_r32,fura_peft", "--compile", "off"),
+             "model.json"),
         Step("qmodel", 40, 30, 45,
              _bench(*where, *model, "--models", big, "--methods", "qfura,qlora_r32", "--compile", "off"), "model.json"),
-        Step("compile", 60, 30, 60,
+        Step("compile", 45, 30, 60,
              _bench(*where, *model, "--models", compiled, "--methods", "fura,lora_r32", "--compile", "only", *backend),
              "model.json"),
     ]  # fmt: skip

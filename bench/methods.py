@@ -2,7 +2,8 @@
 
 Every method gives one training step of one linear layer: forward, backward and (where it has
 trainable tensors) an AdamW step, as a fine-tuning loop runs it. PEFT LoRA/QLoRA are the real
-peft library on a real (bitsandbytes NF4, for QLoRA) base layer.
+peft library on a real (bitsandbytes NF4, for QLoRA) base layer; so is FuRA's PEFT form
+(`fura_peft`, `fura_kernels.peft`), on the plain base and on QLoRA's NF4 base (`fura_peft_nf4`).
 """
 
 from __future__ import annotations
@@ -18,7 +19,18 @@ from fura_kernels.recipes.baselines import bnb_nf4_linear
 
 from .baselines import ReferenceBTTLinear
 
-METHODS = ("dense_floor", "fura", "qfura", "lora_r32", "lora_r64", "qlora_r32", "reference", "full_ft")
+METHODS = (
+    "dense_floor",
+    "fura",
+    "fura_peft",
+    "qfura",
+    "fura_peft_nf4",
+    "lora_r32",
+    "lora_r64",
+    "qlora_r32",
+    "reference",
+    "full_ft",
+)
 # How a method is run (FURA_SPEC.md §8). "fair": what HF Trainer does with bf16=True, for every
 # method alike: bf16 base weights, fp32 trainable weights (full fine-tuning keeps fp32 master
 # weights), bf16 autocast, AdamW(fused=True). "pure": the storage the libraries default to, no
@@ -65,6 +77,15 @@ def _lora(base: nn.Module, rank: int) -> nn.Module:
     return get_peft_model(_Holder(base), config)
 
 
+def _fura_peft(base: nn.Module, case: LayerCase) -> nn.Module:
+    from peft import get_peft_model
+
+    from fura_kernels.peft import FuRAPeftConfig
+
+    config = FuRAPeftConfig(target_modules=["proj"], input_factorization=[case.n, case.b], progress_bar=False)
+    return get_peft_model(_Holder(base), config)
+
+
 def build(
     method: str, case: LayerCase, dtype: torch.dtype, device: torch.device, configuration: str = "fair"
 ) -> nn.Module:
@@ -87,6 +108,11 @@ def build(
         return _lora(linear, int(method.rsplit("r", 1)[1]))
     if method == "qlora_r32":
         return _lora(bnb_nf4_linear(linear, dtype), 32)
+    if method == "fura_peft":
+        linear.requires_grad_(False)
+        return _fura_peft(linear, case)
+    if method == "fura_peft_nf4":
+        return _fura_peft(bnb_nf4_linear(linear, dtype), case)
     raise ValueError(f"bench.methods.build: unknown method {method!r}; expected one of {METHODS}")
 
 

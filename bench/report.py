@@ -13,7 +13,18 @@ from .results import load
 START, END = "<!-- bench-table:start -->", "<!-- bench-table:end -->"
 # The NF4 kernel rows the README shows: the per-layer passes, decode (1, 16) and training (8192).
 KERNEL_TOKENS = (None, 1, 16, 8192)
-LAYER_METHODS = ("fura", "lora_r32", "lora_r64", "qfura", "qlora_r32", "reference", "full_ft", "dense_floor")
+LAYER_METHODS = (
+    "fura",
+    "fura_peft",
+    "lora_r32",
+    "lora_r64",
+    "qfura",
+    "fura_peft_nf4",
+    "qlora_r32",
+    "reference",
+    "full_ft",
+    "dense_floor",
+)
 # Start and end ceilings further apart than this (relative) mean the machine's speed changed.
 CEILING_DRIFT = 0.10
 
@@ -102,8 +113,9 @@ def table(runs: list[tuple[dict, str]]) -> str:
             "",
             "| layer | T | FuRA | LoRA r=32 | FuRA / LoRA r=32 | graphed FuRA / LoRA r=32 | FuRA / frozen dense "
             "| reference / FuRA | QFuRA | QLoRA r=32 | QFuRA / QLoRA r=32 | launches FuRA / LoRA r=32 "
-            "| saved for backward, FuRA / LoRA r=32 (MB) |",
-            "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+            "| saved for backward, FuRA / LoRA r=32 (MB) | PEFT form / FuRA | PEFT form / LoRA r=32 "
+            "| PEFT form on NF4 / QLoRA r=32 |",
+            "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
         ]
         for name, tokens in keys:
             get = {m: index.get((name, tokens, m)) for m in LAYER_METHODS}
@@ -114,7 +126,9 @@ def table(runs: list[tuple[dict, str]]) -> str:
                 f"| {name} | {tokens} | {_ms(fura)} | {_ms(lora)} | {_ratio(fura, lora)} | "
                 f"{_ratio(fura, lora, 'graphed_time_ms')} | {_ratio(fura, get['dense_floor'])} | "
                 f"{_ratio(get['reference'], fura)} | {_ms(get['qfura'])} | {_ms(get['qlora_r32'])} | "
-                f"{_ratio(get['qfura'], get['qlora_r32'])} | {launches} | {saved} |"
+                f"{_ratio(get['qfura'], get['qlora_r32'])} | {launches} | {saved} | "
+                f"{_ratio(get['fura_peft'], fura)} | {_ratio(get['fura_peft'], lora)} | "
+                f"{_ratio(get['fura_peft_nf4'], get['qlora_r32'])} |"
             )
         failed = [r for r in rows if r.get("skipped")]
         if failed:
@@ -238,6 +252,13 @@ def summary(results: dict) -> str:
     if ratios.get("qfura") and ratios.get("qlora_r32"):
         q = [a / b for a, b in zip(ratios["qfura"], ratios["qlora_r32"], strict=False)]
         verdict.append(f"QFuRA's {_median(q):.2f}x QLoRA r=32's")
+    if ratios.get("fura_peft") and ratios.get("fura"):
+        p = [a / b for a, b in zip(ratios["fura_peft"], ratios["fura"], strict=False)]
+        verdict.append(f"FuRA's PEFT form {_median(p):.2f}x FusedBTTLinear's and {_median(ratios['fura_peft']):.2f}x "
+                       "LoRA r=32's")  # fmt: skip
+    if ratios.get("fura_peft_nf4") and ratios.get("qlora_r32"):
+        q = [a / b for a, b in zip(ratios["fura_peft_nf4"], ratios["qlora_r32"], strict=False)]
+        verdict.append(f"the PEFT form on an NF4 base {_median(q):.2f}x QLoRA r=32's")
     text = "; ".join(verdict) + "." if verdict else "No layer steps were measured."
     if failed:
         text += f" {len(failed)} measurements failed or were skipped (see the results file)."
@@ -263,8 +284,8 @@ def plots(results: dict, out_dir: Path) -> list[Path]:
     out_dir.mkdir(parents=True, exist_ok=True)
     # Methods that save the same bytes (the Q variants, say) draw on top of each other: each gets
     # its own marker and line style so that every one stays visible.
-    dashes = ["-", "--", ":", "-."] * 2
-    styles = {m: (marker, dash) for m, marker, dash in zip(LAYER_METHODS, "osD^vPX*", dashes, strict=True)}
+    dashes = (["-", "--", ":", "-."] * 3)[: len(LAYER_METHODS)]
+    styles = {m: (marker, dash) for m, marker, dash in zip(LAYER_METHODS, "osD^vPX*hd", dashes, strict=True)}
     for name in sorted({r["shape"]["name"] for r in layer}):
         fig, (ax_t, ax_m) = plt.subplots(1, 2, figsize=(11, 4))
         for method in LAYER_METHODS:

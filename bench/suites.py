@@ -49,7 +49,9 @@ QWEN3_1_7B = [
 # `nf4_dequant_gemm` (the training path) above.
 KERNELS = ("K1", "K3", "weight_merge", "nf4_dequant", "nf4_small_t_gemm", "nf4_dequant_gemm")
 # The methods the whole-model suite runs (the layer suite runs all of METHODS).
-MODEL_METHODS = ("fura", "qfura", "lora_r32", "qlora_r32", "full_ft")
+# Methods that run FuRA's algorithm (either form), measured against its own floor.
+FURA_METHODS = ("fura", "fura_peft", "qfura", "fura_peft_nf4", "reference")
+MODEL_METHODS = ("fura", "fura_peft", "qfura", "fura_peft_nf4", "lora_r32", "qlora_r32", "full_ft")
 
 
 def scaled(case: LayerCase, factor: int) -> LayerCase:
@@ -376,7 +378,7 @@ def layer_suite(profile: Profile, device: torch.device, dtype: torch.dtype, c: C
             for configuration in profile.configurations:
                 for method in profile.methods:
                     bar.set_postfix_str(f"{case.name} T={tokens} {configuration} {method}")
-                    floor = fura_floor if method in ("fura", "qfura", "reference") else dense_floor
+                    floor = fura_floor if method in FURA_METHODS else dense_floor
                     emit(_layer_record(method, case, tokens, dtype, device, configuration, inputs, profile, floor,
                                        dense_floor))  # fmt: skip
                     bar.update(1)
@@ -525,6 +527,12 @@ def _model_runs(spec: dict, profile: Profile, device: torch.device, dtype: torch
                     if method == "qlora_r32":
                         quantize_linears_bnb(model, targets)
                     model = get_peft_model(model, LoraConfig(r=32, lora_alpha=32, target_modules=targets))
+                elif method in ("fura_peft", "fura_peft_nf4"):  # as a PEFT user writes it
+                    from fura_kernels.peft import FuRAPeftConfig
+
+                    if method == "fura_peft_nf4":
+                        quantize_linears_bnb(model, targets)
+                    model = get_peft_model(model, FuRAPeftConfig(target_modules=targets, progress_bar=False))
                 _sync(device)
                 convert_s = time.perf_counter() - start
                 if checkpointing:

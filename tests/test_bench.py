@@ -33,7 +33,8 @@ def test_cpu_run_writes_a_valid_labelled_results_file(tiny_run):
     records = [r for r in data["records"] if r["suite"] == "layer"]
     assert {r["configuration"] for r in records} == {"fair", "pure"}  # both, each recorded
     layer = {(r["method"], r["tokens"]): r for r in records if r["configuration"] == "fair"}
-    for method in ("dense_floor", "fura", "qfura", "lora_r32", "lora_r64", "qlora_r32", "reference", "full_ft"):
+    for method in ("dense_floor", "fura", "fura_peft", "qfura", "fura_peft_nf4", "lora_r32", "lora_r64", "qlora_r32",
+                   "reference", "full_ft"):  # fmt: skip
         rec = layer[(method, 64)]
         assert rec["time_ms"]["median"] > 0, method
         assert rec["ratio_vs_lora_r32"] is not None and rec["ratio_vs_dense"] is not None
@@ -45,6 +46,9 @@ def test_cpu_run_writes_a_valid_labelled_results_file(tiny_run):
     shape = layer[("fura", 64)]["shape"]
     assert layer[("fura", 64)]["trainable_params"] == shape["in_features"] * (shape["b"] + 1)
     assert layer[("lora_r32", 64)]["trainable_params"] == 32 * (shape["in_features"] + shape["out_features"])
+    # The PEFT form trains the same R and S (no bias: the benchmarked base has none), in both bases.
+    for method in ("fura_peft", "fura_peft_nf4"):
+        assert layer[(method, 64)]["trainable_params"] == layer[("fura", 64)]["trainable_params"], method
     # The reference algorithm keeps more for backward than the fused Function (L ⊙ S and more).
     assert layer[("reference", 64)]["saved_bytes"] > layer[("fura", 64)]["saved_bytes"]
     kernels = {r["name"] for r in data["records"] if r["suite"] == "kernel"}

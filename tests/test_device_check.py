@@ -75,12 +75,13 @@ def test_dry_run_results_hold_every_method_and_kernel(dry_run):
     for data in (layers, kernels, model):
         assert data["partial"] is False and data["environment"]["git_commit"]
     timed = {r["method"] for r in layers["records"] if r["suite"] == "layer" and r["time_ms"]}
-    assert timed == {"dense_floor", "fura", "lora_r32", "qfura", "qlora_r32"}
+    assert timed == {"dense_floor", "fura", "lora_r32", "qfura", "qlora_r32", "fura_peft", "fura_peft_nf4"}
     assert {r["configuration"] for r in layers["records"]} == {"fair"}
     assert {r["name"] for r in kernels["records"]} == {"K1", "K3", "weight_merge", "nf4_small_t_gemm"}
     assert {r["tokens"] for r in kernels["records"] if r["name"] == "nf4_small_t_gemm"} == {1, 4, 16, 64}
     runs = {(r["method"], r["timing"]) for r in model["records"] if r["time_ms"]}
-    assert runs == {("fura", "eager"), ("lora_r32", "eager"), ("qfura", "eager"), ("qlora_r32", "eager"),
+    assert runs == {("fura", "eager"), ("lora_r32", "eager"), ("fura_peft", "eager"), ("qfura", "eager"),
+                    ("qlora_r32", "eager"),
                     ("fura", "compiled"), ("lora_r32", "compiled")}  # fmt: skip
     assert not any(r["gradient_checkpointing"] for r in model["records"])
     suite = ET.parse(out / "tests.xml").getroot()
