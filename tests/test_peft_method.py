@@ -389,3 +389,34 @@ def test_second_derivatives_through_the_transform():
     ref_out = ref_out + layer.fura_bias["default"]
     for got, want in zip(ours, penalty(ref_out), strict=True):
         assert max_rel_err(got, want) <= 1e-10
+
+
+def test_targets_match_as_for_lora():
+    def adapted(**fields):
+        model = _peft(tiny_llama(), **fields)
+        return sorted(n.removeprefix("base_model.model.model.") for n, m in model.named_modules()
+                      if isinstance(m, FuRALayer))  # fmt: skip
+
+    assert adapted(target_modules=r".*\.mlp\.(up|down)_proj") == [
+        "layers.0.mlp.down_proj", "layers.0.mlp.up_proj", "layers.1.mlp.down_proj", "layers.1.mlp.up_proj"]  # fmt: skip
+    assert adapted(target_modules="all-linear", exclude_modules=["down_proj", "gate_proj", "up_proj"]) == sorted(
+        f"layers.{i}.self_attn.{p}_proj" for i in (0, 1) for p in "kqov")  # fmt: skip
+    assert adapted(target_modules=["o_proj"], layers_to_transform=[1]) == ["layers.1.self_attn.o_proj"]
+    # head factorisation as FuRAConfig does it: o_proj's input cut at the 4 heads of 16
+    model = _peft(tiny_llama(), target_modules=["o_proj"])
+    assert model.base_model.model.model.layers[0].self_attn.o_proj.block_shapes["default"].n == 4
+
+
+def test_merging_into_a_4bit_base_warns_and_stays_close(tmp_path):
+    pytest.importorskip("bitsandbytes")
+    from fura_kernels.recipes.baselines import quantize_linears_bnb
+
+    model = tiny_llama(intermediate_size=128)
+    original = _logits(model)
+    quantize_linears_bnb(model, ["q_proj", "up_proj"])
+    quantisation_error = max_rel_err(_logits(model), original)  # what NF4's rounding does to this model
+    model = _train(_peft(model, target_modules=["q_proj", "up_proj"]), steps=2)
+    trained = _logits(model)
+    with pytest.warns(UserWarning, match="quantises the merged weight again"):
+        merged = model.merge_and_unload()
+    assert max_rel_err(_logits(merged), trained) <= 1.5 * quantisation_error  # one NF4 rounding, nothing more

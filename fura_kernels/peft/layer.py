@@ -56,6 +56,19 @@ def supports_base_layer(module: nn.Module) -> bool:
     return isinstance(module, nn.Linear) or _is_conv1d(module)
 
 
+def _standard_bnb_layout(base: nn.Module) -> None:
+    """bitsandbytes' CPU inference repacks a 4-bit weight for its own kernel the first time it runs
+    (`quant_state.packing_format_for_cpu`); read or re-quantised as the standard layout, that
+    weight comes out wrong (a merge was off by 24% here). Put it back first, as bitsandbytes does
+    itself before it saves a state dict or moves the weight to a GPU."""
+    weight = getattr(base, "weight", None)
+    state = getattr(weight, "quant_state", None)
+    if state is not None and getattr(state, "packing_format_for_cpu", False):
+        from bitsandbytes.functional import _convert_weight_packed_for_cpu_inverse
+
+        weight.data, weight.quant_state = _convert_weight_packed_for_cpu_inverse(weight.data, state)
+
+
 def _fingerprint_bytes(hexdigest: str) -> torch.Tensor:
     return torch.tensor(list(bytes.fromhex(hexdigest)), dtype=torch.uint8)
 
@@ -119,6 +132,7 @@ class FuRALayer(nn.Module, BaseTunerLayer):
     def base_weight_out_in(self) -> torch.Tensor:
         """The base weight as (out, in) values (dequantised for bitsandbytes layers), no copy for
         a plain layer."""
+        _standard_bnb_layout(self.get_base_layer())
         weight = self.get_base_weight()
         return weight.t() if self.fan_in_fan_out else weight
 
@@ -127,6 +141,7 @@ class FuRALayer(nn.Module, BaseTunerLayer):
         if self.fan_in_fan_out:
             weight = weight.t()
         if self.quantization_backend is not None:
+            _standard_bnb_layout(base)
             self.quantization_backend.set_base_weight(self, weight.to(self.get_base_weight().dtype).contiguous())
         else:
             base.weight.data = weight.to(base.weight.dtype).contiguous()
