@@ -8,6 +8,7 @@ base fingerprint does not match the layer it would go into; the model is then un
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from typing import Any
 
 import torch
@@ -72,6 +73,17 @@ class FuRAModel(BaseTuner):
         progress = getattr(self, "_progress", None)
         if progress is not None:
             progress.update(1)
+
+    @contextmanager
+    def _enable_peft_forward_hooks(self, *args: Any, **kwargs: Any):
+        """PEFT's per-request adapters (`model(..., adapter_names=[...])`, also through `generate`):
+        not implemented for FuRA yet, so refused rather than silently running the active adapter."""
+        if kwargs.get("adapter_names") is not None:
+            raise ValueError(
+                "FuRA: mixed-adapter batches (adapter_names=...) are not supported yet; use set_adapter(name) and run "
+                "each adapter's requests as their own batch"
+            )
+        yield
 
     def _replace_module(self, parent: nn.Module, child_name: str, new_module: nn.Module, child: nn.Module) -> None:
         """Put `new_module` in place. BaseTuner's version copies `weight` onto anything without a
