@@ -15,6 +15,9 @@ Public API:
 - `merged_named_weights`: the merged weights under the base's names, one layer at a time (RL
   weight sync to an inference engine);
 - `reference`: the einsum oracle.
+
+`fura_kernels.peft` (with the `[peft]` extra) makes FuRA a PEFT method, `FuRAPeftConfig`, in the
+transform form over any base layer, QLoRA's 4-bit base included; import it explicitly.
 """
 
 import logging

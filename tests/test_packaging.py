@@ -98,3 +98,11 @@ def test_wheel_installs_no_top_level_bench_and_no_test_tooling(tmp_path):
     entry_points = zipfile.ZipFile(wheel).read(next(n for n in names if n.endswith("entry_points.txt"))).decode()
     assert "fura-bench = fura_kernels.bench.cli:main" in entry_points
     assert "naive_block_svd" not in zipfile.ZipFile(wheel).read("fura_kernels/reference.py").decode()
+
+
+def test_the_peft_method_without_peft_names_its_extra(monkeypatch):
+    for name in [m for m in sys.modules if m == "fura_kernels.peft" or m.startswith("fura_kernels.peft.")]:
+        monkeypatch.delitem(sys.modules, name)
+    monkeypatch.setitem(sys.modules, "peft", None)
+    with pytest.raises(ImportError, match=r"needs peft: pip install 'fura-kernels\[peft\]'"):
+        import fura_kernels.peft  # noqa: F401

@@ -422,3 +422,23 @@ def test_merging_into_a_4bit_base_warns_and_stays_close(tmp_path):
     with pytest.warns(UserWarning, match="quantises the merged weight again"):
         merged = model.merge_and_unload()
     assert max_rel_err(_logits(merged), trained) <= 1.5 * quantisation_error  # one NF4 rounding, nothing more
+
+
+def test_the_transform_layer_compiles_without_graph_breaks():
+    """The transform runs through the K1/K3 custom ops (fake kernels registered): Dynamo traces a
+    FuRA layer whole, and the compiled step gives the eager loss and gradients."""
+    import torch._dynamo as dynamo
+
+    model = _peft(tiny_llama())
+    layer = model.base_model.model.model.layers[0].mlp.down_proj
+    assert dynamo.explain(layer)(torch.randn(2, 3, 112)).graph_break_count == 0
+    eager = model(input_ids=IDS, labels=IDS)
+    eager.loss.backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    model.zero_grad()
+    compiled = torch.compile(model, backend="aot_eager")(input_ids=IDS, labels=IDS)
+    compiled.loss.backward()
+    assert max_rel_err(compiled.loss, eager.loss) <= 1e-6
+    for name, p in model.named_parameters():
+        if name in grads:
+            assert max_rel_err(p.grad, grads[name]) <= 1e-5, name

@@ -20,12 +20,16 @@ stops reading them.
 
 from __future__ import annotations
 
-from peft import mapping as _mapping
+from ..optional import require
 
-from .config import PEFT_TYPE, PREFIX, FuRAPeftConfig
-from .convert import fura_to_peft, peft_to_fura
-from .layer import FuRALayer
-from .model import FuRAModel
+require("peft", "peft", "fura_kernels.peft (FuRA as a PEFT method)")
+
+from peft import mapping as _mapping  # noqa: E402  (after the one-line install hint)
+
+from .config import PEFT_TYPE, PREFIX, FuRAPeftConfig  # noqa: E402
+from .convert import fura_to_peft, peft_to_fura  # noqa: E402
+from .layer import FuRALayer  # noqa: E402
+from .model import FuRAModel  # noqa: E402
 
 _REGISTRY_TABLES = ("PEFT_TYPE_TO_CONFIG_MAPPING", "PEFT_TYPE_TO_TUNER_MAPPING", "PEFT_TYPE_TO_PREFIX_MAPPING")
 
