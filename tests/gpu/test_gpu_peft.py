@@ -22,8 +22,9 @@ DEVICE = "cuda"
 def test_transform_layer_at_llama_widths(dtype, shape):
     in_f, out_f, factorization = shape
     torch.manual_seed(0)
-    layer = FuRALayer(nn.Linear(in_f, out_f, bias=False, device=DEVICE, dtype=dtype), "default",
-                      FuRAPeftConfig(input_factorization=factorization, progress_bar=False), module_name="proj")  # fmt: skip
+    config = FuRAPeftConfig(input_factorization=factorization, progress_bar=False)
+    base = nn.Linear(in_f, out_f, bias=False, device=DEVICE, dtype=dtype)
+    layer = FuRALayer(base, "default", config, module_name="proj")
     r, s = layer.fura_R["default"], layer.fura_S["default"]
     with torch.no_grad():
         r.add_(0.02 * torch.randn_like(r))
