@@ -393,7 +393,10 @@ def _layer_record(method, case, tokens, dtype, device, configuration, inputs, pr
         step = make_step(module, inputs, configuration)
         t = measure(step, device, profile.warmup, profile.reps)
         params = trainable(module)
-        saved = saved_for_backward_bytes(partial(module, inputs[0][0]), exclude=list(module.parameters()))
+        # The module's own state (parameters, and buffers: QFuRA's NF4 core, the PEFT form's V0 and
+        # S0) is referenced, not allocated, by what autograd keeps.
+        state = [*module.parameters(), *module.buffers()]
+        saved = saved_for_backward_bytes(partial(module, inputs[0][0]), exclude=state)
         record = _record("layer", "step", method, case, tokens, dtype, t, **how, timing="eager",
                          trainable_params=sum(p.numel() for p in params),
                          peak_mem_bytes=peak_memory(step, device), saved_bytes=saved,

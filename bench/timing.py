@@ -148,7 +148,8 @@ def peak_memory(step: Callable[[int], None], device: torch.device) -> int | None
 
 
 def saved_for_backward_bytes(forward: Callable[[], torch.Tensor], exclude: Sequence[torch.Tensor] = ()) -> int:
-    """Bytes autograd keeps for backward in one forward, parameters excluded (any device)."""
+    """Bytes autograd keeps for backward in one forward, the tensors in `exclude` (the module's
+    own parameters and buffers) left out (any device)."""
     skip = {t.data_ptr() for t in exclude}
     seen: dict[int, int] = {}
 
