@@ -207,6 +207,9 @@ def test_merge_unmerge_disable_and_two_adapters(trained_dir):
     model.delete_adapter("c")
     assert max_rel_err(_logits(model), trained) <= 1e-5  # the base went through a merge and an unmerge
     assert "c" not in model.peft_config
+    model.add_adapter("fresh", FuRAPeftConfig(target_modules="all-linear", progress_bar=False))  # a new SVD
+    model.set_adapter("fresh")
+    assert max_rel_err(_logits(model), base_logits) <= 1e-5
 
 
 def test_a_different_base_is_refused_and_the_model_left_as_it_was(trained_dir):

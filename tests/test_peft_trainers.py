@@ -138,3 +138,60 @@ def _shaped_reward(completions, answer, **_):
 
 
 _shaped_reward.__name__ = "boxed_answer_reward"
+
+
+def test_trl_vllm_weight_sync_pushes_merged_base_names_and_unmerges(tiny_model_dir):
+    """TRL's vLLM path for a PEFT model (`VLLMGeneration._iter_named_params`: merge_adapter, push
+    every parameter under the base's name, skipping the method's own by its prefix, then
+    unmerge_adapter), run as TRL runs it; vLLM itself needs a GPU, so its receiving end is a dict."""
+    from contextlib import nullcontext
+    from types import SimpleNamespace
+
+    from trl.generation.vllm_generation import VLLMGeneration
+
+    base = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    base_names = {n for n, _ in base.named_parameters()}
+    model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model_dir),
+                                      _saved_adapter(tiny_model_dir), is_trainable=True)  # fmt: skip
+    ids = torch.randint(0, 50, (2, 9))
+    with torch.no_grad():
+        before = model(ids).logits
+    generation = SimpleNamespace(
+        model=model,
+        _dist=SimpleNamespace(gather_params=lambda params: nullcontext(), is_fsdp=False),  # fmt: skip
+        _fix_param_name_to_vllm=lambda name, extra_prefixes=(): name,
+    )
+    pushed = {name: tensor.clone() for name, tensor in VLLMGeneration._iter_named_params(generation)}
+    assert set(pushed) == base_names  # the base's names only: no fura_ tensor, no base_layer
+    merged = _merged(tiny_model_dir)
+    for name, tensor in merged.named_parameters():
+        assert max_rel_err(pushed[name], tensor) <= 1e-5, name
+    with torch.no_grad():
+        assert max_rel_err(model(ids).logits, before) <= 1e-5  # unmerged again, training goes on
+
+
+_ADAPTERS: dict = {}
+
+
+def _saved_adapter(model_dir):
+    """A FuRA adapter trained 2 steps on the tiny model, saved once per session."""
+    if model_dir not in _ADAPTERS:
+        from peft import get_peft_model
+
+        model = get_peft_model(AutoModelForCausalLM.from_pretrained(model_dir),
+                               FuRAPeftConfig(target_modules=TARGETS, progress_bar=False))  # fmt: skip
+        opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+        data = torch.randint(0, 50, (4, 12), generator=torch.Generator().manual_seed(0))
+        for _ in range(2):
+            opt.zero_grad()
+            model(input_ids=data, labels=data).loss.backward()
+            opt.step()
+        directory = model_dir.parent / "fura-peft-adapter"
+        model.save_pretrained(directory)
+        _ADAPTERS[model_dir] = directory
+    return _ADAPTERS[model_dir]
+
+
+def _merged(model_dir):
+    model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(model_dir), _saved_adapter(model_dir))
+    return model.merge_and_unload()
