@@ -15,7 +15,7 @@ from safetensors.torch import load_file
 
 import fura_kernels.peft
 from fura_kernels import FuRAConfig, FusedBTTLinear, convert_to_fura
-from fura_kernels.peft import FuRALayer, FuRAModel, FuRAPeftConfig, fura_to_peft, peft_to_fura
+from fura_kernels.peft import FuRALinear, FuRAModel, FuRAPeftConfig, fura_to_peft, peft_to_fura
 
 from .helpers import max_rel_err, tiny_llama
 
@@ -82,7 +82,7 @@ def test_init_equals_the_base_and_adds_nothing_weight_sized():
     before = {id(p): p for p in base.parameters()}
     model = _peft(base)
     assert max_rel_err(_logits(model), reference) <= 1e-5
-    layers = [m for m in model.modules() if isinstance(m, FuRALayer)]
+    layers = [m for m in model.modules() if isinstance(m, FuRALinear)]
     assert len(layers) == 14  # 7 projections x 2 blocks
     for layer in layers:
         base_layer = layer.get_base_layer()
@@ -218,7 +218,7 @@ def test_a_different_base_is_refused_and_the_model_left_as_it_was(trained_dir):
     reference = _logits(other)
     with pytest.raises(ValueError, match=r"trained on another base: layer .*q_proj.* nothing was loaded"):
         PeftModel.from_pretrained(other, directory)
-    assert not any(isinstance(m, FuRALayer) for m in other.modules())
+    assert not any(isinstance(m, FuRALinear) for m in other.modules())
     assert torch.equal(_logits(other), reference)
     # by value, not by dtype: the same base in bf16 takes the adapter
     loaded = PeftModel.from_pretrained(tiny_llama().to(torch.bfloat16), directory)
@@ -376,7 +376,7 @@ def test_second_derivatives_through_the_transform():
     from fura_kernels import reference
 
     torch.manual_seed(0)
-    layer = FuRALayer(nn.Linear(48, 20).double(), "default", FuRAPeftConfig(progress_bar=False), module_name="p")
+    layer = FuRALinear(nn.Linear(48, 20).double(), "default", FuRAPeftConfig(progress_bar=False), module_name="p")
     with torch.no_grad():
         layer.fura_R["default"].add_(0.05 * torch.randn_like(layer.fura_R["default"]))
     layer.double()
@@ -400,7 +400,7 @@ def test_targets_match_as_for_lora():
     def adapted(**fields):
         model = _peft(tiny_llama(), **fields)
         return sorted(n.removeprefix("base_model.model.model.") for n, m in model.named_modules()
-                      if isinstance(m, FuRALayer))  # fmt: skip
+                      if isinstance(m, FuRALinear))  # fmt: skip
 
     assert adapted(target_modules=r".*\.mlp\.(up|down)_proj") == [
         "layers.0.mlp.down_proj", "layers.0.mlp.up_proj", "layers.1.mlp.down_proj", "layers.1.mlp.up_proj"]  # fmt: skip

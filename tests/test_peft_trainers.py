@@ -10,7 +10,7 @@ import torch
 from peft import PeftModel
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from fura_kernels.peft import FuRALayer, FuRAPeftConfig
+from fura_kernels.peft import FuRALinear, FuRAPeftConfig
 from fura_kernels.recipes import grpo, sft
 from fura_kernels.recipes.tiny_model import make_tiny_llama
 
@@ -34,7 +34,7 @@ def _fura_tensors(model):
 def _assert_trained_fura(trainer, before=None):
     model = trainer.accelerator.unwrap_model(trainer.model)
     assert isinstance(model, PeftModel)
-    layers = [m for m in model.modules() if isinstance(m, FuRALayer)]
+    layers = [m for m in model.modules() if isinstance(m, FuRALinear)]
     assert layers and all(m.fura_R["default"].dtype == torch.float32 for m in layers)
     after = _fura_tensors(model)
     assert set(after) == set(before or after)

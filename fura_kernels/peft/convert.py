@@ -1,5 +1,5 @@
 """Between the two forms of one FuRA fine-tune: `FusedBTTLinear` (the L form, from
-`convert_to_fura`) and the PEFT transform form (`FuRALayer`). Same trained `R` and `S`, same
+`convert_to_fura`) and the PEFT transform form (`FuRALinear`). Same trained `R` and `S`, same
 function (FURA_SPEC.md §11):
 
 - L form -> PEFT: the base weight is the layer's merge at its decomposition-time values,
@@ -19,7 +19,7 @@ from torch import nn
 from ..layer import FusedBTTLinear
 from ..model import attach_model_methods, module_names, split_name
 from .config import FuRAPeftConfig
-from .layer import FuRALayer, _fingerprint_bytes, fingerprint_hex
+from .layer import FuRALinear, _fingerprint_bytes, fingerprint_hex
 
 
 def _transform_form_problem(name: str, layer: FusedBTTLinear) -> str | None:
@@ -83,7 +83,7 @@ def fura_to_peft(model: nn.Module, adapter_name: str = "default", task_type: str
     return peft_model
 
 
-def _fill_from_fused(target: FuRALayer, adapter: str, name: str, layer: FusedBTTLinear) -> None:
+def _fill_from_fused(target: FuRALinear, adapter: str, name: str, layer: FusedBTTLinear) -> None:
     if target.block_shapes[adapter] != layer.block_shape:
         raise ValueError(
             f"fura_to_peft: {name!r} resolves to blocks {target.block_shapes[adapter]} in the PEFT form but "
@@ -120,7 +120,7 @@ def peft_to_fura(peft_model: PeftModel, adapter_name: str | None = None) -> nn.M
     inner = peft_model.base_model.model
     built: dict[str, FusedBTTLinear] = {}
     for name, module in inner.named_modules():
-        if not isinstance(module, FuRALayer) or adapter_name not in module.fura_R:
+        if not isinstance(module, FuRALinear) or adapter_name not in module.fura_R:
             continue
         if module.merged:
             raise ValueError(f"peft_to_fura: {name!r} has merged adapters {module.merged_adapters}; unmerge first")
@@ -147,7 +147,7 @@ def peft_to_fura(peft_model: PeftModel, adapter_name: str | None = None) -> nn.M
     return model
 
 
-def _fused_from_layer(module: FuRALayer, adapter: str, name: str, fura_config, model_config) -> FusedBTTLinear:
+def _fused_from_layer(module: FuRALinear, adapter: str, name: str, fura_config, model_config) -> FusedBTTLinear:
     base = module.get_base_layer()
     weight = base.weight
     layer = FusedBTTLinear(

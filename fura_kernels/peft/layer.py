@@ -80,8 +80,11 @@ def fingerprint_hex(digest: torch.Tensor) -> str | None:
     return bytes(digest.cpu().tolist()).hex()
 
 
-class FuRALayer(nn.Module, BaseTunerLayer):
-    """A base layer with FuRA adapters in the transform form (see the module docstring)."""
+class FuRALinear(nn.Module, BaseTunerLayer):
+    """A base layer with FuRA adapters in the transform form (see the module docstring).
+
+    Named `...Linear` after PEFT's convention (`lora.Linear` wraps Conv1D too): PEFT recognises an
+    adapted linear layer by that name, so that `"all-linear"` finds it again for a second adapter."""
 
     adapter_layer_names = ("fura_R", "fura_S", "fura_bias")
     other_param_names = ("fura_V0", "fura_S0", "fura_fingerprint")
@@ -364,7 +367,7 @@ class FuRALayer(nn.Module, BaseTunerLayer):
         return "fura." + super().__repr__()
 
 
-def _note_loaded_adapters(layer: FuRALayer, state_dict, prefix: str, *args: Any) -> None:
+def _note_loaded_adapters(layer: FuRALinear, state_dict, prefix: str, *args: Any) -> None:
     """A load of this layer's state marks the adapters whose tensors it carries as filled."""
     for name in list(layer.awaiting_saved_tensors):
         if all(f"{prefix}{attr}.{name}" in state_dict for attr in ("fura_R", "fura_S", "fura_V0", "fura_S0")):

@@ -1,4 +1,4 @@
-"""`FuRAModel`: the PEFT tuner that puts `FuRALayer`s into a model.
+"""`FuRAModel`: the PEFT tuner that puts `FuRALinear`s into a model.
 
 PEFT's `BaseTuner` does the rest (target matching, `modules_to_save`, merge and unload, adapter
 switching, state dicts). What is FuRA's own: layers are decomposed one at a time on their own
@@ -18,14 +18,14 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .config import PREFIX, FuRAPeftConfig
-from .layer import FuRALayer, fingerprint_hex, supports_base_layer
+from .layer import FuRALinear, fingerprint_hex, supports_base_layer
 
 
 class FuRAModel(BaseTuner):
     """FuRA adapters (transform form) on a model; built by `peft.get_peft_model` from a `FuRAPeftConfig`."""
 
     prefix: str = PREFIX
-    tuner_layer_cls = FuRALayer
+    tuner_layer_cls = FuRALinear
     # The same defaults as LoRA (q and v projections), for a config without target_modules.
     target_module_mapping = TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING
 
@@ -55,7 +55,7 @@ class FuRAModel(BaseTuner):
     ) -> None:
         if parameter_name is not None:
             raise NotImplementedError(f"FuRA adapts layers, not parameters; got target_parameters for {current_key!r}")
-        if isinstance(target, FuRALayer):
+        if isinstance(target, FuRALinear):
             target.update_layer(adapter_name, peft_config)
         else:
             if not supports_base_layer(target):
@@ -64,7 +64,7 @@ class FuRAModel(BaseTuner):
                     "nn.Linear, bitsandbytes Linear4bit/Linear8bitLt and transformers' Conv1D"
                 )
             model_config = getattr(self.model, "config", None)
-            new_module = FuRALayer(
+            new_module = FuRALinear(
                 target, adapter_name, peft_config, module_name=current_key, model_config=model_config
             )
             if adapter_name not in self.active_adapters:
@@ -115,7 +115,7 @@ def _base_mismatch(model: nn.Module, adapter_name: str, state: dict[str, torch.T
     match; a fine-tuned checkpoint, or a quantised base against its original, do not), and the
     presence of its tensors."""
     for name, module in model.named_modules():
-        if not isinstance(module, FuRALayer) or adapter_name not in module.fura_R:
+        if not isinstance(module, FuRALinear) or adapter_name not in module.fura_R:
             continue
         key = f"{name}.fura_fingerprint.{adapter_name}"
         if key not in state:
@@ -138,7 +138,7 @@ def _roll_back_adapter(model: nn.Module, adapter_name: str, keep_config: bool = 
     """Remove a half-injected adapter: its entries in every layer, its config, and the FuRA
     wrappers left with no adapter at all (their base layers go back in place)."""
     for name, module in list(model.named_modules()):
-        if not isinstance(module, FuRALayer) or adapter_name not in module.fura_R:
+        if not isinstance(module, FuRALinear) or adapter_name not in module.fura_R:
             continue
         for attr in module.adapter_layer_names + module.other_param_names:
             container = getattr(module, attr)

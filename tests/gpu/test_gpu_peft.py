@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from fura_kernels import reference
-from fura_kernels.peft import FuRALayer, FuRAPeftConfig
+from fura_kernels.peft import FuRALinear, FuRAPeftConfig
 
 from ..helpers import assert_within_rule, max_rel_err, tiny_llama
 
@@ -24,7 +24,7 @@ def test_transform_layer_at_llama_widths(dtype, shape):
     torch.manual_seed(0)
     config = FuRAPeftConfig(input_factorization=factorization, progress_bar=False)
     base = nn.Linear(in_f, out_f, bias=False, device=DEVICE, dtype=dtype)
-    layer = FuRALayer(base, "default", config, module_name="proj")
+    layer = FuRALinear(base, "default", config, module_name="proj")
     r, s = layer.fura_R["default"], layer.fura_S["default"]
     with torch.no_grad():
         r.add_(0.02 * torch.randn_like(r))

@@ -1,4 +1,4 @@
-"""The transform form's layer (`fura_kernels.peft.FuRALayer`) with K1/K3 run by Triton's CPU
+"""The transform form's layer (`fura_kernels.peft.FuRALinear`) with K1/K3 run by Triton's CPU
 interpreter, against the float64 reference: output and every gradient, fp32/fp16/bf16, odd
 shapes, T = 1, T = 0, 3-D strided input. In a plain run (no TRITON_INTERPRET) it is skipped."""
 
@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from fura_kernels import reference
-from fura_kernels.peft import FuRALayer, FuRAPeftConfig
+from fura_kernels.peft import FuRALinear, FuRAPeftConfig
 from fura_kernels.triton import use_triton
 
 from ..helpers import DTYPE_IDS, assert_within_rule
@@ -35,7 +35,7 @@ def _layer(in_f, out_f, factorization, dtype):
     torch.manual_seed(0)
     base = nn.Linear(in_f, out_f).to(dtype)
     config = FuRAPeftConfig(input_factorization=factorization, progress_bar=False)
-    layer = FuRALayer(base, "default", config, module_name="proj")
+    layer = FuRALinear(base, "default", config, module_name="proj")
     with torch.no_grad():  # a trained adapter, not the identity it starts as
         layer.fura_R["default"].add_(0.05 * torch.randn_like(layer.fura_R["default"]))
         layer.fura_S["default"].mul_(1 + 0.2 * torch.randn_like(layer.fura_S["default"]))
