@@ -445,3 +445,33 @@ def test_the_transform_layer_compiles_without_graph_breaks():
     for name, p in model.named_parameters():
         if name in grads:
             assert max_rel_err(p.grad, grads[name]) <= 1e-5, name
+
+
+def test_the_qlora_path_bitsandbytes_config_prepare_and_get_peft_model(tmp_path):
+    """What a QLoRA user runs: from_pretrained(quantization_config=BitsAndBytesConfig(load_in_4bit=True)),
+    prepare_model_for_kbit_training, get_peft_model; then save and PeftModel.from_pretrained."""
+    pytest.importorskip("bitsandbytes")
+    from peft import prepare_model_for_kbit_training
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    tiny_llama(intermediate_size=128).save_pretrained(tmp_path / "base")
+    quant = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                               bnb_4bit_compute_dtype=torch.float32)  # fmt: skip
+
+    def quantised_base():
+        return AutoModelForCausalLM.from_pretrained(tmp_path / "base", quantization_config=quant, device_map="cpu")
+
+    def logits(model):  # in train mode: bitsandbytes' CPU inference kernel (eval, no grad) computes in bf16
+        model.train()
+        return _logits(model)
+
+    base = quantised_base()
+    reference = logits(base)
+    model = get_peft_model(prepare_model_for_kbit_training(base),
+                           FuRAPeftConfig(target_modules="all-linear", progress_bar=False))  # fmt: skip
+    assert max_rel_err(logits(model), reference) <= 1e-5
+    _train(model, steps=2)
+    trained = logits(model)
+    assert max_rel_err(trained, reference) > 1e-3
+    model.save_pretrained(tmp_path / "adapter")
+    assert torch.equal(logits(PeftModel.from_pretrained(quantised_base(), tmp_path / "adapter")), trained)
