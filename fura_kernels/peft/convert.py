@@ -75,9 +75,9 @@ def fura_to_peft(model: nn.Module, adapter_name: str = "default", task_type: str
     except Exception:
         for name, layer in layers.items():  # put the FuRA layers back where they were
             parent, attr = split_name(model, name)
-            if hasattr(model, "peft_config"):
-                del model.peft_config
             setattr(parent, attr, layer)
+        if hasattr(model, "peft_config"):
+            del model.peft_config
         raise
     config._awaiting_saved_tensors = False
     return peft_model

@@ -140,12 +140,7 @@ def _roll_back_adapter(model: nn.Module, adapter_name: str, keep_config: bool = 
     for name, module in list(model.named_modules()):
         if not isinstance(module, FuRALinear) or adapter_name not in module.fura_R:
             continue
-        for attr in module.adapter_layer_names + module.other_param_names:
-            container = getattr(module, attr)
-            if adapter_name in container:
-                del container[adapter_name]
-        module.block_shapes.pop(adapter_name, None)
-        module.awaiting_saved_tensors.discard(adapter_name)
+        module.delete_adapter(adapter_name)
         if not module.fura_R:
             parent_name, _, child = name.rpartition(".")
             parent = model.get_submodule(parent_name) if parent_name else model

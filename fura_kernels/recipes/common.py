@@ -107,6 +107,20 @@ def fura_peft_model(model, target_modules, quantize_base: bool, progress: bool =
     return model
 
 
+def check_method_flags(recipe: str, args: Any) -> None:
+    """The combinations of `--method`, `--peft-form` and `--merge` a recipe refuses before it loads
+    anything: `--peft-form` outside FuRA, and `--merge` onto a 4-bit base (QLoRA's, or QFuRA's in
+    the PEFT form), which PEFT cannot merge into on every device."""
+    if args.peft_form and args.method not in ("fura", "qfura"):
+        raise SystemExit(f"{recipe}: --peft-form applies to --method fura or qfura, not {args.method!r}")
+    if args.merge and (args.method == "qlora" or (args.method == "qfura" and args.peft_form)):
+        raise SystemExit(
+            f"{recipe}: --merge with --method {args.method}{' --peft-form' if args.peft_form else ''} is not "
+            "supported: PEFT cannot merge into a 4-bit base on every device. Save the adapter (the default) and "
+            "merge it onto the bf16 base with PEFT instead."
+        )
+
+
 def is_peft_model(model) -> bool:
     """A PEFT model (LoRA, QLoRA, or FuRA in the PEFT form): PEFT saves and merges it."""
     return hasattr(model, "peft_config") and callable(getattr(model, "merge_and_unload", None))

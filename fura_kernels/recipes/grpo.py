@@ -36,6 +36,7 @@ from .baselines import quantize_linears_bnb
 from .common import (
     PEFT_FORM_HELP,
     RecipeInputError,
+    check_method_flags,
     check_paths,
     fura_peft_model,
     read_json,
@@ -270,14 +271,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
     check_installed(("trl", "math_verify", "datasets", "peft"), "rl", "python -m fura_kernels.recipes.grpo")
-    if args.peft_form and args.method not in ("fura", "qfura"):
-        raise SystemExit(f"grpo: --peft-form applies to --method fura or qfura, not {args.method!r}")
-    if (args.method == "qlora" or (args.method == "qfura" and args.peft_form)) and args.merge:
-        raise SystemExit(
-            f"grpo: --merge with --method {args.method}{' --peft-form' if args.peft_form else ''} is not supported "
-            "(PEFT cannot merge into a 4-bit base on every "
-            "device); save the adapter and merge it onto the bf16 base with PEFT"
-        )
+    check_method_flags("grpo", args)
     return run_main("grpo", train, args)
 
 

@@ -30,6 +30,7 @@ from .baselines import quantize_linears_bnb
 from .common import (
     PEFT_FORM_HELP,
     RecipeInputError,
+    check_method_flags,
     check_paths,
     check_string_fields,
     enable_activation_checkpointing,
@@ -310,14 +311,7 @@ def main(argv: list[str] | None = None) -> dict:
     peft_needed = args.method in ("lora", "qlora") or args.peft_form
     check_installed(("accelerate", "peft") if peft_needed else ("accelerate",), "sft",
                     "python -m fura_kernels.recipes.sft")  # fmt: skip
-    if args.peft_form and args.method not in ("fura", "qfura"):
-        raise SystemExit(f"sft: --peft-form applies to --method fura or qfura, not {args.method!r}")
-    if (args.method == "qlora" or (args.method == "qfura" and args.peft_form)) and args.merge:
-        raise SystemExit(
-            f"sft: --merge with --method {args.method}{' --peft-form' if args.peft_form else ''} is not supported: "
-            "PEFT cannot merge into a 4-bit base on every "
-            "device. Save the adapter (the default) and merge it onto the bf16 base with PEFT instead."
-        )
+    check_method_flags("sft", args)
     return run_main("sft", train, args)
 
 

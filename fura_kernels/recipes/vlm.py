@@ -32,6 +32,7 @@ from ..optional import check_installed
 from .common import (
     PEFT_FORM_HELP,
     RecipeInputError,
+    check_method_flags,
     check_paths,
     fura_peft_model,
     read_json,
@@ -234,11 +235,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
     check_installed(("accelerate", "peft", "PIL"), "vlm", "python -m fura_kernels.recipes.vlm")
-    if args.peft_form and args.method not in ("fura", "qfura"):
-        raise SystemExit(f"vlm: --peft-form applies to --method fura or qfura, not {args.method!r}")
-    if args.method == "qfura" and args.peft_form and args.merge:
-        raise SystemExit("vlm: --merge with --method qfura --peft-form is not supported (a 4-bit base would be "
-                         "quantised again); save the adapter and merge it onto the bf16 base with PEFT")  # fmt: skip
+    check_method_flags("vlm", args)
     return run_main("vlm", train, args)
 
 
