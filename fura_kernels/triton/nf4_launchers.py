@@ -73,19 +73,29 @@ def fused_tiles(major: int) -> FusedTiles:
 NF4_TARGET_PROGRAMS = 512
 NF4_MAX_SPLITS = 16
 NF4_MIN_SPLIT = 512
-# Decode kernels (T <= DECODE_BLOCK_T). `a · Lt^T`: DECODE_ROWS rows a program and DECODE_K
-# values (512 bytes a row) a step, so 4 warps load 16 bytes a thread; 4096 rows make 1024
-# programs. `a · Lt`: DECODE_T_K columns (128 bytes a row) by DECODE_T_ROWS rows a step, so 8
-# warps load 16 bytes a thread, N split for about NF4_TARGET_PROGRAMS programs. (With 4 warps
-# and 16 rows a step, the fp16 T = 1 kernel reloads a spilled register in its loop under
-# Triton 3.9; 8 warps and 32 rows compile clean under 3.6-3.9, at most 194 registers.)
-DECODE_BLOCK_T = 4
+# Decode kernels (T <= 4, nf4_kernels.py): the token count is compiled in (1, 2 or 4), so T = 1
+# computes one product per weight. `a · Lt^T`: 4 rows a program (N / 4 programs: 1024 on a
+# 4096-row core), one scale block a thread per step; the warps are the most of 4, 2, 1 whose
+# 32 * warps blocks divide a row, so no step is partly masked (K = 4096: 2 warps; 14336: 1).
+# `a · Lt`: a strip of 32 columns a program, DECODE_T_WARPS * 32 rows a step (one a thread),
+# the rows split for about NF4_TARGET_PROGRAMS programs.
 DECODE_ROWS = 4
-DECODE_K = 1024
-DECODE_WARPS = 4
-DECODE_T_ROWS = 32
-DECODE_T_K = 256
-DECODE_T_WARPS = 8
+DECODE_T_WARPS = 4
+DECODE_T_STRIP = 32
+
+
+def decode_token_block(tokens: int) -> int:
+    """The decode kernels' token block: the real T, rounded up to 1, 2 or 4."""
+    return 1 if tokens == 1 else 2 if tokens == 2 else 4
+
+
+def decode_warps(blocks_per_row: int) -> tuple[int, bool]:
+    """(warps, whether every step is whole) of the `a · Lt^T` decode kernel for rows of
+    `blocks_per_row` scale blocks."""
+    for warps in (4, 2, 1):
+        if blocks_per_row % (32 * warps) == 0:
+            return warps, True
+    return 1, False
 
 
 @functools.cache
@@ -153,35 +163,41 @@ def triton_nf4_matmul(a: torch.Tensor, state: NF4Tensor, transpose: bool) -> tor
 
 def decode_splits(rows: int, cols: int) -> tuple[int, int]:
     """(rows per split, split count) of the `a @ Lt` decode kernel: a function of the shape."""
-    tiles = triton.cdiv(cols, DECODE_T_K)
-    wanted = max(1, min(triton.cdiv(NF4_TARGET_PROGRAMS, tiles), triton.cdiv(rows, DECODE_T_ROWS)))
-    per_split = triton.cdiv(triton.cdiv(rows, wanted), DECODE_T_ROWS) * DECODE_T_ROWS
+    strips = cols // DECODE_T_STRIP
+    step = 32 * DECODE_T_WARPS
+    wanted = max(1, min(triton.cdiv(NF4_TARGET_PROGRAMS, strips), triton.cdiv(rows, step)))
+    per_split = triton.cdiv(triton.cdiv(rows, wanted), step) * step
     return per_split, triton.cdiv(rows, per_split)
 
 
 def triton_nf4_decode(a: torch.Tensor, state: NF4Tensor, transpose: bool) -> torch.Tensor:
-    """The decode kernels (T <= DECODE_BLOCK_T), one launch each: `a @ Lt^T`, or `a @ Lt`."""
+    """The decode kernels (T <= 4), one launch each: `a @ Lt^T`, or `a @ Lt`."""
     rows, cols = state.shape
     tokens = a.shape[0]
     nested_code, nested_absmax, offset = _scale_args(state, a.device)
-    meta = dict(BLOCK_T=DECODE_BLOCK_T, DOUBLE_QUANT=state.double_quant, L_DTYPE=DTYPE_NAMES.get(state.dtype, "fp32"))
-    if not autotuning.INTERPRET:
-        meta["num_warps"] = DECODE_T_WARPS if transpose else DECODE_WARPS
-    scales = (state.absmax, nested_code, nested_absmax, offset)
+    l_dtype = DTYPE_NAMES.get(state.dtype, "fp32")
+    # Byte-permute decoding is PTX (GPU only) and looks up 16-bit values (bf16 and fp16 cores).
+    meta = dict(BLOCK_T=decode_token_block(tokens), DOUBLE_QUANT=state.double_quant, L_DTYPE=l_dtype,
+                PERMUTE=not autotuning.INTERPRET and l_dtype != "fp32")  # fmt: skip
+    scales = (state.absmax, levels(a.device), nested_code, nested_absmax, offset)
     if not transpose:
         y = torch.empty((tokens, rows), dtype=a.dtype, device=a.device)
+        warps, even = decode_warps(cols // 64)
+        launch = {} if autotuning.INTERPRET else {"num_warps": warps}
+        a_vec = 16 // a.element_size() if a.stride(1) == 1 else 1
         nf4_decode_kernel[(triton.cdiv(rows, DECODE_ROWS),)](
-            a, state.packed, *scales, y, tokens, rows, cols, cols // 2, *a.stride(), *y.stride(),
-            BLOCK_N=DECODE_ROWS, BLOCK_K=DECODE_K, **meta,
+            a, state.packed, *scales, y, tokens, rows, cols // 64, *a.stride(), *y.stride(),
+            GROUPS=32 * warps, EVEN_K=even, A_VEC=a_vec, **meta, **launch,
         )  # fmt: skip
         return y
     out = torch.empty((tokens, cols), dtype=a.dtype, device=a.device)
     per_split, splits = decode_splits(rows, cols)
-    tiles = triton.cdiv(cols, DECODE_T_K)
-    partial = torch.empty((splits, DECODE_BLOCK_T, cols), dtype=torch.float32, device=a.device)
-    counters = counters_for(tiles, a.device)
-    nf4_decode_t_kernel[(tiles, splits)](
-        a, state.packed, *scales, partial, counters, out, tokens, rows, cols, cols // 2, per_split, splits,
-        *a.stride(), *out.stride(), BLOCK_N=DECODE_T_ROWS, BLOCK_K=DECODE_T_K, **meta,
+    strips = cols // DECODE_T_STRIP
+    partial = torch.empty((splits, meta["BLOCK_T"], cols), dtype=torch.float32, device=a.device) if splits > 1 else out
+    counters = counters_for(strips, a.device)
+    launch = {} if autotuning.INTERPRET else {"num_warps": DECODE_T_WARPS}
+    nf4_decode_t_kernel[(strips, splits)](
+        a, state.packed, *scales, partial, counters, out, tokens, rows, cols // 64, per_split, splits, *a.stride(),
+        *out.stride(), BLOCK_N=32 * DECODE_T_WARPS, **meta, **launch,
     )  # fmt: skip
     return out

@@ -50,7 +50,9 @@ def nf4_path(state: NF4Tensor, tokens: int, a: torch.Tensor) -> str:
         return "torch"
     if tokens <= SMALL_T_MAX and tokens > 0:
         if state.shape[1] % state.blocksize == 0:
-            return "decode" if tokens <= DECODE_MAX_T else "fused"
+            # The decode kernels read the codes as 32-bit words.
+            decode = tokens <= DECODE_MAX_T and state.packed.data_ptr() % 4 == 0
+            return "decode" if decode else "fused"
         if state.shape not in _WARNED:
             _WARNED.add(state.shape)
             warnings.warn(

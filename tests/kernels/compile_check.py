@@ -58,18 +58,28 @@ class CompiledKernel:
         return self.stack_bytes > 0 or self.local_bytes > 0
 
     @property
-    def local_accesses_in_loops(self) -> list[str]:
-        """Local-memory loads and stores (spill traffic) inside a loop of the machine code: a
-        loop is the span from a backward branch's target to the branch (FURA_SPEC.md §7)."""
-        code = [(int(m.group(1), 16), line) for line in self.sass.splitlines()
+    def loops(self) -> list[list[str]]:
+        """The machine code's loops, each as its instructions: a loop is the span from a backward
+        branch's target to the branch (FURA_SPEC.md §7)."""
+        code = [(int(m.group(1), 16), line.strip()) for line in self.sass.splitlines()
                 if (m := re.search(r"/\*([0-9a-f]{4,})\*/\s+\S", line))]  # fmt: skip
-        loops = []
+        spans = []
         for address, line in code:
             branch = re.search(r"\bBRA\b[^;]*?0x([0-9a-f]+)", line)
             if branch and int(branch.group(1), 16) <= address:
-                loops.append((int(branch.group(1), 16), address))
-        return [line.strip() for address, line in code if re.search(r"\b(LDL|STL)\b", line)
-                and any(start <= address <= end for start, end in loops)]  # fmt: skip
+                spans.append((int(branch.group(1), 16), address))
+        return [[line for address, line in code if start <= address <= end] for start, end in spans]
+
+    @property
+    def main_loop(self) -> list[str]:
+        """The longest loop: a kernel's hot loop (the others are epilogues, such as a sum of
+        split partials)."""
+        return max(self.loops, key=len, default=[])
+
+    @property
+    def local_accesses_in_loops(self) -> list[str]:
+        """Local-memory loads and stores (spill traffic) inside a loop of the machine code."""
+        return [line for loop in self.loops for line in loop if re.search(r"\b(LDL|STL)\b", line)]
 
 
 @dataclass

@@ -194,6 +194,71 @@ def test_nf4_decode_compiles(arch, kernel):
         _check(compiled, what, mma=False)
 
 
+# The decode kernels as a Llama-3-8B layer launches them: cores with rows of K = 4096 values (q,
+# k, v, o, gate, up: 64 scale blocks a row, two warps a program) and 14336 (down: 224 blocks, one
+# warp), 256 rows tall so that the `a @ Lt` kernel splits its rows.
+DECODE_SHAPES = {4096: (32, 128), 14336: (112, 128)}
+DECODE_ROWS = 256
+# Issue slots a weight may take in a decode kernel's main loop, by token block (T = 1, 2, 3-4).
+# At 0.52 bytes a weight, an H100 (3.35 TB/s, 132 SMs x 4 schedulers x 1.98 GHz) keeps up with
+# the memory at about 5 instructions a weight; the target is 8 at T = 1 (the old kernels took
+# 37-49). Each further token adds one FMA a weight by construction, so T = 2 and 4 get ceilings
+# that catch a regression, not the target.
+SASS_CEILINGS = {
+    "nf4_decode_kernel": {1: 8.0, 2: 9.0, 4: 12.0},
+    "nf4_decode_t_kernel": {1: 9.0, 2: 10.0, 4: 13.0},
+}
+
+
+@functools.cache
+def llama_decode_launches(arch: int) -> tuple[cc.Launch, ...]:
+    launches = []
+    for dtype in DTYPES:
+        for tokens in (1, 2, 3):
+            for n, b in DECODE_SHAPES.values():
+                launches += [
+                    launch
+                    for launch in cc.qfura_step_launches(tokens, n, b, DECODE_ROWS, dtype, arch)
+                    if launch.name.startswith("nf4_decode")
+                ]
+    return tuple(cc.distinct(launches))
+
+
+def _weights_per_iteration(launch: cc.Launch) -> int:
+    """NF4 weights one thread decodes in one iteration of the kernel's main loop (the kernels'
+    docstrings): `a @ Lt^T` takes 4 rows x GROUPS blocks of 64 a step over 32 * warps threads;
+    `a @ Lt` one row of a 32-column strip a thread."""
+    spec = _spec(launch)
+    threads = 32 * launch.kwargs["num_warps"]
+    if launch.name == "nf4_decode_kernel":
+        return 4 * 64 * spec.constexprs["GROUPS"] // threads
+    return spec.constexprs["BLOCK_N"] * 32 // threads
+
+
+@pytest.mark.parametrize("arch", ARCHS, ids=lambda a: f"sm{a}")
+def test_nf4_decode_sass_instructions_per_weight(arch, capsys):
+    """The decode kernels' main loops, counted in the machine code (Triton's own ptxas and
+    cuobjdump): instructions per NF4 weight, at most 8 for `a @ Lt^T` at T = 1 on sm_90 and sm_80.
+    Printed per kernel, dtype, K and token block (`pytest tests/kernels -k sass`)."""
+    import triton
+
+    launches = llama_decode_launches(arch)
+    assert {launch.name for launch in launches} == set(SASS_CEILINGS)
+    over = []
+    for launch in launches:
+        compiled = cc.compile_launch(launch, arch)
+        block_t = _spec(launch).constexprs["BLOCK_T"]
+        per_weight = len(compiled.main_loop) / _weights_per_iteration(launch)
+        ceiling = SASS_CEILINGS[launch.name][block_t]
+        line = (f"triton {triton.__version__} sm_{arch} {_describe(launch)}: {len(compiled.main_loop)} instructions "
+                f"a loop iteration, {per_weight:.2f} per weight (at most {ceiling})")  # fmt: skip
+        with capsys.disabled():
+            print(line)
+        if per_weight > ceiling:
+            over.append(line)
+    assert not over, "\n".join(over)
+
+
 def _ttir_between_store_and_ticket(ttir: str) -> str:
     """The TTIR between the last store before the arrival ticket (`tt.atomic_rmw`) and the ticket."""
     ticket = ttir.index("tt.atomic_rmw")
@@ -214,8 +279,8 @@ def test_partials_are_ordered_before_the_arrival_ticket(family, kernel):
     source's own barrier) and in the PTX (a `bar.sync` between the stores and the atomic)."""
     import triton
 
-    launches = fura_launches() if family == "fura" else qfura_launches()
-    launch = _of(launches, kernel)[0]
+    launches = fura_launches() if family == "fura" else llama_decode_launches(90)
+    launch = next(launch for launch in _of(launches, kernel) if _spec(launch).signature["n_splits"] != "constexpr")
     config = autotuning.K3_CONFIGS_HOPPER[0] if family == "fura" else None
     source, options = cc.source(launch, HOPPER, config)
     compiled = triton.compile(source, target=HOPPER, options=options)

@@ -49,24 +49,39 @@ def test_dequantize_matches_bitsandbytes(shape, double_quant):
     assert view.data_ptr() == buffer.data_ptr() and torch.equal(view, ours32) and (buffer[-50:] == 7.0).all()
 
 
+# (activation dtype, tokens, rows, cols, double quantisation, core dtype) and the directions it
+# runs in. The `a @ Lt^T` kernel takes 4 rows a program and 32 * warps scale blocks a step:
+# 37 rows end in a partial program; 1152 columns are 18 blocks, one step with a masked tail;
+# 6144 are 96, three whole steps (no masks); 320 are 5. The `a @ Lt` kernel takes 32-column
+# strips and 128 rows a step: 130 rows make two splits (the second of 2 rows), reduced by the
+# last program of each strip.
+BOTH, FORWARD, TRANSPOSED = (False, True), (False,), (True,)
 DECODE_CASES = [
-    # (dtype, tokens, rows, cols, double_quant). (100, 1152): rows not a tile multiple, 18 scale
-    # blocks, a 1024-value K tile half masked; (37, 320): 5 scale blocks; (300, 2112): several
-    # N splits of the a @ Lt kernel, reduced by the last program.
-    (torch.bfloat16, 1, 100, 1152, True),
-    (torch.bfloat16, 4, 300, 2112, True),
-    (torch.float16, 3, 37, 320, True),
-    (torch.float32, 2, 100, 1152, False),
-    (torch.bfloat16, 4, 37, 320, False),
+    ((torch.bfloat16, 1, 37, 1152, True, torch.bfloat16), BOTH),
+    ((torch.bfloat16, 2, 130, 320, True, torch.bfloat16), TRANSPOSED),
+    ((torch.bfloat16, 1, 6, 6144, True, torch.bfloat16), FORWARD),
+    ((torch.float16, 3, 37, 320, True, torch.bfloat16), BOTH),
+    ((torch.float32, 2, 21, 1152, False, torch.bfloat16), BOTH),
+    ((torch.bfloat16, 4, 9, 320, False, torch.bfloat16), BOTH),
+    ((torch.float16, 2, 37, 1152, True, torch.float16), BOTH),
+    ((torch.bfloat16, 1, 21, 320, False, torch.float32), BOTH),
 ]
 
 
-@pytest.mark.parametrize("transpose", [False, True], ids=["a@Lt^T", "a@Lt"])
-@pytest.mark.parametrize("case", DECODE_CASES, ids=lambda c: f"{DTYPE_IDS[c[0]]}-T{c[1]}-{c[2]}x{c[3]}-dq{int(c[4])}")
+def _decode_id(case) -> str:
+    dtype, tokens, rows, cols, double_quant, core = case
+    return f"{DTYPE_IDS[dtype]}-T{tokens}-{rows}x{cols}-dq{int(double_quant)}-core_{DTYPE_IDS[core]}"
+
+
+@pytest.mark.parametrize(
+    "case, transpose",
+    [pytest.param(case, transpose, id=f"{_decode_id(case)}-{'a@Lt' if transpose else 'a@Lt^T'}")
+     for case, directions in DECODE_CASES for transpose in directions],
+)  # fmt: skip
 def test_decode_kernels(case, transpose):
     """T <= 4: CUDA-core kernels, one launch each, against bitsandbytes' dequantisation + float64."""
-    dtype, tokens, rows, cols, double_quant = case
-    state, packed, bnb_state = _bnb_state(rows, cols, torch.bfloat16, double_quant)
+    dtype, tokens, rows, cols, double_quant, core = case
+    state, packed, bnb_state = _bnb_state(rows, cols, core, double_quant)
     a = torch.randn(tokens, rows if transpose else cols).to(dtype)
     assert nf4_path(state, tokens, a) == "decode"
     dense64 = bnb_functional.dequantize_4bit(packed, bnb_state).double()
