@@ -82,6 +82,10 @@ NF4_MIN_SPLIT = 512
 DECODE_ROWS = 4
 DECODE_T_WARPS = 4
 DECODE_T_STRIP = 32
+# Decode NF4 by byte permutes (PTX) on the GPU; off, the kernels read the level table and round
+# in Triton instead (the interpreter's path: the same weights, far more instructions). A switch
+# so that the GPU tier can check the two paths give the same bits.
+BYTE_PERMUTE = True
 
 
 def decode_token_block(tokens: int) -> int:
@@ -178,7 +182,7 @@ def triton_nf4_decode(a: torch.Tensor, state: NF4Tensor, transpose: bool) -> tor
     l_dtype = DTYPE_NAMES.get(state.dtype, "fp32")
     # Byte-permute decoding is PTX (GPU only) and looks up 16-bit values (bf16 and fp16 cores).
     meta = dict(BLOCK_T=decode_token_block(tokens), DOUBLE_QUANT=state.double_quant, L_DTYPE=l_dtype,
-                PERMUTE=not autotuning.INTERPRET and l_dtype != "fp32")  # fmt: skip
+                PERMUTE=BYTE_PERMUTE and not autotuning.INTERPRET and l_dtype != "fp32")  # fmt: skip
     scales = (state.absmax, levels(a.device), nested_code, nested_absmax, offset)
     if not transpose:
         y = torch.empty((tokens, rows), dtype=a.dtype, device=a.device)

@@ -8,7 +8,8 @@ launch-to-launch state.
   counters and the NF4 level table must not live in that pool, where a later graph would
   overwrite them.
 - The NF4 decode kernels at T = 2, 3 and 4 (T = 1 and the tensor-core range are in
-  test_gpu_qfura.py) at Llama-3-8B sizes.
+  test_gpu_qfura.py) at Llama-3-8B sizes, and their byte-permute decoding (PTX, which no CPU
+  tier runs) against their table path, bit for bit.
 - Determinism: the same inputs give the same bits over many launches (K3's split reduction and
   the NF4 decode reduction sum in a fixed order).
 
@@ -122,6 +123,22 @@ def test_decode_kernels_at_two_to_four_tokens(shape, transpose, tokens):
     same = a @ dense if transpose else a @ dense.t()
     ref = a.double() @ dense.double() if transpose else a.double() @ dense.double().t()
     assert_within_rule(ours, same, ref, BF16, f"NF4 decode {shape} T={tokens} transpose={transpose}")
+
+
+@pytest.mark.parametrize("tokens", [1, 2, 4])
+@pytest.mark.parametrize("transpose", [False, True], ids=["a@Lt^T", "a@Lt"])
+@pytest.mark.parametrize("core", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+def test_decode_by_byte_permutes_gives_the_table_paths_bits(monkeypatch, core, transpose, tokens):
+    from fura_kernels.triton import nf4_launchers
+
+    bnb_functional = pytest.importorskip("bitsandbytes.functional")
+    w = torch.randn(4096, 4096, device=DEVICE, dtype=core) / 64
+    packed, state = bnb_functional.quantize_4bit(w, blocksize=64, quant_type="nf4", compress_statistics=True)
+    nf4 = NF4Tensor.from_bnb(packed, state)
+    a = torch.randn(tokens, 4096, device=DEVICE, dtype=BF16)
+    permuted = nf4_matmul(a, nf4, transpose=transpose)
+    monkeypatch.setattr(nf4_launchers, "BYTE_PERMUTE", False)
+    assert torch.equal(permuted, nf4_matmul(a, nf4, transpose=transpose))
 
 
 ITERATIONS = 50

@@ -5,6 +5,7 @@ Runs in the kernel tier (`TRITON_INTERPRET=1`, `bash .ci/run`); skipped otherwis
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import threading
 import warnings
@@ -99,6 +100,21 @@ def test_decode_kernel_reads_strided_activations():
     dense64 = bnb_functional.dequantize_4bit(packed, bnb_state).double()
     assert_within_rule(nf4_matmul(a, state), a @ dense64.to(a.dtype).t(), a.double() @ dense64.t(), torch.bfloat16,
                        "strided")  # fmt: skip
+
+
+def test_a_core_not_aligned_to_words_takes_the_fused_kernel():
+    """The decode kernels read the codes as 32-bit words; a packed buffer at an odd address (a
+    view into a larger buffer) goes to the fused kernel, which reads bytes, and gives the same
+    product."""
+    state, packed, bnb_state = _bnb_state(8, 128, torch.bfloat16, True)
+    odd = torch.zeros(state.packed.numel() + 1, dtype=torch.uint8)[1:].view_as(state.packed)
+    odd.copy_(state.packed)
+    shifted = dataclasses.replace(state, packed=odd)
+    a = torch.randn(1, 128).to(torch.bfloat16)
+    assert nf4_path(state, 1, a) == "decode" and nf4_path(shifted, 1, a) == "fused"
+    dense64 = bnb_functional.dequantize_4bit(packed, bnb_state).double()
+    assert_within_rule(nf4_matmul(a, shifted), a @ dense64.to(a.dtype).t(), a.double() @ dense64.t(), torch.bfloat16,
+                       "misaligned core")  # fmt: skip
 
 
 @pytest.mark.parametrize("transpose", [False, True], ids=["a@Lt^T", "a@Lt"])
