@@ -27,18 +27,18 @@ nested_absmax[i // 256] + offset`, where `i` is the 64-value block of the flatte
 
 from __future__ import annotations
 
-import os
 import struct
 
 import triton
 import triton.language as tl
 
 from ..nf4 import NF4_LEVELS
+from .autotuning import INTERPRET
 
 # Triton's CPU interpreter runs no PTX (`inline_asm_elementwise`) and its fp32 -> bf16 cast
 # truncates (FURA_SPEC.md §7): there, the kernels take the portable path, which gives the same
-# bits. It is read when Triton is imported, as the interpreter itself is.
-_INTERPRETING = tl.constexpr(os.environ.get("TRITON_INTERPRET") == "1")
+# bits.
+_INTERPRETING = tl.constexpr(INTERPRET)
 
 
 @triton.jit
