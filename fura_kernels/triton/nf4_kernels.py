@@ -493,8 +493,8 @@ def nf4_decode_kernel(
     activations, which the thread reads once for its 4 rows. Each thread keeps its products
     (per row and token) in registers for the whole of K; threads are summed once at the end. No
     partials, no second pass. EVEN_K: blocks_per_row is a multiple of GROUPS (no tail). Rows past
-    N re-read row N - 1, and tail blocks re-read the last block with zero activations, so no load
-    of codes or scales needs a mask.
+    N re-read row N - 1, and tail blocks re-read the last block with zero activations and a zero
+    scale, so the loads of codes need no mask.
     """
     row0 = tl.program_id(0) * 4
     r0 = tl.minimum(row0, N - 1).to(tl.int64)
