@@ -42,7 +42,9 @@ from ..factorization import (
     resolve_roles,
     weight_fingerprint,
 )
+from ..triton import segmented_block_transform
 from .config import FuRAPeftConfig
+from .mixed import BASE_ADAPTER, MapFamily, MixedBatch, ServingMaps, source_key
 
 
 def _is_conv1d(module: nn.Module) -> bool:
@@ -122,6 +124,7 @@ class FuRALinear(nn.Module, BaseTunerLayer):
         self.awaiting_saved_tensors: set[str] = set()
         self._disable_adapters = False
         self.merged_adapters: list[str] = []
+        self.serving_maps: ServingMaps | None = None  # mixed-batch maps, built on first use
         self._register_load_state_dict_pre_hook(_note_loaded_adapters, with_module=True)
         self.update_layer(adapter_name, config)
 
@@ -246,7 +249,11 @@ class FuRALinear(nn.Module, BaseTunerLayer):
             self.fura_R[adapter_name], self.fura_S[adapter_name], self.fura_V0[adapter_name], self.fura_S0[adapter_name]
         )
 
-    def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, *args: Any, fura_mixed_batch: MixedBatch | None = None, **kwargs: Any
+    ) -> torch.Tensor:
+        if fura_mixed_batch is not None:
+            return self._mixed_batch_forward(x, fura_mixed_batch, *args, **kwargs)
         if self.disable_adapters:
             if self.merged:
                 self.unmerge()
@@ -270,6 +277,96 @@ class FuRALinear(nn.Module, BaseTunerLayer):
         out = self.base_layer(x_transformed, *args, **kwargs)
         if adapter in self.fura_bias:
             out = out + self.fura_bias[adapter].to(out.dtype)
+        return out
+
+    # ----------------------------------------------------------------------------------------
+    # mixed-adapter batches (serving)
+
+    def _adapter_sources(self, name: str) -> list[torch.Tensor | None]:
+        return [self.fura_R[name], self.fura_S[name], self.fura_V0[name], self.fura_S0[name], self.fura_bias.get(name)]
+
+    @torch.no_grad()
+    def refresh_serving_maps(self) -> ServingMaps:
+        """The maps `M_k` of every loaded adapter, stacked per block shape, and their bias updates.
+
+        An adapter's map is computed once and kept until its tensors change (an optimizer step,
+        a load, a move to another device); then only that adapter's map is computed again. The
+        stack is fp32, as the single-adapter path reads `M` (`in * b` values per adapter)."""
+        names = sorted(name for name in self.fura_R if name not in self.awaiting_saved_tensors)
+        sources = {name: source_key(self._adapter_sources(name)) for name in names}
+        old = self.serving_maps
+        if old is not None and old.sources == sources:
+            return old
+        kept = {}
+        if old is not None:
+            for family in old.families:
+                for slot, name in enumerate(family.names):
+                    if old.sources.get(name) == sources.get(name):
+                        kept[name] = family.maps[slot]
+        by_shape: dict[tuple[int, int], list[str]] = {}
+        for name in names:
+            shape = self.block_shapes[name]
+            by_shape.setdefault((shape.n, shape.b), []).append(name)
+        families = [
+            MapFamily(
+                tuple(group), torch.stack([kept[name] if name in kept else self.transform_maps(name) for name in group])
+            )
+            for group in by_shape.values()
+        ]
+        bias_names = tuple(name for name in names if name in self.fura_bias)
+        bias = None
+        if bias_names:
+            rows = [self.fura_bias[name].float() for name in bias_names]
+            bias = torch.stack([*rows, torch.zeros_like(rows[0])])
+        self.serving_maps = ServingMaps(families, sources, bias, bias_names=bias_names)
+        return self.serving_maps
+
+    def _mixed_batch_forward(self, x: torch.Tensor, mixed: MixedBatch, *args: Any, **kwargs: Any) -> torch.Tensor:
+        """`base(x')` with each sequence `i` of the batch transformed by its own adapter's map
+        (`mixed.sequence_adapters[i]`; the base model's sequences and adapters this layer does
+        not hold pass unchanged), in one segmented launch, then the bias updates by sequence."""
+        if self.merged:
+            raise ValueError(
+                f"{self._where}: adapter(s) {self.merged_adapters} are merged into the base weight, so a mixed-adapter "
+                "batch would run them under every other adapter; unmerge first (model.unmerge_adapter())"
+            )
+        if self.disable_adapters:
+            raise ValueError(
+                f"{self._where}: adapters are disabled (disable_adapter()), but adapter_names asks for "
+                f"{sorted(mixed.used)}; pass adapter_names=['{BASE_ADAPTER}', ...] for the base model instead"
+            )
+        for name in mixed.used:
+            if name in self.fura_R:
+                self._check_loaded(name)
+        if x.shape[-1] != self.in_features:
+            raise ValueError(
+                f"{self._where}: input of shape {tuple(x.shape)}; expected last dimension {self.in_features}"
+            )
+        batch = mixed.batch_size
+        if x.dim() < 2 or x.shape[0] != batch:
+            raise ValueError(
+                f"{self._where}: input of shape {tuple(x.shape)} in a mixed-adapter batch of {batch} sequences "
+                f"(len(adapter_names) = {batch}); the first dimension must be the batch, one adapter name per sequence"
+            )
+        serving = self.serving_maps if self.serving_maps is not None else self.refresh_serving_maps()
+        if not any(name in mixed.used for family in serving.families for name in family.names):
+            return self.base_layer(x, *args, **kwargs)  # no sequence runs an adapter of this layer
+        device_type = x.device.type
+        if device_type != "meta" and torch.is_autocast_enabled(device_type):
+            x = x.to(torch.get_autocast_dtype(device_type))
+        routing = mixed.routing(x[0].numel() // self.in_features, x.device)
+        tokens = x.reshape(-1, self.in_features)
+        for family in serving.families:
+            _, n, b, _ = family.maps.shape
+            slots = family.slots_for(mixed.adapters)
+            transformed = segmented_block_transform(
+                tokens.reshape(-1, n, b), family.maps, routing.rows, routing.group_offsets, slots, routing.largest_group
+            )
+            tokens = transformed.reshape(-1, self.in_features)
+        out = self.base_layer(tokens.reshape(x.shape), *args, **kwargs)
+        if serving.bias is not None:
+            rows = serving.bias_rows_for(mixed.adapters)[routing.sequence_group]
+            out = out + serving.bias[rows].to(out.dtype).reshape(batch, *([1] * (out.dim() - 2)), -1)
         return out
 
     # ----------------------------------------------------------------------------------------
@@ -360,6 +457,7 @@ class FuRALinear(nn.Module, BaseTunerLayer):
 
     def delete_adapter(self, adapter_name: str) -> None:
         super().delete_adapter(adapter_name)
+        self.serving_maps = None  # drop its cached map now, not at the next mixed batch
         self.block_shapes.pop(adapter_name, None)
         self.awaiting_saved_tensors.discard(adapter_name)
 

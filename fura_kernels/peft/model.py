@@ -14,11 +14,13 @@ from typing import Any
 import torch
 from peft.tuners.tuners_utils import BaseTuner
 from peft.utils import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING
+from peft.utils.other import AuxiliaryTrainingWrapper
 from torch import nn
 from tqdm.auto import tqdm
 
 from .config import PREFIX, FuRAPeftConfig
 from .layer import FuRALinear, fingerprint_hex, supports_base_layer
+from .mixed import BASE_ADAPTER, MixedBatch
 
 
 class FuRAModel(BaseTuner):
@@ -76,14 +78,47 @@ class FuRAModel(BaseTuner):
 
     @contextmanager
     def _enable_peft_forward_hooks(self, *args: Any, **kwargs: Any):
-        """PEFT's per-request adapters (`model(..., adapter_names=[...])`, also through `generate`):
-        not implemented for FuRA yet, so refused rather than silently running the active adapter."""
-        if kwargs.get("adapter_names") is not None:
-            raise ValueError(
-                "FuRA: mixed-adapter batches (adapter_names=...) are not supported yet; use set_adapter(name) and run "
-                "each adapter's requests as their own batch"
+        """PEFT's mixed-adapter batches: `model(..., adapter_names=[...])` and `generate(...,
+        adapter_names=[...])` run sequence `i` with adapter `adapter_names[i]` (`"__base__"`: the
+        base model). Every FuRA layer gets one `MixedBatch` for the call (routing built once per
+        sequence length, shared by all layers) and refreshes its cached maps once, here; PEFT's
+        `modules_to_save` wrappers get the names, as for LoRA. Beam search and
+        `num_return_sequences` repeat each name as `generate` repeats each input."""
+        adapter_names = kwargs.get("adapter_names")
+        if adapter_names is None:
+            yield
+            return
+        if self.training:
+            raise ValueError("FuRA: adapter_names= runs a mixed-adapter batch for inference; call model.eval() first")
+        if isinstance(adapter_names, str) or not all(isinstance(name, str) for name in adapter_names):
+            raise TypeError(
+                f"FuRA: adapter_names must be a list of adapter names, one per sequence; got {adapter_names!r}"
             )
-        yield
+        layers = [module for module in self.model.modules() if isinstance(module, FuRALinear)]
+        adapters = tuple(sorted({name for layer in layers for name in layer.fura_R}))
+        unknown = sorted({name for name in adapter_names if name != BASE_ADAPTER} - set(adapters))
+        if unknown:
+            raise ValueError(
+                f"FuRA: adapter_names names adapter(s) {unknown} that this model does not have; its FuRA adapters are "
+                f"{list(adapters)} (and {BASE_ADAPTER!r} for the base model)"
+            )
+        expand = _generation_expansion(kwargs)
+        expanded = [name for name in adapter_names for _ in range(expand)]
+        mixed = MixedBatch(expanded, adapters)
+        for layer in layers:
+            layer.refresh_serving_maps()
+        handles = []
+        try:
+            handles += _inject(self.model, FuRALinear, fura_mixed_batch=mixed)
+            handles += _inject(self.model, AuxiliaryTrainingWrapper, adapter_names=expanded)
+            encoder = _encoder(self.model)
+            if expand > 1 and encoder is not None:  # the encoder runs on the inputs before generate repeats them
+                handles += _inject(encoder, FuRALinear, fura_mixed_batch=MixedBatch(list(adapter_names), adapters))
+                handles += _inject(encoder, AuxiliaryTrainingWrapper, adapter_names=list(adapter_names))
+            yield
+        finally:
+            for handle in handles:
+                handle.remove()
 
     def _replace_module(self, parent: nn.Module, child_name: str, new_module: nn.Module, child: nn.Module) -> None:
         """Put `new_module` in place. BaseTuner's version copies `weight` onto anything without a
@@ -148,3 +183,33 @@ def _roll_back_adapter(model: nn.Module, adapter_name: str, keep_config: bool = 
     peft_config = getattr(model, "peft_config", None)
     if isinstance(peft_config, dict) and not keep_config:
         peft_config.pop(adapter_name, None)
+
+
+def _generation_expansion(kwargs: dict[str, Any]) -> int:
+    """How many rows `generate` makes of each input: `max(num_beams, num_return_sequences)`, read
+    from the call's arguments or its `generation_config` (a model's default config that asks for
+    more is not read; its rows then fail the layers' batch check by name, never run misrouted)."""
+    config = kwargs.get("generation_config")
+
+    def setting(name: str) -> int:
+        value = kwargs.get(name, getattr(config, name, None))
+        return int(value) if value else 1
+
+    return max(setting("num_beams"), setting("num_return_sequences"))
+
+
+def _inject(root: nn.Module, kind: type, **values: Any) -> list:
+    """Forward pre-hooks that pass `values` as keyword arguments to every `kind` module under `root`."""
+
+    def hook(module, args, kwargs):
+        kwargs.update(values)
+        return args, kwargs
+
+    return [m.register_forward_pre_hook(hook, with_kwargs=True) for m in root.modules() if isinstance(m, kind)]
+
+
+def _encoder(model: nn.Module) -> nn.Module | None:
+    """An encoder-decoder model's encoder (transformers 5 returns the model itself when there is none)."""
+    get_encoder = getattr(model, "get_encoder", None)
+    encoder = get_encoder() if callable(get_encoder) else None
+    return None if encoder is None or encoder is model else encoder

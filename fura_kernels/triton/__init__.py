@@ -1,6 +1,7 @@
 """Block-diagonal kernels under the FuRA autograd Function: tensors in, tensors out.
 
-- `kernels.py`: the Triton kernels K1 (block-diagonal matmul) and K3 (its fused backward);
+- `kernels.py`: the Triton kernels K1 (block-diagonal matmul), K3 (its fused backward) and the
+  segmented transform (many adapters' maps over one mixed batch);
 - `autotuning.py`: their configs, pruning, T buckets and the deterministic split of T;
 - `launchers.py`: Python launchers of the kernels;
 - `block_diag.py`: the PyTorch implementations (CPU, float64, fallback);
@@ -10,6 +11,12 @@ Launchers here never see autograd state.
 """
 
 from .block_diag import accumulate_dtype
-from .ops import block_diag_matmul, block_diag_matmul_backward, use_triton
+from .ops import block_diag_matmul, block_diag_matmul_backward, segmented_block_transform, use_triton
 
-__all__ = ["accumulate_dtype", "block_diag_matmul", "block_diag_matmul_backward", "use_triton"]
+__all__ = [
+    "accumulate_dtype",
+    "block_diag_matmul",
+    "block_diag_matmul_backward",
+    "segmented_block_transform",
+    "use_triton",
+]

@@ -72,3 +72,27 @@ def torch_block_diag_backward(
         if compute_grad_scale:
             grad_scale = (g * w.to(acc)).sum(dim=1).to(scale.dtype)
     return grad_x, grad_w, grad_scale
+
+
+def torch_segmented_block_transform(
+    x: torch.Tensor,
+    maps: torch.Tensor,
+    rows: torch.Tensor,
+    group_offsets: torch.Tensor,
+    group_slots: torch.Tensor,
+) -> torch.Tensor:
+    """Many adapters over one batch: `y[t, j] = x[t, j] @ maps[slot(t), j]`, or `x[t, j]` where
+    the token's group has slot -1. x (T, nblk, k); maps (A, nblk, k, k); group `g` owns rows
+    `rows[group_offsets[g]:group_offsets[g + 1]]` and map `group_slots[g]`. Each group is one
+    `torch_block_diag_matmul` on its gathered rows, the same product a batch of that adapter
+    alone computes. Reads the offsets and slots on the host (this is the CPU path)."""
+    y = torch.empty(x.shape, dtype=x.dtype, device=x.device)
+    y.copy_(x)
+    offsets = group_offsets.tolist()
+    for group, slot in enumerate(group_slots.tolist()):
+        start, end = offsets[group], offsets[group + 1]
+        if slot < 0 or start == end:
+            continue
+        index = rows[start:end].long()
+        y[index] = torch_block_diag_matmul(x[index], maps[slot])
+    return y

@@ -251,3 +251,79 @@ def block_diag_backward_kernel(
                     ds_ptr + blk * stride_dsb + offs_n * stride_dsn, ds_acc.to(ds_ptr.dtype.element_ty), mask=mask_n
                 )
             tl.atomic_xchg(counter_ptr + blk, 0)  # zero again for the next launch (or graph replay)
+
+
+@triton.jit
+def segmented_block_transform_kernel(
+    x_ptr,
+    maps_ptr,
+    y_ptr,
+    rows_ptr,
+    group_offsets_ptr,
+    group_slots_ptr,
+    K,
+    stride_xt,
+    stride_xb,
+    stride_xk,
+    stride_ma,
+    stride_mb,
+    stride_mk,
+    stride_mn,
+    stride_yt,
+    stride_yb,
+    stride_yn,
+    BLOCK_T: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    UPCAST: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr,
+):
+    """Many adapters in one launch: `y[t, j, :] = x[t, j, :] @ maps[slot(t), j]`, or `x[t, j, :]`
+    where a token has no map (the base model, or an adapter this layer does not carry).
+
+    Tokens arrive grouped: `rows[group_offsets[g] : group_offsets[g + 1]]` are the rows of `x`
+    that group `g` (one adapter of the batch) owns, and `group_slots[g]` is that adapter's map in
+    `maps`, or -1 for none. x (T, nblk, K) any strides; maps (A, nblk, K, K) any strides, any
+    float dtype, cast to x's dtype before the dot (as K1 does); y (T, nblk, K) in x's dtype;
+    rows, group_offsets, group_slots int32. Grid: (groups, cdiv(largest group, BLOCK_T),
+    nblk * cdiv(K, BLOCK_N)). A program owns one row tile of one group, one block and one column
+    tile, so it reads one adapter's block tile only, and a group's tiles share it in L2. Programs
+    past their group's end do nothing (the grid is sized by the largest group). Accumulates in
+    fp32. Rows are gathered and scattered through `rows`, so the batch needs no reordering.
+    """
+    group = tl.program_id(0)
+    pid_t = tl.program_id(1)
+    n_col_tiles = tl.cdiv(K, BLOCK_N)
+    blk = (tl.program_id(2) // n_col_tiles).to(tl.int64)
+    pid_n = tl.program_id(2) % n_col_tiles
+    start = tl.load(group_offsets_ptr + group) + pid_t * BLOCK_T
+    end = tl.load(group_offsets_ptr + group + 1)
+    if start < end:
+        slot = tl.load(group_slots_ptr + group).to(tl.int64)
+        offs_t = start + tl.arange(0, BLOCK_T)
+        mask_t = offs_t < end
+        rows = tl.load(rows_ptr + offs_t, mask=mask_t, other=0).to(tl.int64)
+        offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        mask_n = offs_n < K
+        x_rows = x_ptr + blk * stride_xb + rows[:, None] * stride_xt
+        y_ptrs = y_ptr + blk * stride_yb + rows[:, None] * stride_yt + offs_n[None, :] * stride_yn
+        mask_y = mask_t[:, None] & mask_n[None, :]
+        if slot < 0:
+            x = tl.load(x_rows + offs_n[None, :] * stride_xk, mask=mask_y, other=0.0)
+            tl.store(y_ptrs, x, mask=mask_y)
+        else:
+            offs_k = tl.arange(0, BLOCK_K)
+            m_cols = maps_ptr + slot * stride_ma + blk * stride_mb + offs_n[None, :] * stride_mn
+            acc = tl.zeros((BLOCK_T, BLOCK_N), dtype=tl.float32)
+            for k0 in range(0, K, BLOCK_K):
+                kk = k0 + offs_k
+                mask_k = kk < K
+                x = tl.load(x_rows + kk[None, :] * stride_xk, mask=mask_t[:, None] & mask_k[None, :], other=0.0)
+                m = tl.load(m_cols + kk[:, None] * stride_mk, mask=mask_k[:, None] & mask_n[None, :], other=0.0)
+                if UPCAST:
+                    x = x.to(tl.float32)
+                    m = m.to(tl.float32)
+                else:
+                    m = m.to(x_ptr.dtype.element_ty)
+                acc = tl.dot(x, m, acc, input_precision=INPUT_PRECISION)
+            tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=mask_y)

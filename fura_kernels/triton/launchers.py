@@ -19,7 +19,14 @@ import torch
 import triton
 
 from . import autotuning as at
-from .kernels import SCALE_COLS, SCALE_NONE, SCALE_ROWS, block_diag_backward_kernel, block_diag_matmul_kernel
+from .kernels import (
+    SCALE_COLS,
+    SCALE_NONE,
+    SCALE_ROWS,
+    block_diag_backward_kernel,
+    block_diag_matmul_kernel,
+    segmented_block_transform_kernel,
+)
 
 TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
@@ -187,3 +194,54 @@ def triton_block_diag_backward(
     key = (bucket, k, n, grad_out.dtype, w.dtype, *flags.values(), device)
     _launch(_k3_tuned, block_diag_backward_kernel, _K3_CHOICE, key, grid, args, meta)
     return grad_x, grad_w, grad_s
+
+
+# The segmented transform's tiles. It reads each token's block once and its adapter's b x b map
+# once per row tile, so the row tile follows the largest group (a decode batch spread over many
+# adapters has a few tokens per group: a 64-row tile would be mostly masked) and the column tile
+# covers a whole block up to b = 128 (x is then read once). 4 warps hold a 64 x 128 fp32
+# accumulator in 64 registers a thread.
+SEGMENT_MAX_ROWS = 64
+SEGMENT_MAX_COLS = 128
+SEGMENT_K_TILE = 64
+SEGMENT_WARPS = 4
+# Under the interpreter: tiles narrower than a block and fewer rows than a group, so the tests
+# at small sizes cross every tile edge.
+SEGMENT_INTERPRET_TILE = 16
+
+
+def segment_tiles(largest_group: int, k: int) -> dict:
+    """BLOCK_T / BLOCK_K / BLOCK_N of the segmented transform for a batch whose largest group
+    holds `largest_group` tokens, with blocks `k` wide."""
+    if at.INTERPRET:
+        side = SEGMENT_INTERPRET_TILE
+        return dict(BLOCK_T=side, BLOCK_K=side, BLOCK_N=side)
+    return dict(
+        BLOCK_T=min(SEGMENT_MAX_ROWS, at.tile_cap(largest_group)),
+        BLOCK_K=min(SEGMENT_K_TILE, at.tile_cap(k)),
+        BLOCK_N=min(SEGMENT_MAX_COLS, at.tile_cap(k)),
+    )
+
+
+def triton_segmented_block_transform(
+    x: torch.Tensor,
+    maps: torch.Tensor,
+    rows: torch.Tensor,
+    group_offsets: torch.Tensor,
+    group_slots: torch.Tensor,
+    largest_group: int,
+) -> torch.Tensor:
+    """`y[t, j] = x[t, j] @ maps[slot(t), j]` (or `x[t, j]` for slot -1) in one launch; see
+    `segmented_block_transform_kernel`. x (T, nblk, K) any strides; maps (A, nblk, K, K)."""
+    tokens, nblk, k = x.shape
+    y = torch.empty((tokens, nblk, k), dtype=x.dtype, device=x.device)
+    groups = group_slots.shape[0]
+    if tokens == 0 or nblk == 0 or k == 0 or groups == 0 or largest_group == 0:
+        return y
+    tiles = segment_tiles(largest_group, k)
+    grid = (groups, triton.cdiv(largest_group, tiles["BLOCK_T"]), nblk * triton.cdiv(k, tiles["BLOCK_N"]))
+    segmented_block_transform_kernel[grid](
+        x, maps, y, rows, group_offsets, group_slots, k, *x.stride(), *maps.stride(), *y.stride(),
+        **tiles, UPCAST=at.INTERPRET, INPUT_PRECISION=at.input_precision(x.dtype), num_warps=SEGMENT_WARPS,
+    )  # fmt: skip
+    return y

@@ -182,6 +182,69 @@ def block_diag_matmul_backward(
     return tuple(g if want else None for g, want in zip(grads, wanted, strict=True))
 
 
+def _segmented_block_transform_impl(x, maps, rows, group_offsets, group_slots, largest_group):
+    if use_triton(x) and maps.dtype in launchers.TRITON_DTYPES:
+        return launchers.triton_segmented_block_transform(x, maps, rows, group_offsets, group_slots, largest_group)
+    return block_diag.torch_segmented_block_transform(x, maps, rows, group_offsets, group_slots)
+
+
+@torch.library.custom_op("fura_kernels::segmented_block_transform", mutates_args=())
+def _segmented_block_transform_op(
+    x: torch.Tensor,
+    maps: torch.Tensor,
+    rows: torch.Tensor,
+    group_offsets: torch.Tensor,
+    group_slots: torch.Tensor,
+    largest_group: int,
+) -> torch.Tensor:
+    return _segmented_block_transform_impl(x, maps, rows, group_offsets, group_slots, largest_group)
+
+
+@_segmented_block_transform_op.register_fake
+def _(x, maps, rows, group_offsets, group_slots, largest_group):
+    return x.new_empty(x.shape)
+
+
+def segmented_block_transform(
+    x: torch.Tensor,
+    maps: torch.Tensor,
+    rows: torch.Tensor,
+    group_offsets: torch.Tensor,
+    group_slots: torch.Tensor,
+    largest_group: int,
+) -> torch.Tensor:
+    """Many adapters' block-diagonal maps over one batch, in one launch (no autograd: serving).
+
+    `y[t, j] = x[t, j] @ maps[group_slots[g], j]` for every row `t` that group `g` owns, and
+    `y[t] = x[t]` where `group_slots[g] == -1` (no adapter). x (T, nblk, k) float, any strides;
+    maps (A, nblk, k, k) any float dtype (read as stored, cast to x's dtype at the dot); rows (T,)
+    int32, the rows of x grouped by group, each row once; group_offsets (G + 1,) int32, where
+    group `g`'s rows start in `rows`; group_slots (G,) int32, in [-1, A); largest_group, the
+    most rows a group has (a host int: it sizes the launch grid). Returns (T, nblk, k) in x's
+    dtype."""
+    op = "segmented_block_transform"
+    if x.dim() != 3 or maps.dim() != 4 or tuple(maps.shape[1:]) != (x.shape[1], x.shape[2], x.shape[2]):
+        raise ValueError(
+            f"{op}: expected x (T, nblk, k) and maps (A, nblk, k, k), got {tuple(x.shape)} and {tuple(maps.shape)}"
+        )
+    if not (x.dtype.is_floating_point and maps.dtype.is_floating_point):
+        raise TypeError(f"{op}: expected floating x and maps, got {x.dtype} and {maps.dtype}")
+    routing = {"rows": rows, "group_offsets": group_offsets, "group_slots": group_slots}
+    for name, tensor in routing.items():
+        if tensor.dtype != torch.int32 or tensor.dim() != 1:
+            raise TypeError(f"{op}: {name} must be a 1-D int32 tensor, got {tensor.dtype} {tuple(tensor.shape)}")
+        if tensor.device != x.device or maps.device != x.device:
+            raise ValueError(f"{op}: x is on {x.device} but {name} on {tensor.device} and maps on {maps.device}")
+    if rows.shape[0] != x.shape[0] or group_offsets.shape[0] != group_slots.shape[0] + 1:
+        raise ValueError(
+            f"{op}: {x.shape[0]} tokens need {x.shape[0]} rows and G + 1 offsets for G slots; got {rows.shape[0]} "
+            f"rows, {group_offsets.shape[0]} offsets, {group_slots.shape[0]} slots"
+        )
+    if _dispatch_free(x, maps):
+        return _segmented_block_transform_impl(x, maps, rows, group_offsets, group_slots, largest_group)
+    return _segmented_block_transform_op(x, maps, rows, group_offsets, group_slots, largest_group)
+
+
 # FLOP formulas, so `torch.utils.flop_counter.FlopCounterMode` (and the benchmarks and tests
 # built on it) count the custom ops like the matmuls they are.
 @register_flop_formula(torch.ops.fura_kernels.block_diag_matmul)
@@ -199,4 +262,10 @@ def _block_diag_backward_flops(
     return per_product * (int(compute_grad_x) + int(compute_grad_w or compute_grad_scale))
 
 
-__all__ = ["accumulate_dtype", "block_diag_matmul", "block_diag_matmul_backward", "use_triton"]
+__all__ = [
+    "accumulate_dtype",
+    "block_diag_matmul",
+    "block_diag_matmul_backward",
+    "segmented_block_transform",
+    "use_triton",
+]
