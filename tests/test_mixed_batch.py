@@ -224,3 +224,18 @@ def test_routing_groups_sequences_and_copies_once_per_length():
 def test_a_mixed_batch_config_field_free_of_peft_internals():
     """A FuRAPeftConfig needs nothing new to serve mixed batches (no flag to turn it on)."""
     assert "mixed" not in " ".join(FuRAPeftConfig.__dataclass_fields__)
+
+
+@torch.no_grad()
+def test_bf16_model_caches_bf16_maps_and_matches_each_adapter_alone(served, tmp_path):
+    """On a bf16 model the maps are cached in bf16 (half the bytes of fp32 R): the single-adapter
+    path casts its fp32 map to bf16 at the product too, so the logits agree to bf16 rounding."""
+    model = served.to(torch.bfloat16)
+    try:
+        mixed = model(input_ids=IDS, adapter_names=NAMES).logits
+        layer = model.base_model.model.model.layers[0].self_attn.q_proj
+        assert {family.maps.dtype for family in layer.serving_maps.families} == {torch.bfloat16}
+        alone = _each_alone_logits(model, IDS, NAMES)
+        assert max_rel_err(mixed.float(), alone.float()) <= 2.0**-8  # one bf16 rounding
+    finally:
+        served.to(torch.float32)

@@ -285,13 +285,25 @@ class FuRALinear(nn.Module, BaseTunerLayer):
     def _adapter_sources(self, name: str) -> list[torch.Tensor | None]:
         return [self.fura_R[name], self.fura_S[name], self.fura_V0[name], self.fura_S0[name], self.fura_bias.get(name)]
 
+    def serving_dtype(self) -> torch.dtype:
+        """The dtype of the cached maps: a half-precision base weight's (its layer takes only
+        activations of that dtype, and the kernels cast an fp32 map to the activation dtype at the
+        dot anyway, so the copy gives the same products at half the bytes), else fp32 (fp32 and
+        quantised bases, whose activations may be fp32)."""
+        dtype = getattr(getattr(self.get_base_layer(), "weight", None), "dtype", None)
+        return dtype if dtype in (torch.float16, torch.bfloat16) else torch.float32
+
+    def _serving_map(self, name: str) -> torch.Tensor:
+        return self.transform_maps(name).to(self.serving_dtype())
+
     @torch.no_grad()
     def refresh_serving_maps(self) -> ServingMaps:
         """The maps `M_k` of every loaded adapter, stacked per block shape, and their bias updates.
 
         An adapter's map is computed once and kept until its tensors change (an optimizer step,
         a load, a move to another device); then only that adapter's map is computed again. The
-        stack is fp32, as the single-adapter path reads `M` (`in * b` values per adapter)."""
+        stack holds `in * b` values per adapter, in the dtype the maps meet the activations in
+        (`serving_dtype`), so a mixed batch computes what each adapter alone computes."""
         names = sorted(name for name in self.fura_R if name not in self.awaiting_saved_tensors)
         sources = {name: source_key(self._adapter_sources(name)) for name in names}
         old = self.serving_maps
@@ -309,7 +321,7 @@ class FuRALinear(nn.Module, BaseTunerLayer):
             by_shape.setdefault((shape.n, shape.b), []).append(name)
         families = [
             MapFamily(
-                tuple(group), torch.stack([kept[name] if name in kept else self.transform_maps(name) for name in group])
+                tuple(group), torch.stack([kept[name] if name in kept else self._serving_map(name) for name in group])
             )
             for group in by_shape.values()
         ]

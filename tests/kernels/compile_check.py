@@ -194,6 +194,25 @@ def qfura_step_launches(tokens: int, n: int, b: int, out: int, dtype: torch.dtyp
     return capture_launches(step)
 
 
+def mixed_batch_launches(
+    sequences: int, tokens_per_sequence: int, adapters: int, n: int, b: int, out: int, dtype: torch.dtype
+) -> list[Launch]:
+    """The segmented transform as a FuRA PEFT layer launches it for a mixed batch of `sequences`
+    sequences spread round-robin over `adapters` adapters (and the base model)."""
+    from fura_kernels.peft import FuRALinear, FuRAPeftConfig
+    from fura_kernels.peft.mixed import BASE_ADAPTER, MixedBatch
+
+    config = FuRAPeftConfig(target_modules=["base"], input_factorization=[n, b], progress_bar=False)
+    layer = FuRALinear(torch.nn.Linear(n * b, out).to(dtype), "a0", config)
+    names = [f"a{k}" for k in range(adapters)]
+    for name in names[1:]:
+        layer.update_layer(name, config)
+    per_sequence = [(names + [BASE_ADAPTER])[i % (adapters + 1)] for i in range(sequences)]
+    mixed = MixedBatch(per_sequence, tuple(names))
+    x = torch.randn(sequences, tokens_per_sequence, n * b, dtype=dtype)
+    return capture_launches(lambda: layer(x, fura_mixed_batch=mixed))
+
+
 @dataclass
 class Specialised:
     """A launch as Triton's launcher specialises it: each argument's type (`constexpr` for a

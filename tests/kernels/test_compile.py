@@ -80,13 +80,28 @@ def qfura_launches(arch: int = 90) -> tuple[cc.Launch, ...]:
     return tuple(cc.distinct(launches))
 
 
+# Mixed-adapter batches as served: decode (one token a sequence) and prefill, over 4 adapters.
+MIXED_BATCHES = {"decode": (64, 1), "prefill": (16, 33)}
+
+
+@functools.cache
+def mixed_launches() -> tuple[cc.Launch, ...]:
+    """The segmented transform as a FuRA PEFT layer launches it for decode and prefill batches."""
+    launches = []
+    for width in WIDTHS:
+        for dtype in DTYPES:
+            for sequences, tokens in MIXED_BATCHES.values():
+                launches += cc.mixed_batch_launches(sequences, tokens, 4, 2, width, 2 * OUT, dtype)
+    return tuple(cc.distinct(launches))
+
+
 def _of(launches, name: str) -> list[cc.Launch]:
     found = [launch for launch in launches if launch.name == name]
     assert found, f"the layer code launched no {name}"
     return found
 
 
-def _check(kernel: cc.CompiledKernel, what: str, mma: bool = True) -> None:
+def _check(kernel: cc.CompiledKernel, what: str, mma: bool | None = True) -> None:
     assert kernel.shared_bytes <= cc.SHARED_LIMIT[kernel.arch], f"{what}: {kernel.shared_bytes} B of shared memory"
     spilled = kernel.local_accesses_in_loops
     assert not spilled, f"{what}: spill traffic inside a loop: {spilled[:3]}"
@@ -94,7 +109,9 @@ def _check(kernel: cc.CompiledKernel, what: str, mma: bool = True) -> None:
         f"{what}: spills (stack {kernel.stack_bytes} B, local {kernel.local_bytes} B)"
     )
     assert kernel.registers <= MAX_REGISTERS, f"{what}: {kernel.registers} registers, over {MAX_REGISTERS}"
-    if not mma:
+    if mma is None:  # either MMA: Triton picks mma.sync on sm_90 for tiles too short for wgmma
+        pass
+    elif not mma:
         assert not kernel.uses_mma_sync and not kernel.uses_wgmma, f"{what}: uses MMA"
     elif kernel.arch == 90:
         assert kernel.uses_wgmma, f"{what}: no wgmma on sm_90"
@@ -167,6 +184,19 @@ def test_k3_compiles(arch, cfg):
     )
     for launch in _of(fura_launches(), "block_diag_backward_kernel"):
         _check(cc.compile_launch(launch, arch, cfg), f"{_describe(launch)} {_ids(cfg)} sm_{arch}")
+
+
+@pytest.mark.parametrize("arch", ARCHS, ids=lambda a: f"sm{a}")
+def test_segmented_transform_compiles(arch):
+    """One launch per mixed batch whatever its adapters: row tiles of 16 (decode) to 64 (prefill)
+    tokens on the tensor cores, whole blocks up to b = 128 in one column tile."""
+    launches = _of(mixed_launches(), "segmented_block_transform_kernel")
+    assert {_spec(launch).constexprs["BLOCK_T"] for launch in launches} == {16, 64}
+    for launch in launches:
+        compiled = cc.compile_launch(launch, arch)
+        what = f"{_describe(launch)} sm_{arch}"
+        assert compiled.uses_mma_sync or compiled.uses_wgmma, f"{what}: the map product is not on the tensor cores"
+        _check(compiled, what, mma=None)
 
 
 @pytest.mark.parametrize("arch", ARCHS, ids=lambda a: f"sm{a}")
