@@ -24,7 +24,7 @@ from . import environment, report, results
 from .methods import CONFIGURATIONS, METHODS
 from .suites import KERNELS, PROFILES, Profile, model_spec, run_suites
 
-SUITES = ("kernels", "layers", "model")
+SUITES = ("kernels", "layers", "model", "serve")
 CHECKPOINTING = {"off": (False,), "on": (True,), "both": (False, True)}
 COMPILE = {"off": ("eager",), "on": ("eager", "compiled"), "only": ("compiled",)}
 

@@ -153,6 +153,7 @@ def table(runs: list[tuple[dict, str]]) -> str:
                 f"| {rec['name']} | {rec['shape']['name']} | {tokens} | {_ms(rec)} | {_ms(other)} | "
                 f"{_ratio(rec, other)} | {rec['pct_of_floor']:.1f} | {_timing(rec)} |"
             )
+    lines += serve_table(records)
     model = [r for r in records if r["suite"] == "model"]
     if model:
         lines += [
@@ -174,6 +175,63 @@ def table(runs: list[tuple[dict, str]]) -> str:
                 f"{r['convert_s']:.2f} | {r['trainable_params']:,} |"
             )
     return "\n".join(lines)
+
+
+def _serve_index(records: list[dict]) -> dict:
+    return {(r["name"], r["serve"]["batch"], r["serve"]["adapters"], r["method"]): r
+            for r in records if r["suite"] == "serve"}  # fmt: skip
+
+
+def serve_overheads(records: list[dict]) -> list[tuple[tuple, float, float]]:
+    """`((phase, batch, K), FuRA's overhead, LoRA r=32's)` for every serving case measured for
+    all three methods: a mixed batch's time over the base model's (same batch), minus 1."""
+    index = _serve_index(records)
+    out = []
+    for phase, batch, count, method in sorted(index):
+        if method != "base":
+            continue
+        base, fura, lora = (index.get((phase, batch, count, m)) for m in ("base", "fura_mixed", "lora_r32_mixed"))
+        if all(r and r.get("time_ms") for r in (base, fura, lora)):
+            t = base["time_ms"]["median"]
+            out.append(((phase, batch, count), fura["time_ms"]["median"] / t - 1, lora["time_ms"]["median"] / t - 1))
+    return out
+
+
+def serve_table(records: list[dict]) -> list[str]:
+    """README lines for the serving suite's records (none without them)."""
+    serve = [r for r in records if r["suite"] == "serve"]
+    if not serve:
+        return []
+    index = _serve_index(records)
+    spec = serve[0]["serve"]
+    context = next((r["serve"]["context"] for r in serve if r["name"] == "decode"), "no")
+    lines = [
+        "",
+        f"Mixed-adapter serving ({spec['model']}: {spec['layers']} layers of hidden size {spec['hidden_size']}, random "
+        "weights, all seven projections adapted; each batch's sequences spread round-robin over K adapters; median ms "
+        "a step, inside one `adapter_names` context as `generate` runs; decode: one token a sequence after "
+        f"{context} tokens of context; prefill: logits of the "
+        "last token). Overhead: time over the base model's at the same batch, minus 1; the goal is FuRA's at most "
+        "half of LoRA r=32's.",
+        "",
+        "| phase | tokens a sequence | batch | K | base | FuRA mixed | LoRA r=32 mixed | FuRA overhead "
+        "| LoRA r=32 overhead | FuRA / LoRA overhead | adapters on device, FuRA / LoRA (MB) |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for (phase, batch, count), fura_over, lora_over in serve_overheads(records):
+        get = {m: index[(phase, batch, count, m)] for m in ("base", "fura_mixed", "lora_r32_mixed")}
+        share = f"{fura_over / lora_over:.2f}" if lora_over > 0 else "n/a"
+        lines.append(
+            f"| {phase} | {get['base']['serve']['tokens_per_sequence']} | {batch} | {count} | {_ms(get['base'])} | "
+            f"{_ms(get['fura_mixed'])} | {_ms(get['lora_r32_mixed'])} | {fura_over:+.1%} | {lora_over:+.1%} | "
+            f"{share} | {_mb(get['fura_mixed'].get('adapter_bytes'))} / "
+            f"{_mb(get['lora_r32_mixed'].get('adapter_bytes'))} |"
+        )
+    failed = [r for r in serve if r.get("skipped")]
+    if failed:
+        notes = [f"{r['method']} {r['name']} K={r['serve']['adapters']}: {r['skipped'][:80]}" for r in failed[:4]]
+        lines += ["", "Failed or skipped: " + "; ".join(notes)]
+    return lines
 
 
 def _median(values: list[float]) -> float:
@@ -259,6 +317,12 @@ def summary(results: dict) -> str:
     if ratios.get("fura_peft_nf4") and ratios.get("qlora_r32"):
         q = [a / b for a, b in zip(ratios["fura_peft_nf4"], ratios["qlora_r32"], strict=False)]
         verdict.append(f"the PEFT form on an NF4 base {_median(q):.2f}x QLoRA r=32's")
+    overheads = serve_overheads(records)
+    if overheads:
+        shares = [fura / lora for _, fura, lora in overheads if lora > 0]
+        worst = max(shares) if shares else float("nan")
+        verdict.append(f"serving mixed batches, FuRA's overhead over the base was at most {worst:.2f} of LoRA r=32's "
+                       f"(goal: 0.5) over {len(overheads)} cases")  # fmt: skip
     text = "; ".join(verdict) + "." if verdict else "No layer steps were measured."
     if failed:
         text += f" {len(failed)} measurements failed or were skipped (see the results file)."

@@ -1,4 +1,4 @@
-"""The benchmark suites: ceilings, kernels, layer steps, whole-model SFT steps.
+"""The benchmark suites: ceilings, kernels, layer steps, whole-model SFT steps, serving.
 
 Each suite hands its result records (plain dicts, schema in `bench/results_schema.json`) one by
 one to an `emit` callback, which writes the results file again, so a run cut short keeps them.
@@ -26,6 +26,7 @@ from fura_kernels.triton.nf4_ops import SMALL_T_MAX, nf4_dequantize, nf4_matmul
 from . import floors
 from .floors import Ceilings
 from .methods import CONFIGURATIONS, METHODS, LayerCase, autocast_dtype, build, make_step, trainable
+from .serving import serve_suite, serve_units
 from .timing import measure, measure_graph, peak_memory, saved_for_backward_bytes
 
 LLAMA3_8B = [
@@ -82,6 +83,9 @@ class Profile:
     checkpointing: tuple[bool, ...] = (False, True)  # whole-model runs without / with activation checkpointing
     model_timings: tuple[str, ...] = ("eager", "compiled")  # whole-model runs eagerly / under torch.compile
     compile_backend: str = "inductor"  # torch.compile's backend for the compiled runs
+    # The serving suite (bench/serving.py): model shape, batches, adapter counts, prefill tokens a
+    # sequence, decode context; None: the profile has no serving runs.
+    serve: dict | None = None
 
 
 TINY_MODEL = dict(
@@ -125,12 +129,20 @@ LLAMA3_1B_MODEL = dict(
 LLAMA3_8B_MODEL_X4 = dict(LLAMA3_8B_MODEL, batch=4)
 LLAMA3_1B_MODEL_X4 = dict(LLAMA3_1B_MODEL, batch=4)
 
+# Serving (mixed-adapter batches): Llama-3-8B's widths with two decoder layers (a layer's cost is
+# what adapters change; 32 layers would only multiply it), batches of 16 and 64 sequences.
+SERVE_GPU = dict(model=dict(LLAMA3_8B_MODEL, num_hidden_layers=2, name="llama3-8b/2-layers"), batches=(16, 64),
+                 adapters=(1, 4, 16), prefill=512, context=512)  # fmt: skip
+SERVE_CPU = dict(model=SMALL_MODEL, batches=(16, 64), adapters=(1, 4, 16), prefill=32, context=32)
+SERVE_TINY = dict(model=TINY_MODEL, batches=(16,), adapters=(1, 4), prefill=8, context=8)
+
 PROFILES = {
     "full": Profile(
         "full",
         LLAMA3_8B + QWEN3_1_7B,
         [1, 16, 512, 2048, 8192, 16384],
         models=[LLAMA3_8B_MODEL, LLAMA3_8B_MODEL_X4, LLAMA3_1B_MODEL, LLAMA3_1B_MODEL_X4],
+        serve=SERVE_GPU,
     ),
     "quick": Profile(
         "quick",
@@ -138,6 +150,7 @@ PROFILES = {
         [16, 2048, 8192],
         reps=5,
         models=[LLAMA3_8B_MODEL, LLAMA3_1B_MODEL],
+        serve=SERVE_GPU,
     ),
     # Real widths (Qwen3-1.7B's q and down projections) and few tokens: compute, not Python,
     # dominates a step, so the CPU's FuRA/LoRA ratio says something; under 2 minutes on 2 cores.
@@ -152,6 +165,7 @@ PROFILES = {
         rotate_bytes=0,
         configurations=("fair",),
         model_timings=("eager",),
+        serve=SERVE_CPU,
     ),
     "cpu-tiny": Profile(
         "cpu-tiny",
@@ -163,6 +177,7 @@ PROFILES = {
         models=[TINY_MODEL],
         rotate_bytes=0,
         model_timings=("eager",),
+        serve=SERVE_TINY,
     ),
 }
 # Whole-model shapes by name, for `--models NAME[:BATCHxSEQ]`.
@@ -577,6 +592,8 @@ def count_units(profile: Profile, suites: list[str]) -> int:
         units += len(profile.cases) * per_case * len(profile.methods) * len(profile.configurations)
     if "model" in suites:
         units += len(_model_methods(profile)) * len(_model_variants(profile)) * len(profile.models)
+    if "serve" in suites:
+        units += serve_units(profile.serve)
     return units
 
 
@@ -598,6 +615,8 @@ def run_suites(profile: Profile, suites: list[str], device: torch.device, dtype:
             layer_suite(profile, device, dtype, c, bar, emit)
         if "model" in suites:
             model_suite(profile, device, dtype, bar, emit)
+        if "serve" in suites:
+            serve_suite(profile, device, dtype, bar, emit, _record)
     # Measured again at the end: a machine whose speed changed during the run (other work on it,
     # clocks) shows here, and the summary warns that its ratios cannot be trusted.
     _, again = ceilings(device, dtype, quick=profile.name != "full")
