@@ -79,11 +79,15 @@ def test_dry_run_results_hold_every_method_and_kernel(dry_run):
     assert {r["configuration"] for r in layers["records"]} == {"fair"}
     assert {r["name"] for r in kernels["records"]} == {"K1", "K3", "weight_merge", "nf4_small_t_gemm"}
     assert {r["tokens"] for r in kernels["records"] if r["name"] == "nf4_small_t_gemm"} == {1, 4, 16, 64}
-    runs = {(r["method"], r["timing"]) for r in model["records"] if r["time_ms"]}
+    serve = {(r["method"], r["name"], r["serve"]["adapters"]) for r in model["records"] if r["suite"] == "serve"}
+    assert serve == {(m, phase, k) for m in ("base", "fura_mixed", "lora_r32_mixed") for phase in ("decode", "prefill")
+                     for k in (1, 4)}  # fmt: skip
+    assert all(r["time_ms"] for r in model["records"] if r["suite"] == "serve")
+    runs = {(r["method"], r["timing"]) for r in model["records"] if r["suite"] == "model" and r["time_ms"]}
     assert runs == {("fura", "eager"), ("lora_r32", "eager"), ("fura_peft", "eager"), ("qfura", "eager"),
                     ("qlora_r32", "eager"),
                     ("fura", "compiled"), ("lora_r32", "compiled")}  # fmt: skip
-    assert not any(r["gradient_checkpointing"] for r in model["records"])
+    assert not any(r["gradient_checkpointing"] for r in model["records"] if r["suite"] == "model")
     suite = ET.parse(out / "tests.xml").getroot()
     suite = suite if suite.tag == "testsuite" else suite.find("testsuite")
     assert int(suite.get("tests")) > 0 and int(suite.get("errors")) == 0 and int(suite.get("failures")) == 0
@@ -163,7 +167,8 @@ def test_scheduler_stops_when_the_first_step_cannot_import(monkeypatch, tmp_path
 def test_gpu_budgets_fit_the_limit_and_name_every_promised_measurement(tmp_path):
     gpu = device_check.steps(tmp_path, dry_run=False)
     assert sum(s.budget_s for s in gpu) <= device_check.LIMIT_S == 480
-    assert [s.name for s in gpu] == ["env", "tests", "layers", "kernels", "model", "qmodel", "compile"]
+    assert [s.name for s in gpu] == ["env", "tests", "layers", "kernels", "model", "serve", "qmodel", "compile"]
+    assert "--only serve" in " ".join(gpu[5].command) and "model.json" in " ".join(gpu[5].command)
     assert all(s.min_start_s <= s.budget_s and s.budget_s > device_check.KILL_GRACE_S for s in gpu)
     layers = " ".join(gpu[2].command)
     assert "--tokens 8192" in layers and "dense_floor,fura,lora_r32,qfura,qlora_r32" in layers

@@ -70,7 +70,9 @@ def test_mixed_batch_logits_equal_each_adapter_alone(served):
     alone = _each_alone_logits(served, IDS, NAMES)
     assert max_rel_err(mixed, alone) <= LOGIT_TOL
     # The test can fail: the adapters (and the base) give different logits for the same sequence.
-    per_adapter = {name: _alone(served, name, lambda: served(input_ids=IDS[:1]).logits) for name in ("a", "b", "c", BASE)}
+    per_adapter = {
+        name: _alone(served, name, lambda: served(input_ids=IDS[:1]).logits) for name in ("a", "b", "c", BASE)
+    }
     for first, second in (("a", "b"), ("a", "c"), ("b", "c"), ("a", BASE)):
         assert max_rel_err(per_adapter[first], per_adapter[second]) > 1e3 * LOGIT_TOL
     # Bias updates are routed by sequence too (the tiny Llama's attention projections have biases).
@@ -122,7 +124,9 @@ def test_nf4_base_mixed_batch_equals_each_adapter_alone(tmp_path):
     assert max_rel_err(mixed, _each_alone_logits(model, IDS, names)) <= LOGIT_TOL
     tokens = model.generate(input_ids=IDS, adapter_names=names, max_new_tokens=4, do_sample=False, pad_token_id=0)
     for i, name in enumerate(names):
-        alone = _alone(model, name, lambda: model.generate(input_ids=IDS, max_new_tokens=4, do_sample=False, pad_token_id=0))  # noqa: B023
+        alone = _alone(
+            model, name, lambda: model.generate(input_ids=IDS, max_new_tokens=4, do_sample=False, pad_token_id=0)
+        )  # noqa: B023
         assert torch.equal(tokens[i], alone[i]), f"sequence {i} ({name})"
 
 
