@@ -142,7 +142,8 @@ def run(argv: list[str] | None = None) -> Path:
     parser.add_argument("--out", type=Path, default=Path("fura-bench-results"),
                         help="results root (default ./fura-bench-results, untracked; bench/results is for results "
                         "that are committed)")  # fmt: skip
-    parser.add_argument("--readme", type=Path, help="also rewrite this README's benchmark table from the new results")
+    parser.add_argument("--readme", type=Path, help="also rewrite this README's benchmark table (the serving table "
+                        "for --only serve) from the new results")  # fmt: skip
     args = parser.parse_args(argv)
 
     if args.append and not args.results_file:
@@ -180,7 +181,7 @@ def run(argv: list[str] | None = None) -> Path:
         for plot in report.plots(out, path.parent / "plots" / path.stem):
             print(f"plot: {plot}")
     if args.readme:
-        report.update_readme(args.readme, text)
+        report.update_readme(args.readme, text, "serve" if suites == ["serve"] else "bench")
     return path
 
 

@@ -11,6 +11,9 @@ from pathlib import Path
 from .results import load
 
 START, END = "<!-- bench-table:start -->", "<!-- bench-table:end -->"
+# The serving suite's results have a README block of their own (a different run, often another device).
+SERVE_START, SERVE_END = "<!-- serve-table:start -->", "<!-- serve-table:end -->"
+BLOCKS = {"bench": (START, END), "serve": (SERVE_START, SERVE_END)}
 # The NF4 kernel rows the README shows: the per-layer passes, decode (1, 16) and training (8192).
 KERNEL_TOKENS = (None, 1, 16, 8192)
 LAYER_METHODS = (
@@ -432,25 +435,29 @@ def _save(fig, path: Path, plt) -> Path:
     return path
 
 
-def update_readme(readme: Path, text: str) -> None:
+def update_readme(readme: Path, text: str, block: str = "bench") -> None:
+    """Write `text` between the README's markers of `block` ("bench" or "serve")."""
+    start, end = BLOCKS[block]
     content = readme.read_text()
-    if START not in content or END not in content:
-        raise ValueError(f"{readme}: no {START} ... {END} markers to write the table between")
-    head, rest = content.split(START, 1)
-    _, tail = rest.split(END, 1)
-    readme.write_text(f"{head}{START}\n{text}\n{END}{tail}")
+    if start not in content or end not in content:
+        raise ValueError(f"{readme}: no {start} ... {end} markers to write the table between")
+    head, rest = content.split(start, 1)
+    _, tail = rest.split(end, 1)
+    readme.write_text(f"{head}{start}\n{text}\n{end}{tail}")
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description="Regenerate the benchmark table and plots from results files.")
     parser.add_argument("results", type=Path, nargs="+", help="results JSON files written by fura-bench, one device")
-    parser.add_argument("--readme", type=Path, help="README to rewrite between the bench-table markers")
+    parser.add_argument("--readme", type=Path, help="README to rewrite between the block's markers")
+    parser.add_argument("--block", choices=sorted(BLOCKS), default="bench",
+                        help="which README block: bench (the main table) or serve (the serving suite's)")  # fmt: skip
     parser.add_argument("--plots", type=Path, help="folder for PNG plots (default: beside the first results file)")
     args = parser.parse_args(argv)
     runs = [(load(path), path.as_posix()) for path in args.results]
     text = table(runs)
     if args.readme:
-        update_readme(args.readme, text)
+        update_readme(args.readme, text, args.block)
     else:
         print(text)
     for results, _ in runs:
