@@ -71,9 +71,16 @@ def _mb(value: int | None) -> str:
 
 def _selection(results: dict) -> str:
     """What a run covered, read off its records (a run can be narrowed by --cases/--tokens)."""
-    shapes = {r["shape"]["name"] for r in results["records"] if r.get("shape")}
-    tokens = sorted({r["tokens"] for r in results["records"] if r.get("tokens") is not None})
-    return f"{', '.join(results['suites'])}: {len(shapes)} layer shapes, T in {{{', '.join(map(str, tokens))}}}"
+    records = [r for r in results["records"] if r["suite"] != "serve"]
+    serve = [r for r in results["records"] if r["suite"] == "serve"]
+    shapes = {r["shape"]["name"] for r in records if r.get("shape")}
+    tokens = sorted({r["tokens"] for r in records if r.get("tokens") is not None})
+    parts = [f"{len(shapes)} layer shapes, T in {{{', '.join(map(str, tokens))}}}"] if records or not serve else []
+    if serve:
+        batches = sorted({r["serve"]["batch"] for r in serve})
+        counts = sorted({r["serve"]["adapters"] for r in serve})
+        parts.append(f"serving batches of {', '.join(map(str, batches))} over K in {{{', '.join(map(str, counts))}}}")
+    return f"{', '.join(results['suites'])}: {'; '.join(parts)}"
 
 
 def _timing(rec: dict) -> str:

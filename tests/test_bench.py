@@ -89,6 +89,44 @@ def test_readme_table_is_generated_from_a_committed_results_file():
     assert block == report.table([(results.load(ROOT / source), source) for source in sources])
 
 
+def test_readme_serving_table_is_generated_from_a_committed_results_file():
+    readme = (ROOT / "README.md").read_text()
+    block = readme.split(report.SERVE_START, 1)[1].split(report.SERVE_END, 1)[0].strip()
+    sources = re.findall(r"^- \[`([^`]+)`\]", block, flags=re.MULTILINE)
+    assert sources, "the README serving table names no results file"
+    loaded = [(results.load(ROOT / source), source) for source in sources]
+    assert all(r["suite"] == "serve" for data, _ in loaded for r in data["records"])
+    assert block == report.table(loaded)
+    assert "| decode | 1 | 64 | 16 |" in block and "| prefill |" in block  # every K, both phases
+
+
+def test_serving_suite_records_its_configuration(tmp_path):
+    """The serving suite on the CPU: every (method, phase, K) timed, with what it ran recorded."""
+    path = cli.run(["--profile", "cpu-tiny", "--only", "serve", "--device", "cpu", "--no-plots",
+                    "--results-file", str(tmp_path / "serve.json")])  # fmt: skip
+    data = results.load(path)
+    records = data["records"]
+    assert data["suites"] == ["serve"] and not any(r.get("skipped") for r in records)
+    assert {(r["method"], r["name"], r["serve"]["adapters"]) for r in records} == {
+        (m, p, k) for m in ("base", "fura_mixed", "lora_r32_mixed") for p in ("decode", "prefill") for k in (1, 4)
+    }
+    for r in records:
+        assert set(r["serve"]) >= {
+            "model",
+            "layers",
+            "hidden_size",
+            "batch",
+            "adapters",
+            "tokens_per_sequence",
+            "context",
+        }
+        assert r["tokens_per_s"] > 0 and (r["adapter_bytes"] == 0) == (r["method"] == "base")
+    fura = {r["serve"]["adapters"]: r["adapter_bytes"] for r in records if r["method"] == "fura_mixed"}
+    assert fura[4] == 4 * fura[1] > 0  # adapters cost the same each; the base is stored once
+    assert len(report.serve_overheads(records)) == 4
+    assert "Mixed-adapter serving" in report.table([(data, "serve.json")])
+
+
 def test_narrowed_run_and_a_table_from_two_files(tiny_run, tmp_path):
     """--cases/--tokens cut a run down (for a device time limit); the README block can combine
     several runs of one device and says what each covered; bad selections are refused."""
