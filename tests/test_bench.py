@@ -29,7 +29,7 @@ def test_cpu_run_writes_a_valid_labelled_results_file(tiny_run):
     assert data["environment"]["versions"]["torch"] and data["environment"]["versions"]["peft"]
     assert data["ceilings"]["matmul_tflops"] > 0 and data["ceilings"]["copy_gbps"] > 0
     suites = {r["suite"] for r in data["records"]}
-    assert suites == {"kernel", "layer", "model"}
+    assert suites == {"kernel", "layer", "model", "serve"}
     records = [r for r in data["records"] if r["suite"] == "layer"]
     assert {r["configuration"] for r in records} == {"fair", "pure"}  # both, each recorded
     layer = {(r["method"], r["tokens"]): r for r in records if r["configuration"] == "fair"}
