@@ -5,7 +5,9 @@ sequences are spread round-robin over K adapters, three ways:
 
 - `base`: the model alone, no adapter (what any request pays);
 - `fura_mixed`: K FuRA adapters (PEFT form, every projection), `adapter_names=[...]`: one
-  segmented block-diagonal launch per layer, then the base GEMM for all tokens;
+  segmented block-diagonal launch per layer, then the base GEMM for all tokens. They are served
+  from their maps (`serve_from_maps`: `R`, `S`, `V0`, `S0` moved to the host; on a CPU run
+  nothing moves, the host being the device);
 - `lora_r32_mixed`: K PEFT LoRA r=32 adapters on the same projections, `adapter_names=[...]`:
   PEFT's mixed batch, one low-rank pair per adapter in the batch. Its adapters are kept in the
   model's dtype (`autocast_adapter_dtype=False`; PEFT's default fp32 copies would cost it more).
@@ -57,7 +59,7 @@ def _fura_adapters(model, count: int):
     copies of it with their singular values spread, loaded as a saved adapter is (no SVD)."""
     from peft import get_peft_model
 
-    from fura_kernels.peft import FuRALinear, FuRAPeftConfig
+    from fura_kernels.peft import FuRALinear, FuRAPeftConfig, serve_from_maps
 
     model = get_peft_model(model, FuRAPeftConfig(target_modules=TARGETS, progress_bar=False), adapter_name="a0")
     generator = torch.Generator().manual_seed(1)
@@ -76,7 +78,9 @@ def _fura_adapters(model, count: int):
                 spread = 1 + ADAPTER_SPREAD * torch.randn(layer.fura_S["a0"].shape, generator=generator)
                 layer.fura_S[f"a{k}"].copy_(layer.fura_S["a0"] * spread.to(layer.fura_S["a0"].device))
                 layer.awaiting_saved_tensors.discard(f"a{k}")
-    return model.eval()
+    model.eval()
+    serve_from_maps(model)  # as a server keeps them: the maps on the device, the rest on the host
+    return model
 
 
 def _lora_adapters(model, count: int):
@@ -91,13 +95,13 @@ def _lora_adapters(model, count: int):
     return model.eval()
 
 
-def _adapter_bytes(model) -> int:
-    """Bytes the adapters hold on the device: their tensors, and FuRA's cached serving maps."""
+def _adapter_bytes(model, device: torch.device) -> int:
+    """Bytes the adapters hold on `device`: their tensors there, and FuRA's cached serving maps."""
     from fura_kernels.peft import FuRALinear
 
     total = 0
     for name, tensor in [*model.named_parameters(), *model.named_buffers()]:
-        if any(part in name for part in (".fura_", ".lora_")):
+        if any(part in name for part in (".fura_", ".lora_")) and tensor.device.type == device.type:
             total += tensor.numel() * tensor.element_size()
     for layer in model.modules():
         if isinstance(layer, FuRALinear) and layer.serving_maps is not None:
@@ -185,7 +189,7 @@ def _serve_runs(model, inner, method, count, serve, profile, device, dtype, bar,
                 t = measure(step, device, profile.warmup, profile.reps)
                 peak = peak_memory(step, device) if device.type == "cuda" else None
             tokens = batch * (1 if phase == "decode" else serve["prefill"])
-            adapter_bytes = _adapter_bytes(model) if method != "base" else 0
+            adapter_bytes = _adapter_bytes(model, device) if method != "base" else 0
             emit(_serve_record(record, phase, method, batch, count, serve, dtype, t,
                                tokens_per_s=tokens / (t["median"] * 1e-3), peak_mem_bytes=peak,
                                adapter_bytes=adapter_bytes))  # fmt: skip

@@ -243,3 +243,48 @@ def test_bf16_model_caches_bf16_maps_and_matches_each_adapter_alone(served, tmp_
         assert max_rel_err(mixed.float(), alone.float()) <= 2.0**-8  # one bf16 rounding
     finally:
         served.to(torch.float32)
+
+
+def test_serving_from_the_maps_alone_answers_saves_and_merges_as_before(tmp_path, monkeypatch):
+    """`serve_from_maps` leaves only the maps on the base's device. This machine has one device,
+    so the layers are told their base sits on `cpu:0`, a device the adapters' tensors never report:
+    every layer then takes the path of a GPU base whose adapters' tensors were moved to the host.
+    (The move itself is checked on a GPU: tests/gpu/test_gpu_mixed.py.)"""
+    from fura_kernels.peft import serve_from_maps
+
+    _save_adapters(tmp_path, tiny_llama, {"a": 0, "b": 1})
+    model = _served(tmp_path, tiny_llama, ["a", "b"])
+    names = ["b", "a", BASE, "b", "a", "a"]
+    with torch.no_grad():
+        mixed_before = model(input_ids=IDS, adapter_names=names).logits
+    alone_before = _each_alone_logits(model, IDS, names)
+    monkeypatch.setattr(FuRALinear, "_device", lambda self: torch.device("cpu", 0))
+    assert serve_from_maps(model) == 0  # nothing to move: the tensors already live on the host
+    with pytest.raises(ValueError, match=r"no FuRA adapter\(s\) \['zz'\]"):
+        serve_from_maps(model, ["zz"])
+    built = []
+    original = FuRALinear.transform_maps
+    monkeypatch.setattr(FuRALinear, "transform_maps", lambda self, name: built.append(name) or original(self, name))
+    with torch.no_grad():
+        assert torch.equal(model(input_ids=IDS, adapter_names=names).logits, mixed_before)
+    # The adapter alone reads its cached map now: the same products (fp32 maps here).
+    assert max_rel_err(_each_alone_logits(model, IDS, names), alone_before) <= LOGIT_TOL
+    assert built == []  # no forward built a map from R and S
+    model.save_pretrained(tmp_path / "again", selected_adapters=["a"])
+    monkeypatch.undo()
+    reloaded = PeftModel.from_pretrained(tiny_llama(), tmp_path / "again" / "a", adapter_name="a").eval()
+    with torch.no_grad():
+        rows = [i for i, name in enumerate(names) if name == "a"]
+        assert max_rel_err(reloaded(input_ids=IDS).logits[rows], alone_before[rows]) <= LOGIT_TOL
+    monkeypatch.setattr(FuRALinear, "_device", lambda self: torch.device("cpu", 0))
+    model.set_adapter("a")
+    model.merge_adapter()  # from the moved tensors
+    with torch.no_grad():
+        assert max_rel_err(model(input_ids=IDS).logits[rows], alone_before[rows]) <= LOGIT_TOL
+    model.unmerge_adapter()
+    model.train()
+    try:
+        with pytest.raises(ValueError, match="served from its cached map.*cannot train"):
+            model(input_ids=IDS)
+    finally:
+        model.eval()

@@ -29,7 +29,7 @@ from peft import mapping as _mapping  # noqa: E402  (after the one-line install 
 from .config import PEFT_TYPE, PREFIX, FuRAPeftConfig  # noqa: E402
 from .convert import fura_to_peft, peft_to_fura  # noqa: E402
 from .layer import FuRALinear  # noqa: E402
-from .model import FuRAModel  # noqa: E402
+from .model import FuRAModel, serve_from_maps  # noqa: E402
 
 _REGISTRY_TABLES = ("PEFT_TYPE_TO_CONFIG_MAPPING", "PEFT_TYPE_TO_TUNER_MAPPING", "PEFT_TYPE_TO_PREFIX_MAPPING")
 
@@ -54,4 +54,13 @@ def register() -> None:
 
 register()
 
-__all__ = ["PEFT_TYPE", "FuRALinear", "FuRAModel", "FuRAPeftConfig", "fura_to_peft", "peft_to_fura", "register"]
+__all__ = [
+    "PEFT_TYPE",
+    "FuRALinear",
+    "FuRAModel",
+    "FuRAPeftConfig",
+    "fura_to_peft",
+    "peft_to_fura",
+    "register",
+    "serve_from_maps",
+]

@@ -249,6 +249,19 @@ class FuRALinear(nn.Module, BaseTunerLayer):
             self.fura_R[adapter_name], self.fura_S[adapter_name], self.fura_V0[adapter_name], self.fura_S0[adapter_name]
         )
 
+    def _forward_maps(self, adapter: str) -> torch.Tensor:
+        """The maps a forward applies: built from `R` and `S` (differentiable), or, for an adapter
+        served from its cached map (`serve_from_map`: its tensors live on another device), that map."""
+        r_core = self.fura_R[adapter]
+        if r_core.device == self._device():
+            return self.transform_maps(adapter)
+        if self.training:
+            raise ValueError(
+                f"{self._where}: adapter {adapter!r} is served from its cached map (its R and S are on "
+                f"{r_core.device}), so it cannot train; move them back first (model.to({str(self._device())!r}))"
+            )
+        return self.refresh_serving_maps().map_of(adapter)
+
     def forward(
         self, x: torch.Tensor, *args: Any, fura_mixed_batch: MixedBatch | None = None, **kwargs: Any
     ) -> torch.Tensor:
@@ -273,10 +286,10 @@ class FuRALinear(nn.Module, BaseTunerLayer):
         # region, else the input's. The fp32 maps are read as they are (no cast of their own).
         if device_type != "meta" and torch.is_autocast_enabled(device_type):
             x = x.to(torch.get_autocast_dtype(device_type))
-        x_transformed = block_transform(x, self.transform_maps(adapter))
+        x_transformed = block_transform(x, self._forward_maps(adapter))
         out = self.base_layer(x_transformed, *args, **kwargs)
         if adapter in self.fura_bias:
-            out = out + self.fura_bias[adapter].to(out.dtype)
+            out = out + self.fura_bias[adapter].to(device=out.device, dtype=out.dtype)
         return out
 
     # ----------------------------------------------------------------------------------------
@@ -294,7 +307,32 @@ class FuRALinear(nn.Module, BaseTunerLayer):
         return dtype if dtype in (torch.float16, torch.bfloat16) else torch.float32
 
     def _serving_map(self, name: str) -> torch.Tensor:
-        return self.transform_maps(name).to(self.serving_dtype())
+        return self.transform_maps(name).to(device=self._device(), dtype=self.serving_dtype())
+
+    @torch.no_grad()
+    def serve_from_map(self, name: str, device: str | torch.device = "cpu") -> int:
+        """Keep only adapter `name`'s cached map (`in * b` values) on the base's device and move its
+        `R`, `S`, `V0`, `S0` and bias update to `device`, frozen. Mixed batches and the adapter's
+        own forward then read the map; saving, merging and `get_delta_weight` read the moved
+        tensors. `model.to(...)` brings them back (and the map is built again from them).
+        Returns the bytes moved off the base's device."""
+        if name not in self.fura_R:
+            return 0
+        self._check_loaded(name)
+        self.refresh_serving_maps()
+        target, moved = torch.device(device), 0
+        for attr in self.adapter_layer_names + ("fura_V0", "fura_S0"):
+            container = getattr(self, attr)
+            if name not in container or container[name].device == target:
+                continue
+            tensor = container[name]
+            moved += tensor.numel() * tensor.element_size()
+            if isinstance(tensor, nn.Parameter):
+                container[name] = nn.Parameter(tensor.detach().to(target), requires_grad=False)
+            else:
+                container[name] = tensor.to(target)
+        self.serving_maps.sources[name] = source_key(self._adapter_sources(name))  # the same values: keep the map
+        return moved
 
     @torch.no_grad()
     def refresh_serving_maps(self) -> ServingMaps:
@@ -314,7 +352,7 @@ class FuRALinear(nn.Module, BaseTunerLayer):
             for family in old.families:
                 for slot, name in enumerate(family.names):
                     if old.sources.get(name) == sources.get(name):
-                        kept[name] = family.maps[slot]
+                        kept[name] = family.maps[slot].to(self._device())
         by_shape: dict[tuple[int, int], list[str]] = {}
         for name in names:
             shape = self.block_shapes[name]
@@ -328,7 +366,7 @@ class FuRALinear(nn.Module, BaseTunerLayer):
         bias_names = tuple(name for name in names if name in self.fura_bias)
         bias = None
         if bias_names:
-            rows = [self.fura_bias[name].float() for name in bias_names]
+            rows = [self.fura_bias[name].float().to(self._device()) for name in bias_names]
             bias = torch.stack([*rows, torch.zeros_like(rows[0])])
         self.serving_maps = ServingMaps(families, sources, bias, bias_names=bias_names)
         return self.serving_maps
@@ -390,7 +428,9 @@ class FuRALinear(nn.Module, BaseTunerLayer):
         n, b, _ = maps.shape
         dtype = torch.promote_types(torch.promote_types(weight.dtype, maps.dtype), torch.float32)
         w3 = weight.to(dtype).reshape(self.out_features, n, b)
-        return torch.einsum("ojd,jkd->ojk", w3, maps.to(dtype)).reshape(self.out_features, n * b)
+        return torch.einsum("ojd,jkd->ojk", w3, maps.to(device=w3.device, dtype=dtype)).reshape(
+            self.out_features, n * b
+        )
 
     def merge(self, safe_merge: bool = False, adapter_names: list[str] | None = None) -> None:
         """`W <- W · blockdiag(T)` (and the bias update into the bias), at fp32; a quantised base is
@@ -419,7 +459,7 @@ class FuRALinear(nn.Module, BaseTunerLayer):
             self._set_base_weight_out_in(merged)
             if name in self.fura_bias:
                 bias = self.get_base_layer().bias
-                bias.data = (bias.float() + self.fura_bias[name].float()).to(bias.dtype)
+                bias.data = (bias.float() + self.fura_bias[name].float().to(bias.device)).to(bias.dtype)
         self.merged_adapters.append(name)
 
     def unmerge(self) -> None:
@@ -443,7 +483,7 @@ class FuRALinear(nn.Module, BaseTunerLayer):
             self._set_base_weight_out_in(restored)
             if name in self.fura_bias:
                 bias = self.get_base_layer().bias
-                bias.data = (bias.float() - self.fura_bias[name].float()).to(bias.dtype)
+                bias.data = (bias.float() - self.fura_bias[name].float().to(bias.device)).to(bias.dtype)
         self.merged_adapters.pop()
 
     def get_delta_weight(self, adapter_name: str) -> torch.Tensor:

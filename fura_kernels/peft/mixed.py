@@ -113,6 +113,13 @@ class ServingMaps:
     bias_rows: dict[tuple[str, ...], torch.Tensor] = field(default_factory=dict)
     bias_names: tuple[str, ...] = ()
 
+    def map_of(self, name: str) -> torch.Tensor:
+        """Adapter `name`'s cached map (n, b, b)."""
+        for family in self.families:
+            if name in family.names:
+                return family.maps[family.names.index(name)]
+        raise KeyError(name)
+
     def bias_rows_for(self, adapters: tuple[str, ...]) -> torch.Tensor:
         """(G + 1,) int64: the row of `bias` each model-wide adapter adds (the zero row for none)."""
         table = self.bias_rows.get(adapters)

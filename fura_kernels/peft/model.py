@@ -142,6 +142,29 @@ class FuRAModel(BaseTuner):
         return remapped
 
 
+def serve_from_maps(
+    model: nn.Module, adapter_names: list[str] | None = None, device: str | torch.device = "cpu"
+) -> int:
+    """Serve FuRA adapters from their cached maps alone: on every FuRA layer, keep each named
+    adapter's map (`in * b` values, in a half-precision base's dtype) on the base's device and
+    move its `R`, `S`, `V0`, `S0` and bias update to `device` (host memory by default), frozen.
+
+    Forward passes, mixed batches included, then read the maps; `save_pretrained`, merging and
+    `get_delta_weight` read the moved tensors (the same values), so nothing is lost;
+    `model.to(...)` brings the tensors back. An adapter served this way cannot train (its layers
+    refuse in training mode). `adapter_names=None`: every adapter. Returns the bytes moved off
+    the base's device."""
+    layers = [module for module in model.modules() if isinstance(module, FuRALinear)]
+    known = {name for layer in layers for name in layer.fura_R}
+    names = sorted(known) if adapter_names is None else list(adapter_names)
+    unknown = sorted(set(names) - known)
+    if unknown:
+        raise ValueError(f"serve_from_maps: no FuRA adapter(s) {unknown} in this model; it has {sorted(known)}")
+    for layer in layers:  # every map first, so that a failure moves nothing
+        layer.refresh_serving_maps()
+    return sum(layer.serve_from_map(name, device) for layer in layers for name in names)
+
+
 def _base_mismatch(model: nn.Module, adapter_name: str, state: dict[str, torch.Tensor]) -> str | None:
     """Why a saved adapter does not belong on this model's base layers, or None.
 

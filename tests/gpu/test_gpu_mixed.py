@@ -43,21 +43,51 @@ def test_segmented_kernel_at_llama_widths(dtype, width, phase):
     assert torch.equal(y[base_rows], x[base_rows])
 
 
-def test_bf16_model_mixed_batch_equals_each_adapter_alone(tmp_path):
+IDS = torch.randint(0, 97, (6, 10), generator=torch.Generator().manual_seed(4))
+NAMES = ["a1", BASE_ADAPTER, "a0", "a2", "a1", "a0"]
+
+
+def _served_bf16(directory):
+    """A bf16 tiny Llama on the GPU serving three FuRA adapters trained (fp32, CPU) from three seeds."""
     from peft import PeftModel
 
     from ..test_peft_method import _peft, _train
 
     for k, seed in enumerate((0, 1, 2)):
         model = _train(_peft(tiny_llama(hidden_size=128, intermediate_size=256), task_type="CAUSAL_LM"), seed=seed)
-        model.save_pretrained(tmp_path / f"a{k}")
+        model.save_pretrained(directory / f"a{k}")
     base = tiny_llama(hidden_size=128, intermediate_size=256).to(DEVICE, torch.bfloat16)
-    model = PeftModel.from_pretrained(base, tmp_path / "a0", adapter_name="a0")
+    model = PeftModel.from_pretrained(base, directory / "a0", adapter_name="a0")
     for k in (1, 2):
-        model.load_adapter(str(tmp_path / f"a{k}"), adapter_name=f"a{k}")
-    model.eval()
-    ids = torch.randint(0, 97, (6, 10), generator=torch.Generator().manual_seed(4)).to(DEVICE)
-    names = ["a1", BASE_ADAPTER, "a0", "a2", "a1", "a0"]
+        model.load_adapter(str(directory / f"a{k}"), adapter_name=f"a{k}")
+    return model.eval()
+
+
+def test_serving_from_the_maps_frees_the_adapters_tensors_and_answers_the_same(tmp_path):
+    from fura_kernels.peft import FuRALinear, serve_from_maps
+
+    model = _served_bf16(tmp_path)
+    ids = IDS.to(DEVICE)
+    with torch.no_grad():
+        before = model(input_ids=ids, adapter_names=NAMES).logits
+    torch.cuda.synchronize()
+    allocated = torch.cuda.memory_allocated()
+    moved = serve_from_maps(model)
+    torch.cuda.synchronize()
+    assert moved > 0 and allocated - torch.cuda.memory_allocated() >= moved
+    layers = [m for m in model.modules() if isinstance(m, FuRALinear)]
+    assert all(layer.fura_R[name].device.type == "cpu" for layer in layers for name in layer.fura_R)
+    with torch.no_grad():
+        assert torch.equal(model(input_ids=ids, adapter_names=NAMES).logits, before)
+    model.to(DEVICE)  # the tensors come back; the maps are built again from them
+    with torch.no_grad():
+        assert max_rel_err(model(input_ids=ids, adapter_names=NAMES).logits.float(), before.float()) <= 2.0**-7
+
+
+def test_bf16_model_mixed_batch_equals_each_adapter_alone(tmp_path):
+    model = _served_bf16(tmp_path)
+    ids = IDS.to(DEVICE)
+    names = NAMES
 
     def alone(name, fn):
         if name == BASE_ADAPTER:
