@@ -352,7 +352,7 @@ class FuRALinear(nn.Module, BaseTunerLayer):
             for family in old.families:
                 for slot, name in enumerate(family.names):
                     if old.sources.get(name) == sources.get(name):
-                        kept[name] = family.maps[slot].to(self._device())
+                        kept[name] = family.maps[slot].to(device=self._device(), dtype=self.serving_dtype())
         by_shape: dict[tuple[int, int], list[str]] = {}
         for name in names:
             shape = self.block_shapes[name]

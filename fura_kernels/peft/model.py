@@ -90,7 +90,7 @@ class FuRAModel(BaseTuner):
             return
         if self.training:
             raise ValueError("FuRA: adapter_names= runs a mixed-adapter batch for inference; call model.eval() first")
-        if isinstance(adapter_names, str) or not all(isinstance(name, str) for name in adapter_names):
+        if not isinstance(adapter_names, list | tuple) or not all(isinstance(name, str) for name in adapter_names):
             raise TypeError(
                 f"FuRA: adapter_names must be a list of adapter names, one per sequence; got {adapter_names!r}"
             )
