@@ -6,13 +6,32 @@ small core, a separate trainable `S`, trained biases, fp32 trainable tensors.
 
 from __future__ import annotations
 
+import ast
 import dataclasses
+import json
+import re
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
 DECOMP_MODES = ("output_one_block", "input_one_block", "square")
+DECOMP_MODE_ALIASES = {
+    "input": "input_one_block",
+    "output": "output_one_block",
+    "input_block": "input_one_block",
+    "output_block": "output_one_block",
+}
+# The reference's module groups for a per-group `decomp_mode` (its RL ablations), their aliases,
+# and the mode it gives a group that a mapping leaves out (`resolve_blocktt_decomp_modes`).
+DECOMP_GROUPS = {
+    "qkv": ("q_proj", "k_proj", "v_proj"),
+    "o": ("o_proj",),
+    "mlp_upgate": ("gate_proj", "up_proj"),
+    "mlp_down": ("down_proj",),
+}
+DECOMP_GROUP_ALIASES = {"mlp_up_gate": "mlp_upgate", "upgate": "mlp_upgate", "up_gate": "mlp_upgate"}
+GROUP_DEFAULT_DECOMP_MODE = "input_one_block"
 TRAIN_POSITIONS = ("small", "large", "both")
 S_MERGED_TO = ("keep_trainable", "keep_frozen", "output", "input", "split", "frozen", "trainable")
 SVD_DTYPES = (torch.float32, torch.float64)
@@ -20,6 +39,53 @@ INITS = ("svd", "qr")
 
 
 TRAINABLE_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
+
+
+def _canonical_mode(mode: Any, where: str, allow_square: bool = True) -> str:
+    allowed = DECOMP_MODES if allow_square else ("output_one_block", "input_one_block")
+    canonical = DECOMP_MODE_ALIASES.get(mode.strip(), mode.strip()) if isinstance(mode, str) else mode
+    if canonical not in allowed:
+        aliases = ", ".join(f"{k!r}" for k in DECOMP_MODE_ALIASES)
+        raise ValueError(f"FuRAConfig.decomp_mode{where}: expected one of {allowed} (or {aliases}), got {mode!r}")
+    return canonical
+
+
+def _parse_mapping(text: str) -> dict:
+    """A `{group: mode}` literal as the reference's scripts write it: JSON, a Python dict, or bare
+    words (`{qkv:input,o:output}`)."""
+    bare = re.sub(r"(?<=[{,:])\s*([A-Za-z_]\w*)\s*(?=[,:}])", r'"\1"', text)
+    for candidate in dict.fromkeys((text, bare)):
+        for parse in (json.loads, ast.literal_eval):
+            try:
+                parsed = parse(candidate)
+            except (ValueError, SyntaxError, TypeError):
+                continue
+            if isinstance(parsed, dict):
+                return parsed
+    raise ValueError(
+        f"FuRAConfig.decomp_mode: {text!r} is not a dictionary; write it as JSON or a Python dict, e.g. "
+        '\'{"qkv": "input", "o": "output", "mlp_upgate": "output", "mlp_down": "output"}\''
+    )
+
+
+def _as_decomp_mode(value: Any) -> str | dict[str, str]:
+    """A mode name (aliases resolved), or a per-group mapping (a dict, or its literal as a string)
+    with every group filled in: groups a mapping leaves out get GROUP_DEFAULT_DECOMP_MODE, as in the
+    reference. Per-group modes are one-block modes only, as in the reference."""
+    if isinstance(value, str) and value.strip().startswith("{"):
+        value = _parse_mapping(value.strip())
+    if not isinstance(value, dict):
+        return _canonical_mode(value, "")
+    groups = {}
+    for key, mode in value.items():
+        group = DECOMP_GROUP_ALIASES.get(key.strip(), key.strip()) if isinstance(key, str) else key
+        if group not in DECOMP_GROUPS:
+            raise ValueError(
+                f"FuRAConfig.decomp_mode: unknown group {key!r}; expected one of {tuple(DECOMP_GROUPS)} "
+                f"(aliases {tuple(DECOMP_GROUP_ALIASES)})"
+            )
+        groups[group] = _canonical_mode(mode, f"[{key!r}]", allow_square=False)
+    return {group: groups.get(group, GROUP_DEFAULT_DECOMP_MODE) for group in DECOMP_GROUPS}
 
 
 def _is_int(value: Any) -> bool:
@@ -56,12 +122,17 @@ class FuRAConfig:
     Frozen: every field is validated once, when the config is built; change one with
     `config.replace(field=value)`, which validates the copy again."""
 
-    decomp_mode: str = field(
+    decomp_mode: str | dict[str, str] = field(
         default="output_one_block",
         metadata={
             "help": "Block grid of W (out x in). 'output_one_block' (paper default): one block "
             "row, the input split into closest_factor_pair(in) blocks; 'input_one_block': the "
-            "mirror image; 'square': both sides split (not parameter-efficient)."
+            "mirror image; 'square': both sides split (not parameter-efficient). Aliases 'output', "
+            "'input'. Or one mode per module group, as the reference's RL ablations: a dict (or its "
+            "JSON / dict literal) over 'qkv' (q/k/v_proj), 'o' (o_proj), 'mlp_upgate' (gate/up_proj; "
+            "aliases 'upgate', 'up_gate', 'mlp_up_gate') and 'mlp_down' (down_proj) of one-block modes; "
+            "a group left out gets 'input_one_block', as in the reference, and a layer in no group is "
+            "refused when it is converted."
         },
     )
     rank: str | int | float = field(
@@ -147,8 +218,7 @@ class FuRAConfig:
         for name in ("train_bias", "factorize_by_head"):
             if not isinstance(getattr(self, name), bool):
                 raise TypeError(f"FuRAConfig.{name}: expected True or False, got {getattr(self, name)!r}")
-        if self.decomp_mode not in DECOMP_MODES:
-            raise ValueError(f"FuRAConfig.decomp_mode: expected one of {DECOMP_MODES}, got {self.decomp_mode!r}")
+        object.__setattr__(self, "decomp_mode", _as_decomp_mode(self.decomp_mode))
         if self.train_position not in TRAIN_POSITIONS:
             raise ValueError(
                 f"FuRAConfig.train_position: expected one of {TRAIN_POSITIONS}, got {self.train_position!r}"
@@ -177,12 +247,12 @@ class FuRAConfig:
         _set = object.__setattr__
         _set(self, "input_factorization", _as_factor_pair(self.input_factorization, "input_factorization"))
         _set(self, "output_factorization", _as_factor_pair(self.output_factorization, "output_factorization"))
-        if self.decomp_mode == "input_one_block" and self.input_factorization is not None:
+        if "input_one_block" in self._modes() and self.input_factorization is not None:
             raise ValueError(
                 f"FuRAConfig.input_factorization={self.input_factorization} conflicts with "
                 "decomp_mode='input_one_block', which keeps the input side as one block; use 'square'"
             )
-        if self.decomp_mode == "output_one_block" and self.output_factorization is not None:
+        if "output_one_block" in self._modes() and self.output_factorization is not None:
             raise ValueError(
                 f"FuRAConfig.output_factorization={self.output_factorization} conflicts with "
                 "decomp_mode='output_one_block', which keeps the output side as one block; use 'square'"
@@ -204,6 +274,24 @@ class FuRAConfig:
             raise ValueError(
                 f"FuRAConfig.svd_block_batch: expected a positive int or None, got {self.svd_block_batch!r}"
             )
+
+    def _modes(self) -> tuple[str, ...]:
+        return tuple(self.decomp_mode.values()) if isinstance(self.decomp_mode, dict) else (self.decomp_mode,)
+
+    def decomp_mode_for(self, module_name: str | None) -> str:
+        """The decomposition mode of the layer called `module_name` (its last dotted part picks
+        the group of a per-group `decomp_mode`)."""
+        if not isinstance(self.decomp_mode, dict):
+            return self.decomp_mode
+        leaf = module_name.rsplit(".", 1)[-1] if module_name else None
+        for group, leaves in DECOMP_GROUPS.items():
+            if leaf in leaves:
+                return self.decomp_mode[group]
+        raise ValueError(
+            f"FuRA layer {module_name!r}: decomp_mode gives one mode per module group {self.decomp_mode}, but "
+            f"{leaf!r} is in no group (groups: { {g: list(v) for g, v in DECOMP_GROUPS.items()} }); leave the "
+            "layer out of target_modules or give decomp_mode one mode for every layer"
+        )
 
     def _validate_rank(self) -> None:
         rank = self.rank
@@ -231,6 +319,8 @@ class FuRAConfig:
     def to_dict(self) -> dict[str, Any]:
         """JSON-friendly view (dtypes as names)."""
         out = dataclasses.asdict(self)
+        if isinstance(self.decomp_mode, dict):
+            out["decomp_mode"] = dict(self.decomp_mode)
         out["svd_dtype"] = str(self.svd_dtype).removeprefix("torch.")
         out["trainable_dtype"] = str(self.trainable_dtype).removeprefix("torch.")
         return out

@@ -152,8 +152,9 @@ def resolve_block_shape(
             )
         return pair
 
-    split_in = config.decomp_mode in ("output_one_block", "square")
-    split_out = config.decomp_mode in ("input_one_block", "square")
+    mode = config.decomp_mode_for(module_name)
+    split_in = mode in ("output_one_block", "square")
+    split_out = mode in ("input_one_block", "square")
     n, b = side(in_features, split_in, config.input_factorization, head_in, "input_factorization")
     m, a = side(out_features, split_out, config.output_factorization, head_out, "output_factorization")
     r = resolve_rank(config, m, n, a, b, where)
@@ -312,7 +313,8 @@ def qfura_layout_problem(shape: BlockShape, roles: CoreRoles, config: FuRAConfig
     if shape.m != 1:
         return (
             f"QFuRA stores a frozen L core in the default layout (one output block), but "
-            f"decomp_mode={config.decomp_mode!r} gives m={shape.m} output blocks; use decomp_mode='output_one_block'"
+            f"decomp_mode={config.decomp_mode!r} gives this layer m={shape.m} output blocks; use "
+            "decomp_mode='output_one_block'"
         )
     if not roles.train_l:
         return None

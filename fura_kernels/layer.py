@@ -317,7 +317,7 @@ class FusedBTTLinear(nn.Module):
         return (
             f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
             f"blocks=(m={shape.m}, n={shape.n}, a={shape.a}, b={shape.b}, r={shape.r}), "
-            f"mode={self.config.decomp_mode}, trains={'+'.join(trained) or 'nothing'}, "
+            f"mode={self.config.decomp_mode_for(self.module_name)}, trains={'+'.join(trained) or 'nothing'}, "
             f"s_merged_to={self.config.s_merged_to}"
         )
 

