@@ -73,6 +73,7 @@ class SVDLinear(nn.Module):
         self.svd_s = nn.Parameter(torch.ones(self.rank, **kwargs)) if keep_s else None
         self.bias = nn.Parameter(torch.zeros(out_features, **kwargs)) if bias else None
         self.s_merged_to: str | None = None
+        self.base_dtype = dtype or torch.get_default_dtype()  # the original weight's dtype: merges go back to it
         self.random_basis = False
         self.fit_relative_error = 0.0  # ||A diag(s) B - W|| / ||W|| at conversion (non-zero: a tall random basis)
 
@@ -117,15 +118,16 @@ class SVDLinear(nn.Module):
             layer.svd_s = nn.Parameter(s.to(trainable_dtype), requires_grad=where == "keep_trainable")
         if linear.bias is not None:
             layer.bias = nn.Parameter(linear.bias.detach().to(trainable_dtype), requires_grad=True)
-        layer.s_merged_to, layer.random_basis = where, random_basis
+        layer.s_merged_to, layer.random_basis, layer.base_dtype = where, random_basis, weight.dtype
         fitted = (a * s.unsqueeze(0) if keep else a) @ b
         layer.fit_relative_error = float(torch.linalg.norm(fitted - w) / torch.linalg.norm(w).clamp(min=1e-30))
         return layer
 
     def dense_weight(self) -> torch.Tensor:
-        """`A · diag(s) · B` (out, in), differentiable."""
-        a = self.svd_a if self.svd_s is None else self.svd_a * self.svd_s.to(self.svd_a.dtype)
-        return a @ self.svd_b.to(a.dtype)
+        """`A · diag(s) · B` (out, in) in fp32 at least, differentiable."""
+        dtype = torch.promote_types(self.svd_a.dtype, torch.float32)
+        a = self.svd_a.to(dtype) if self.svd_s is None else self.svd_a.to(dtype) * self.svd_s.to(dtype)
+        return a @ self.svd_b.to(dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         dtype = x.dtype if not torch.is_autocast_enabled(x.device.type) else torch.get_autocast_dtype(x.device.type)
@@ -134,10 +136,10 @@ class SVDLinear(nn.Module):
         return F.linear(F.linear(x, b.to(dtype)), self.svd_a.to(dtype), bias)
 
     def to_linear(self) -> nn.Linear:
-        """A plain `nn.Linear` with the merged weight, in the frozen factor's dtype."""
-        frozen_dtype = self.svd_b.dtype if not self.svd_b.requires_grad else self.svd_a.dtype
+        """A plain `nn.Linear` with the merged weight (computed in fp32 at least), in the original
+        weight's dtype."""
         linear = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None,
-                           device=self.svd_a.device, dtype=frozen_dtype)  # fmt: skip
+                           device=self.svd_a.device, dtype=self.base_dtype)  # fmt: skip
         with torch.no_grad():
             linear.weight.copy_(self.dense_weight().detach())
             if self.bias is not None:

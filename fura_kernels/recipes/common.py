@@ -133,7 +133,8 @@ def save_outputs(model, processor, method: str, output_dir: str | Path, merge: b
     - FuRA / QFuRA: the adapter (`save_fura_adapter`), then `adapter_extra(adapter_dir)` (say, a
       VLM's projector); with `merge`, the merged model as the base architecture saves it;
     - LoRA / QLoRA and FuRA in the PEFT form: PEFT's adapter; with `merge`, PEFT's merged model;
-    - full fine-tuning: the model.
+    - full fine-tuning: the model; the SVD baseline: the model with its factors merged back into
+      plain linears (in the base's dtype), which `from_pretrained` loads.
 
     The processor (tokenizer) is saved beside every full model (merged or fine-tuned)."""
     out = Path(output_dir)
@@ -151,6 +152,10 @@ def save_outputs(model, processor, method: str, output_dir: str | Path, merge: b
             model.merge_and_unload().save_pretrained(out / "merged")
             paths["merged"] = str(out / "merged")
     else:
+        if method == "svd":
+            from ..svd_baseline import merge_svd
+
+            merge_svd(model)
         model.save_pretrained(out / "model")
         paths["model"] = str(out / "model")
     for key in ("merged", "model"):

@@ -1,4 +1,4 @@
-"""GRPO on math with FuRA, QFuRA, LoRA, QLoRA or full fine-tuning, through TRL's `GRPOTrainer`.
+"""GRPO on math with FuRA, QFuRA, LoRA, QLoRA, full fine-tuning or the SVD baseline, through TRL's `GRPOTrainer`.
 
     python -m fura_kernels.recipes.grpo --model PATH --output-dir OUT [--method fura] [--merge]
     accelerate launch -m fura_kernels.recipes.grpo --model PATH --output-dir OUT --bf16 --use-vllm
@@ -16,6 +16,11 @@ aggregation (TRL's "grpo") instead of TRL's default.
 With `--use-vllm` (GPU only, vLLM installed), TRL generates the rollouts in vLLM; for FuRA and
 QFuRA the recipe makes TRL's weight sync push `merged_named_weights(model)`: the base
 checkpoint's names, each layer merged on its own, which vLLM's `load_weights` accepts.
+
+The reference's RL options (`fura_kernels.recipes.knobs`): `--decomp-mode` per module group,
+`--normalize-cores` (a Trainer callback after every optimiser step), `--trainable-dtype bfloat16`,
+`--method svd` (`--svd-random-basis`, lr 1e-4 as its script), and `--reference-setup` (its LoRA
+baseline r=32, alpha=32, no dropout; bf16 trainables).
 """
 
 from __future__ import annotations
@@ -29,9 +34,9 @@ from pathlib import Path
 import torch
 
 from ..adapters import merged_named_weights
-from ..config import FuRAConfig
 from ..model import convert_to_fura
 from ..optional import check_installed
+from ..training import normalize_callback
 from .baselines import quantize_linears_bnb
 from .common import (
     PEFT_FORM_HELP,
@@ -44,12 +49,14 @@ from .common import (
     save_outputs,
     write_metrics,
 )
+from .knobs import add_knob_arguments, apply_svd, fura_config, resolve_knobs
 from .sft import DEFAULT_TARGETS
 
-METHODS = ("fura", "qfura", "lora", "qlora", "full")
+METHODS = ("fura", "qfura", "lora", "qlora", "full", "svd")
 PROMPT = "{problem}\nReason step by step, and put your final answer within \\boxed{{}}.\n"
-# The reference's learning rates (FURA_SPEC.md §10): FuRA-style adapters 9e-5, full fine-tuning 1e-5.
-DEFAULT_LR = {"fura": 9e-5, "qfura": 9e-5, "lora": 9e-5, "qlora": 9e-5, "full": 1e-5}
+# The reference's learning rates (FURA_SPEC.md §10): FuRA-style adapters 9e-5, full fine-tuning 1e-5,
+# the SVD baseline 1e-4 (its run_rl.sh).
+DEFAULT_LR = {"fura": 9e-5, "qfura": 9e-5, "lora": 9e-5, "qlora": 9e-5, "full": 1e-5, "svd": 1e-4}
 
 
 def shipped_math_path() -> Path:
@@ -108,16 +115,20 @@ def prepare_model(model, args):
         return fura_peft_model(model, args.target_modules, args.method == "qfura", args.progress, task_type="CAUSAL_LM")
     if args.method in ("fura", "qfura"):
         quantize = "nf4" if args.method == "qfura" else None
-        report = convert_to_fura(model, args.target_modules, FuRAConfig(), quantize=quantize, progress=args.progress)
+        report = convert_to_fura(model, args.target_modules, fura_config(args), quantize=quantize,
+                                 progress=args.progress)  # fmt: skip
         print(report)
+        return model
+    if args.method == "svd":
+        apply_svd(model, args)
         return model
     if args.method in ("lora", "qlora"):
         from peft import LoraConfig, get_peft_model
 
         if args.method == "qlora":
             quantize_linears_bnb(model, args.target_modules)
-        config = LoraConfig(r=args.lora_r, lora_alpha=args.lora_alpha, target_modules=args.target_modules,
-                            task_type="CAUSAL_LM")  # fmt: skip
+        config = LoraConfig(r=args.lora_r, lora_alpha=args.lora_alpha, lora_dropout=args.lora_dropout,
+                            target_modules=args.target_modules, task_type="CAUSAL_LM")  # fmt: skip
         model = get_peft_model(model, config)
         model.print_trainable_parameters()
         return model
@@ -163,6 +174,7 @@ def grpo_config(args):
         disable_tqdm=not args.progress,
         seed=args.seed,
         use_cpu=args.cpu,
+        **({"optim": "paged_adamw_8bit"} if args.optim == "paged_adamw_8bit" else {}),
     )
 
 
@@ -192,8 +204,9 @@ def train(args) -> dict:
     dtype = getattr(torch, args.dtype) if args.dtype != "auto" else "auto"
     model = prepare_model(AutoModelForCausalLM.from_pretrained(args.model, dtype=dtype), args)
     dataset = Dataset.from_list(problems)
+    callbacks = [normalize_callback()] if args.normalize_cores else None
     trainer = GRPOTrainer(model=model, reward_funcs=boxed_answer_reward, args=grpo_config(args),
-                          train_dataset=dataset, processing_class=tokenizer)  # fmt: skip
+                          train_dataset=dataset, processing_class=tokenizer, callbacks=callbacks)  # fmt: skip
     if args.method in ("fura", "qfura") and not args.peft_form:  # a PEFT model: TRL merges, pushes, unmerges
         use_merged_weight_sync(trainer)
     start = time.perf_counter()
@@ -206,6 +219,21 @@ def train(args) -> dict:
         "reward": rewards,
         "train_seconds": time.perf_counter() - start,
         "trainable_params": sum(p.numel() for p in model.parameters() if p.requires_grad),
+        "setup": {
+            k: getattr(args, k)
+            for k in (
+                "decomp_mode",
+                "normalize_cores",
+                "trainable_dtype",
+                "optim",
+                "svd_train_position",
+                "svd_random_basis",
+                "lora_r",
+                "lora_alpha",
+                "lora_dropout",
+                "reference_setup",
+            )
+        },
         "outputs": (
             save_outputs(
                 trainer.accelerator.unwrap_model(trainer.model), tokenizer, args.method, args.output_dir, args.merge
@@ -254,8 +282,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default="trl",
         help="loss aggregation: TRL's default (dapo) or the reference's per-sequence mean (grpo)",
     )
-    p.add_argument("--lora-r", type=int, default=32)
-    p.add_argument("--lora-alpha", type=int, default=64)
     p.add_argument("--use-vllm", action="store_true", help="generate rollouts in vLLM (GPU, vLLM installed)")
     p.add_argument("--bf16", action="store_true", help="bf16 autocast; trainable tensors stay fp32")
     p.add_argument("--gradient-checkpointing", action="store_true")
@@ -265,6 +291,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=42)
     p.add_argument("--cpu", action="store_true", help="run on the CPU even when a GPU is present")
     p.add_argument("--no-progress", dest="progress", action="store_false")
+    add_knob_arguments(p)
     return p.parse_args(argv)
 
 
@@ -272,6 +299,10 @@ def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
     check_installed(("trl", "math_verify", "datasets", "peft"), "rl", "python -m fura_kernels.recipes.grpo")
     check_method_flags("grpo", args)
+    resolve_knobs("grpo", args)
+    if args.method == "svd" and args.use_vllm:
+        raise SystemExit("grpo: --method svd with --use-vllm: TRL would push the SVD factors, which vLLM does not "
+                         "know; run the SVD baseline without vLLM")  # fmt: skip
     return run_main("grpo", train, args)
 
 

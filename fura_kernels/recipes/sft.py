@@ -1,4 +1,4 @@
-"""Supervised fine-tuning of a causal LM with FuRA, QFuRA, LoRA, QLoRA or full fine-tuning.
+"""Supervised fine-tuning of a causal LM with FuRA, QFuRA, LoRA, QLoRA, full fine-tuning or the SVD baseline.
 
     python -m fura_kernels.recipes.sft --model PATH --output-dir OUT [--method fura] [--merge]
     accelerate launch -m fura_kernels.recipes.sft --model PATH --output-dir OUT --bf16
@@ -8,7 +8,10 @@ that project's prompt template; prompt tokens are masked out of the loss. The de
 small set shipped with the package, for smoke runs. Optimiser: AdamW with the FuRA reference's
 defaults (lr 2e-4, betas (0.9, 0.95), no weight decay), 3% linear warm-up then linear decay.
 Trainable tensors stay in fp32; `--bf16` computes under bf16 autocast. LoRA and QLoRA go through
-PEFT (and bitsandbytes NF4), r=32 and alpha=64 on the same modules as FuRA.
+PEFT (and bitsandbytes NF4), r=32, alpha=64 and dropout 0.05 on the same modules as FuRA. The
+reference's own set-ups (bf16 trainables, PagedAdamW8bit, per-group decomposition, core
+normalisation, its LoRA r=64 / QLoRA r=48 baselines, the SVD baseline) are options
+(`fura_kernels.recipes.knobs`; `--reference-setup` takes them all).
 """
 
 from __future__ import annotations
@@ -23,9 +26,9 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from ..config import FuRAConfig
 from ..model import convert_to_fura
 from ..optional import check_installed
+from ..training import normalize_cores_after_step
 from .baselines import quantize_linears_bnb
 from .common import (
     PEFT_FORM_HELP,
@@ -40,9 +43,10 @@ from .common import (
     save_outputs,
     write_metrics,
 )
+from .knobs import add_knob_arguments, apply_svd, build_optimizer, fura_config, resolve_knobs
 from .tiny_model import shipped_data_path
 
-METHODS = ("fura", "qfura", "lora", "qlora", "full")
+METHODS = ("fura", "qfura", "lora", "qlora", "full", "svd")
 DEFAULT_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 IGNORE_INDEX = -100
 
@@ -125,11 +129,14 @@ def prepare_model(model, args) -> torch.nn.Module:
         report = convert_to_fura(
             model,
             args.target_modules,
-            FuRAConfig(),
+            fura_config(args),
             quantize="nf4" if args.method == "qfura" else None,
             progress=args.progress,
         )
         print(report)
+        return model
+    if args.method == "svd":
+        apply_svd(model, args)
         return model
     if args.method in ("lora", "qlora"):
         from peft import LoraConfig, get_peft_model
@@ -139,7 +146,7 @@ def prepare_model(model, args) -> torch.nn.Module:
         config = LoraConfig(
             r=args.lora_r,
             lora_alpha=args.lora_alpha,
-            lora_dropout=0.05,
+            lora_dropout=args.lora_dropout,
             target_modules=args.target_modules,
             task_type="CAUSAL_LM",
         )
@@ -207,7 +214,9 @@ def train(args) -> dict:
     steps_per_epoch = math.ceil(len(train_loader) / args.grad_accum)
     total_steps = args.max_steps or steps_per_epoch * args.epochs
     params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=args.lr, betas=(0.9, 0.95), weight_decay=0.0)
+    optimizer = build_optimizer(params, args.lr, args)
+    if args.normalize_cores:  # on the bare optimiser: accelerate's wrapper steps it only on real updates
+        normalize_cores_after_step(optimizer, model)
     scheduler = get_linear_schedule_with_warmup(optimizer, math.ceil(args.warmup_ratio * total_steps), total_steps)
     model, optimizer, train_loader, eval_loader, scheduler = accelerator.prepare(
         model, optimizer, train_loader, eval_loader, scheduler
@@ -218,6 +227,21 @@ def train(args) -> dict:
         "train_loss": [],
         "eval_loss": [],
         "trainable_params": sum(p.numel() for p in params),
+        "setup": {
+            k: getattr(args, k)
+            for k in (
+                "decomp_mode",
+                "normalize_cores",
+                "trainable_dtype",
+                "optim",
+                "svd_train_position",
+                "svd_random_basis",
+                "lora_r",
+                "lora_alpha",
+                "lora_dropout",
+                "reference_setup",
+            )
+        },
     }
     metrics["eval_loss"].append({"step": 0, "loss": _evaluate(model, eval_loader, accelerator)})
     model.train()
@@ -286,8 +310,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--eval-fraction", type=float, default=0.1)
     p.add_argument("--eval-steps", type=int, default=50)
     p.add_argument("--log-every", type=int, default=10)
-    p.add_argument("--lora-r", type=int, default=32)
-    p.add_argument("--lora-alpha", type=int, default=64)
     p.add_argument("--gradient-checkpointing", action="store_true")
     p.add_argument("--bf16", action="store_true", help="bf16 autocast; trainable tensors stay fp32")
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
@@ -303,6 +325,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=42)
     p.add_argument("--cpu", action="store_true", help="run on the CPU even when a GPU is present")
     p.add_argument("--no-progress", dest="progress", action="store_false")
+    add_knob_arguments(p)
     return p.parse_args(argv)
 
 
@@ -312,6 +335,7 @@ def main(argv: list[str] | None = None) -> dict:
     check_installed(("accelerate", "peft") if peft_needed else ("accelerate",), "sft",
                     "python -m fura_kernels.recipes.sft")  # fmt: skip
     check_method_flags("sft", args)
+    resolve_knobs("sft", args)
     return run_main("sft", train, args)
 
 
