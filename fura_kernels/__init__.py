@@ -14,7 +14,11 @@ Public API:
 - `save_fura_adapter`, `load_fura_adapter`, `save_merged`: adapter files and merged export;
 - `merged_named_weights`: the merged weights under the base's names, one layer at a time (RL
   weight sync to an inference engine);
-- `reference`: the einsum oracle.
+- `reference`: the einsum oracle;
+- `normalize_trainable_cores_` (and in `fura_kernels.training` its optimiser hook and Trainer
+  callback): the reference's core normalisation after each optimiser step;
+- `SVDLinear`, `convert_to_svd`, `merge_svd` (`fura_kernels.svd_baseline`): the paper's SVD
+  baseline and its random-basis ablation.
 
 `fura_kernels.peft` (with the `[peft]` extra) makes FuRA a PEFT method, `FuRAPeftConfig`, in the
 transform form over any base layer, QLoRA's 4-bit base included; import it explicitly.
@@ -40,6 +44,8 @@ from .model import (
 )
 from .nf4 import NF4Tensor, dequantize_nf4, quantize_nf4
 from .qlayer import QFusedBTTLinear
+from .svd_baseline import SVDLinear, convert_to_svd, merge_svd
+from .training import normalize_trainable_cores_
 
 try:
     __version__ = version("fura-kernels")
@@ -56,15 +62,19 @@ __all__ = [
     "NF4Core",
     "NF4Tensor",
     "QFusedBTTLinear",
+    "SVDLinear",
     "closest_factor_pair",
     "convert_to_fura",
+    "convert_to_svd",
     "count_parameters",
     "dequantize_nf4",
     "find_target_linears",
     "load_fura_adapter",
     "fura_linear",
     "merge_fura",
+    "merge_svd",
     "merged_named_weights",
+    "normalize_trainable_cores_",
     "print_trainable_parameters",
     "quantize_nf4",
     "reference",

@@ -47,11 +47,12 @@ def test_minilm_compare_without_peft_names_one_extra_that_covers_it(monkeypatch)
 def test_minilm_compare_writes_outside_the_repository_and_reports_progress(monkeypatch, tmp_path, capsys):
     """By default it touches no tracked file (README, bench/results) and prints as it goes."""
     monkeypatch.chdir(tmp_path)
-    result = minilm_compare.main(["--steps", "2"])
+    result = minilm_compare.main(["--profile", "smoke"])
     assert json.loads((tmp_path / "fura-bench-results" / "minilm_compare.json").read_text()) == result
+    assert (tmp_path / "fura-bench-results" / "minilm_compare.png").exists()
     assert not (tmp_path / "bench").exists() and not (tmp_path / "README.md").exists()
     out = capsys.readouterr().out
-    assert "minilm_compare: FuRA: step 2/2 loss" in out and "minilm_compare: PEFT LoRA r=" in out
+    assert "minilm_compare: FuRA lr 0.003 seed 0: validation" in out and "| PEFT LoRA r=" in out
 
 
 def test_the_bitsandbytes_hub_kernel_notice_is_dropped_and_nothing_else(caplog):

@@ -61,16 +61,18 @@ LABELS = {
     "svd_random": "SVD, random basis",
     "head_only": "frozen encoder (head only)",
 }
-# Half-decade grids around each method's usual range: adapters whose trained tensors start at unit
-# scale (FuRA's R, LoRA) take larger steps than methods that move the weights directly.
+# Four half-decade points around each method's usual range: adapters whose trained tensors start
+# at unit scale (FuRA's R, LoRA) take larger steps than methods that move the weights directly
+# (full fine-tuning, the SVD factors). A rate chosen at a grid's edge is flagged under the table.
 LR_GRIDS = {
-    "fura": (3e-4, 1e-3, 3e-3),
-    "lora": (3e-4, 1e-3, 3e-3),
-    "full": (1e-5, 3e-5, 1e-4),
-    "svd": (1e-5, 3e-5, 1e-4),
-    "svd_random": (1e-5, 3e-5, 1e-4),
+    "fura": (3e-4, 1e-3, 3e-3, 1e-2),
+    "lora": (3e-4, 1e-3, 3e-3, 1e-2),
+    "full": (3e-5, 1e-4, 3e-4, 1e-3),
+    "svd": (3e-5, 1e-4, 3e-4, 1e-3),
+    "svd_random": (3e-5, 1e-4, 3e-4, 1e-3),
 }
 HEAD_LR = 2e-3
+CLIP_NORM = 1.0  # HF Trainer's default max_grad_norm, for every method
 PROFILES = {
     "full": {"sizes": {"train": 2048, "validation": 400, "test": 800}, "steps": 48, "batch_size": 32, "seeds": 5,
              "grid_points": None},
@@ -157,6 +159,7 @@ def run(method: str, lr: float, seed: int, splits: dict, profile: dict, lora_ran
     if adapted:
         groups.append({"params": adapted, "lr": lr})
     optimizer = torch.optim.AdamW(groups, betas=(0.9, 0.95), weight_decay=0.0)
+    trained = [p for group in groups for p in group["params"]]
     warmup = max(1, round(0.06 * steps))
     schedule = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda s: min((s + 1) / warmup, max(0.0, (steps - s) / max(1, steps - warmup)))
@@ -170,6 +173,7 @@ def run(method: str, lr: float, seed: int, splits: dict, profile: dict, lora_ran
         for batch, labels in _batches(tokenizer, shuffled, batch_size):
             loss = F.cross_entropy(model(**batch), labels)
             loss.backward()
+            torch.nn.utils.clip_grad_norm_(trained, CLIP_NORM)
             optimizer.step()
             schedule.step()
             optimizer.zero_grad(set_to_none=True)
