@@ -70,7 +70,7 @@ def test_the_pipeline_runs_every_method_with_matched_adapters(tmp_path):
     assert finals["svd"][0]["max_fit_relative_error"] < 1e-5  # the pretrained basis is lossless
     assert finals["svd_random"][0]["max_fit_relative_error"] > 0.1  # 384 -> 1536 is tall: a projection
     assert finals["head_only"][0]["trainable_params"] == 0
-    assert set(result["summary"]["fura_minus"]) == {"lora", "full", "svd", "svd_random", "head_only"}
+    assert set(result["summary"]["fura_minus"]) == {"fura_normalized", "lora", "full", "svd", "svd_random", "head_only"}
     assert result["versions"]["torch"] == torch.__version__ and result["device"].startswith("CPU")
     text = minilm_compare.table(result, "x/minilm_compare.json")
     assert text.count("\n| ") == len(finals) + 1  # header + one row a method
