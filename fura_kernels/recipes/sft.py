@@ -43,7 +43,7 @@ from .common import (
     save_outputs,
     write_metrics,
 )
-from .knobs import add_knob_arguments, apply_svd, build_optimizer, fura_config, resolve_knobs
+from .knobs import add_knob_arguments, apply_svd, build_optimizer, fura_config, resolve_knobs, setup_record
 from .tiny_model import shipped_data_path
 
 METHODS = ("fura", "qfura", "lora", "qlora", "full", "svd")
@@ -227,21 +227,7 @@ def train(args) -> dict:
         "train_loss": [],
         "eval_loss": [],
         "trainable_params": sum(p.numel() for p in params),
-        "setup": {
-            k: getattr(args, k)
-            for k in (
-                "decomp_mode",
-                "normalize_cores",
-                "trainable_dtype",
-                "optim",
-                "svd_train_position",
-                "svd_random_basis",
-                "lora_r",
-                "lora_alpha",
-                "lora_dropout",
-                "reference_setup",
-            )
-        },
+        "setup": setup_record(args),
     }
     metrics["eval_loss"].append({"step": 0, "loss": _evaluate(model, eval_loader, accelerator)})
     model.train()
