@@ -101,7 +101,7 @@ class PolarityClassifier(nn.Module):
         tokens = self.encoder(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
         mask = attention_mask.unsqueeze(-1).to(tokens.dtype)
         pooled = (tokens * mask).sum(1) / mask.sum(1).clamp(min=1)
-        return self.head(pooled.to(self.head.weight.dtype))
+        return self.head(pooled.to(self.head.weight.dtype))  # a bf16 encoder's output into the fp32 head
 
 
 def lora_rank_matching(encoder: nn.Module, target: int) -> int:
