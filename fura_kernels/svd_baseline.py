@@ -110,8 +110,9 @@ class SVDLinear(nn.Module):
         power_b = {"input": 1.0, "split": 0.5}.get(where, 0.0)
         a, b = u * s.pow(power_a), s.pow(power_b).unsqueeze(1) * vh
         trains_a, trains_b = train_position in ("output", "both"), train_position in ("input", "both")
+        # Built on meta: every tensor is replaced below, so nothing weight-sized is allocated twice.
         layer = cls(linear.in_features, linear.out_features, linear.bias is not None, keep_s=keep,
-                    device=weight.device, dtype=weight.dtype)  # fmt: skip
+                    device="meta", dtype=weight.dtype)  # fmt: skip
         layer.svd_a = nn.Parameter(a.to(trainable_dtype if trains_a else weight.dtype), requires_grad=trains_a)
         layer.svd_b = nn.Parameter(b.to(trainable_dtype if trains_b else weight.dtype), requires_grad=trains_b)
         if keep:

@@ -28,7 +28,7 @@ def _normalize_(core: torch.Tensor, dim: int, eps: float) -> None:
     """`core /= ||core||` along `dim`, the norm taken in fp32 at least (a bf16 core's norm in bf16
     would round before the division)."""
     norms = torch.linalg.vector_norm(core, dim=dim, keepdim=True, dtype=torch.promote_types(core.dtype, torch.float32))
-    core.copy_(core / norms.clamp_min(eps))
+    core.div_(norms.clamp_min(eps))  # in place, rounded once into the core's dtype
 
 
 def _peft_fura_layer_type() -> type | None:

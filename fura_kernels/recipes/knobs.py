@@ -78,7 +78,7 @@ def add_knob_arguments(p: argparse.ArgumentParser) -> None:
 def resolve_knobs(recipe: str, args: Any) -> None:
     """Refuse options that do not apply to `args.method` (naming both), then fill the unset ones
     from this project's defaults or, with `--reference-setup`, the reference's."""
-    method = args.method
+    method, peft_form = args.method, getattr(args, "peft_form", False)
 
     def refuse(option: str, applies_to: str) -> None:
         raise SystemExit(f"{recipe}: {option} applies to {applies_to}, not --method {method}")
@@ -87,11 +87,11 @@ def resolve_knobs(recipe: str, args: Any) -> None:
         refuse("--normalize-cores", "--method fura or qfura")
     if args.decomp_mode is not None and method not in FURA_METHODS:
         refuse("--decomp-mode", "--method fura or qfura")
-    if args.decomp_mode is not None and getattr(args, "peft_form", False):
+    if args.decomp_mode is not None and peft_form:
         raise SystemExit(f"{recipe}: --decomp-mode with --peft-form: the transform form is output_one_block only")
     if (args.svd_train_position or args.svd_random_basis) and method != "svd":
         refuse("--svd-train-position / --svd-random-basis", "--method svd")
-    if args.trainable_dtype == "bfloat16" and (method not in BF16_TRAINABLE_METHODS or getattr(args, "peft_form", 0)):
+    if args.trainable_dtype == "bfloat16" and (method not in BF16_TRAINABLE_METHODS or peft_form):
         refuse("--trainable-dtype bfloat16", "--method fura, qfura (not --peft-form) or svd; LoRA's adapter dtype is "
                "PEFT's and full fine-tuning trains the model's --dtype")  # fmt: skip
     if args.decomp_mode is not None:
@@ -101,8 +101,8 @@ def resolve_knobs(recipe: str, args: Any) -> None:
             raise SystemExit(f"{recipe}: --decomp-mode {args.decomp_mode!r}: {err}") from None
     reference = args.reference_setup
     if args.trainable_dtype is None:
-        args.trainable_dtype = "bfloat16" if reference and method in BF16_TRAINABLE_METHODS and not getattr(
-            args, "peft_form", False) else "float32"  # fmt: skip
+        bf16 = reference and method in BF16_TRAINABLE_METHODS and not peft_form
+        args.trainable_dtype = "bfloat16" if bf16 else "float32"
     if args.optim is None:
         args.optim = "paged_adamw_8bit" if reference and recipe == "sft" and method in ("qfura", "qlora") else "adamw"
     if args.optim == "paged_adamw_8bit":

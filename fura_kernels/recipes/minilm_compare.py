@@ -34,6 +34,7 @@ import copy
 import json
 import math
 import platform
+import re
 import statistics
 import subprocess
 import time
@@ -107,8 +108,6 @@ class PolarityClassifier(nn.Module):
 def lora_rank_matching(encoder: nn.Module, target: int) -> int:
     """The LoRA rank whose trainable count over TARGETS is closest to `target` (`encoder` not yet
     adapted)."""
-    import re
-
     linears = [m for name, m in encoder.named_modules() if isinstance(m, nn.Linear) and re.fullmatch(TARGETS, name)]
     per_rank = sum(m.in_features + m.out_features for m in linears)
     return max(1, round(target / per_rank))
