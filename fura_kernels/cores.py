@@ -24,7 +24,7 @@ from collections.abc import Mapping
 import torch
 from torch import nn
 
-from .autograd import fura_linear, qfura_linear
+from .autograd import apply_fura_linear, apply_qfura_linear
 from .distributed import full_tensor
 from .nf4 import BLOCKSIZE, NESTED_BLOCKSIZE, NF4Tensor, dequantize_nf4, quantize_nf4
 
@@ -62,7 +62,8 @@ class DenseCore(nn.Module):
         return core.float()
 
     def linear(self, x, btt_r, btt_s, bias) -> torch.Tensor:
-        return fura_linear(x, self.btt_l, btt_r, btt_s, bias)
+        """`x · W^T + bias` for `x` (..., in) in its compute dtype (the layer has checked it)."""
+        return apply_fura_linear(x, self._parameters["btt_l"], btt_r, btt_s, bias)
 
     def storage_bytes(self) -> int:
         return self.btt_l.numel() * self.btt_l.element_size()
@@ -176,7 +177,19 @@ class NF4Core(nn.Module):
         return self.materialize(torch.float32, state)
 
     def linear(self, x, btt_r, btt_s, bias) -> torch.Tensor:
-        return qfura_linear(x, self.state(), btt_r, btt_s, bias)
+        """`x · W^T + bias` for 2-D `x` (T, in) in its compute dtype (the layer has checked it). The
+        buffers are read straight from `_buffers` (module casts and moves replace them there):
+        this runs once per layer per step."""
+        buffers = self._buffers
+        meta = (*self.shape, buffers["dtype_carrier"].dtype)
+        if self.double_quant:
+            fp32 = torch.float32
+            offset, nested = buffers["offset_bits"].view(fp32), buffers["nested_absmax_bits"].view(fp32)
+            code = buffers["nested_code_bits"].view(fp32)
+            packed, absmax = buffers["packed"], buffers["absmax"]
+            return apply_qfura_linear(x, btt_r, btt_s, bias, packed, absmax, offset, nested, code, meta)
+        absmax = buffers["absmax_bits"].view(torch.float32)
+        return apply_qfura_linear(x, btt_r, btt_s, bias, buffers["packed"], absmax, None, None, None, meta)
 
     def storage_bytes(self) -> int:
         return self.state().storage_bytes()

@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 from . import reference
+from .autograd.common import device_type
 from .config import FuRAConfig
 from .cores import QUANT_TYPES, DenseCore, NF4Core
 from .factorization import (
@@ -232,7 +233,8 @@ class FusedBTTLinear(nn.Module):
         name = type(self).__name__
         return f"{name} {self.module_name!r}" if self.module_name else name
 
-    def _check_input(self, x: torch.Tensor) -> None:
+    def _refuse_input(self, x) -> None:
+        """Raise the error that says what is wrong with an input the forward cannot take."""
         if not isinstance(x, torch.Tensor):
             raise TypeError(f"{self._where}: expected a torch.Tensor input, got {type(x).__name__}")
         if not x.dtype.is_floating_point:
@@ -248,8 +250,20 @@ class FusedBTTLinear(nn.Module):
             raise ValueError(f"{self._where}: input is on {x.device} but the layer's parameters are on {self.device}")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        self._check_input(x)
-        if not torch.compiler.is_compiling() and torch._C._functorch.peek_interpreter_stack() is not None:
+        # Runs once per layer per step: parameters are read from `_parameters` (a dict lookup)
+        # rather than through nn.Module.__getattr__ (a Python call each), and every check is a
+        # C-level test, with the error message built only when one fails.
+        params = self._parameters
+        btt_r = params["btt_r"]
+        if not (
+            isinstance(x, torch.Tensor)
+            and x.dtype.is_floating_point
+            and x.dim() > 0
+            and x.shape[-1] == self.in_features
+            and x.device == btt_r.device
+        ):
+            self._refuse_input(x)
+        if torch._C._functorch.peek_interpreter_stack() is not None and not torch.compiler.is_compiling():
             # Our autograd Functions use the classic ctx API, which torch.func cannot transform; it
             # would fail deep inside with "must override the setup_context staticmethod".
             raise NotImplementedError(
@@ -257,11 +271,15 @@ class FusedBTTLinear(nn.Module):
                 "by FuRA's fused autograd Functions. Use torch.autograd (loss.backward, torch.autograd.grad), or merge "
                 "the layers first (fura_kernels.merge_fura) to transform plain nn.Linear layers"
             )
-        device_type = x.device.type
-        # The meta device has no autocast state to ask about (nn.Linear runs there, so must we).
-        if device_type != "meta" and torch.is_autocast_enabled(device_type):
-            x = x.to(torch.get_autocast_dtype(device_type))
-        return self.l_core.linear(x, self.btt_r, self.btt_s, self.bias)
+        if torch._C._is_any_autocast_enabled():
+            on = device_type(x)
+            # The meta device has no autocast state to ask about (nn.Linear runs there, so must we).
+            if on != "meta" and torch.is_autocast_enabled(on):
+                dtype = torch.get_autocast_dtype(on)
+                if x.dtype != dtype:
+                    x = x.to(dtype)
+        # x goes as it is, (..., in): the Function views it as (T, in) where no autograd node records it.
+        return self._modules["l_core"].linear(x, btt_r, params["btt_s"], params["bias"])
 
     def dense_weight(self, state: Mapping[str, torch.Tensor] | None = None) -> torch.Tensor:
         """The dense `out x in` weight, differentiable, in the cores' promoted dtype.

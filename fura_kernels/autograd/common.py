@@ -8,8 +8,9 @@ import contextlib
 import torch
 
 from .. import reference
-from ..triton import accumulate_dtype, block_diag_matmul, block_diag_matmul_backward
+from ..triton import accumulate_dtype
 from ..triton.block_diag import fold_scale, torch_block_diag_backward
+from ..triton.ops import block_diag_backward_unchecked, block_diag_matmul_unchecked
 
 
 def no_autocast(device_type: str):
@@ -18,6 +19,58 @@ def no_autocast(device_type: str):
     if device_type == "meta":
         return contextlib.nullcontext()
     return torch.autocast(device_type, enabled=False)
+
+
+# Device -> its type's name. `tensor.device.type` builds a new string at every call (about three
+# times the work of the rest of a check like the one below), and the hot path asks per call.
+_DEVICE_TYPES: dict[torch.device, str] = {}
+
+
+def device_type(t: torch.Tensor) -> str:
+    """`t.device.type`, looked up."""
+    device = t.device
+    name = _DEVICE_TYPES.get(device)
+    if name is None:
+        name = _DEVICE_TYPES[device] = device.type
+    return name
+
+
+def autocast_would_recast(t: torch.Tensor) -> bool:
+    """Whether an autocast region is on for `t`'s device with another dtype than `t`'s: then the
+    GEMMs inside a Function (which computes in its input's dtype) must run with autocast off.
+
+    A FuRA layer casts its input to autocast's dtype before its Function, so in training the
+    answer is no and the Function skips the context manager (a few microseconds of Python a
+    call); with every operand already in autocast's dtype, autocast changes nothing. (Callers on
+    the hot path ask `torch._C._is_any_autocast_enabled()` first, a C call, and skip this one
+    outside autocast.)"""
+    if not torch._C._is_any_autocast_enabled():
+        return False
+    name = device_type(t)
+    if name == "meta" or not torch.is_autocast_enabled(name):
+        return False
+    return torch.get_autocast_dtype(name) != t.dtype
+
+
+def direct_apply(function: type[torch.autograd.Function]):
+    """`function.apply` without the Python layer of `torch.autograd.Function.apply`, where that
+    layer does nothing: in eager mode, with no torch.func transform active and no tensor of a
+    transform left behind. The layer costs nine Python calls (binding, a generator over every
+    argument) on every layer's forward; `_FunctionBase.apply`, the C entry it ends in, is called
+    directly instead. torch.compile must see `function.apply` itself, so it does."""
+    apply = function.apply
+    apply_in_c = super(torch.autograd.Function, function).apply  # _FunctionBase.apply, bound to `function`
+
+    def call(x, *args):
+        if (
+            torch.compiler.is_compiling()
+            or torch._C._are_functorch_transforms_active()
+            or torch._C._functorch.is_functorch_wrapped_tensor(x)
+        ):
+            return apply(x, *args)
+        return apply_in_c(x, *args)
+
+    return call
 
 
 def check_input(x: torch.Tensor, op: str) -> None:
@@ -46,7 +99,7 @@ def stage(x3: torch.Tensor, w: torch.Tensor, scale: torch.Tensor | None = None, 
     if w.shape[0] == 1:  # explicit sizes: reshape cannot infer a -1 when T = 0
         w_eff = fold_scale(w[0], None if scale is None else scale[0], scale_rows, x3.dtype)
         return torch.matmul(x3.reshape(x3.shape[0], x3.shape[2]), w_eff).unsqueeze(1)
-    return block_diag_matmul(x3, w, scale, scale_rows)
+    return block_diag_matmul_unchecked(x3, w, scale, scale_rows)
 
 
 def stage_backward(
@@ -62,7 +115,7 @@ def stage_backward(
     `dw = (x^T grad) * scale` in w's dtype and `dscale = sum over K of (x^T grad) * w` in the
     scale's: one K3 launch over the blocks, or dense GEMMs when there is one block."""
     if w.shape[0] != 1:
-        return block_diag_matmul_backward(grad3, x3, w, scale, need_grad_x, need_grad_w, need_grad_scale)
+        return block_diag_backward_unchecked(grad3, x3, w, scale, need_grad_x, need_grad_w, need_grad_scale)
     return torch_block_diag_backward(grad3, x3, w, scale, need_grad_x, need_grad_w, need_grad_scale)
 
 
@@ -101,5 +154,8 @@ def backward_with_graph(
         if need and grad is None:
             grad = torch.zeros_like(t)
         out.append(grad)
-    out.append(dy.sum(dim=0, dtype=accumulate_dtype(dtype)).to(bias_dtype) if needs_bias else None)
+    if needs_bias:
+        out.append(dy.reshape(-1, dy.shape[-1]).sum(dim=0, dtype=accumulate_dtype(dtype)).to(bias_dtype))
+    else:
+        out.append(None)
     return out

@@ -11,12 +11,13 @@ from __future__ import annotations
 
 import torch
 
-from ..reference import core_dims
-from ..triton import accumulate_dtype, block_diag_matmul
 from ..triton.block_diag import fold_scale
+from ..triton.ops import block_diag_backward_unchecked, block_diag_matmul_unchecked
 from .common import (
+    autocast_would_recast,
     backward_with_graph,
     check_input,
+    direct_apply,
     ds_from_r_layout,
     no_autocast,
     s_for_r,
@@ -38,7 +39,7 @@ def _output_to_input_blocks(zp: torch.Tensor, m: int, n: int, r: int) -> torch.T
 def recomputing_in_backward() -> bool:
     """True while activation checkpointing re-runs a forward inside the backward pass."""
     if torch.compiler.is_compiling():
-        return False  # compiled graphs plan their own recomputation
+        return False  # compiled graphs plan their own recomputation (and may not call into torch._C)
     return torch._C._current_graph_task_id() != -1
 
 
@@ -59,7 +60,7 @@ def use_weight_side_merge(
 class FuRALinearFunction(torch.autograd.Function):
     """`y = x · W^T + bias` with `W = L · diag(S) · R` (layouts in `fura_kernels.reference`).
 
-    Inputs: `x` (T, in) in the compute dtype; `btt_l` (m, n*r, a), `btt_r` (n, b, m*r),
+    Inputs: `x` (..., in) in the compute dtype (viewed as (T, in) inside); `btt_l` (m, n*r, a), `btt_r` (n, b, m*r),
     `btt_s` (m, n, r) or None, `bias` (out,) or None, each in its storage dtype. Everything is
     cast to `x.dtype` for compute; gradients come back in each input's own dtype.
 
@@ -107,43 +108,20 @@ class FuRALinearFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, btt_l, btt_r, btt_s, bias):
-        m, n, a, b, r = core_dims(btt_l, btt_r)
-        tokens = x.shape[0]
-        fold_into_r = btt_r.numel() <= btt_l.numel()
-        s_needs_grad = btt_s is not None and ctx.needs_input_grad[3]
-        need_g_l = ctx.needs_input_grad[1] or (s_needs_grad and not fold_into_r)
-        need_g_r = ctx.needs_input_grad[2] or (s_needs_grad and fold_into_r)
-        merge_weight = use_weight_side_merge(tokens, m, n, a, need_g_l, recomputing_in_backward())
-        dtype = x.dtype
-        # S goes to the kernels as a scale on R's columns (or L's rows), folded on the fly:
-        # R stays in its fp32 storage and nothing is cast or folded by a launch of its own.
-        scale_r = s_for_r(btt_s, m, n, r) if btt_s is not None and fold_into_r else None
-        scale_l = btt_s.reshape(m, n * r) if btt_s is not None and not fold_into_r else None
-        bias_c = bias.to(dtype) if bias is not None else None
-        zp = None
-        with no_autocast(x.device.type):
-            if merge_weight:
-                # W_eff[:, j] = L_j^T · R'_j^T, by K1 on a transposed view of L (no copy), S on the
-                # rows of R^T; then one dense GEMM. W_eff is a temporary: backward never needs it.
-                l_0 = fold_scale(btt_l[0], None if scale_l is None else scale_l[0], True, dtype)
-                l_t = l_0.t().reshape(a, n, r)
-                w_eff = block_diag_matmul(l_t, btt_r.transpose(1, 2), scale_r, True).reshape(a, n * b)
-                y = torch.nn.functional.linear(x, w_eff, bias_c)
-            else:
-                zp = _input_to_output_blocks(stage(x.reshape(tokens, n, b), btt_r, scale_r), m, n, r)
-                if m == 1:  # the big GEMM, with the bias in its epilogue
-                    l_0 = fold_scale(btt_l[0], None if scale_l is None else scale_l[0], True, dtype)
-                    z2 = zp.reshape(tokens, n * r)
-                    y = torch.addmm(bias_c, z2, l_0) if bias_c is not None else torch.mm(z2, l_0)
-                else:
-                    y = stage(zp, btt_l, scale_l, True).reshape(tokens, m * a)
-                    if bias_c is not None:
-                        y = y + bias_c
-        ctx.fold_into_r = fold_into_r
-        ctx.bias_dtype = bias.dtype if bias is not None else None
-        ctx.need_g_l, ctx.need_g_r = need_g_l, need_g_r
-        ctx.save_for_backward(x if need_g_r else None, zp if need_g_l else None, btt_l, btt_r, btt_s)
-        return y
+        # x of shape (..., in) is viewed as (T, in) here, inside the Function, where the views are
+        # no nodes of the autograd graph (outside, each would add one to the backward pass).
+        lead = x.shape[:-1] if x.dim() != 2 else None
+        x2 = x if lead is None else x.reshape(-1, x.shape[-1])
+        if torch._C._is_any_autocast_enabled() and autocast_would_recast(x):
+            with no_autocast(x.device.type):
+                y, zp = _forward(ctx, x2, btt_l, btt_r, btt_s, bias)
+        else:
+            y, zp = _forward(ctx, x2, btt_l, btt_r, btt_s, bias)
+        ctx.lead = lead
+        # x itself is saved, not its (T, in) view: a view made here (grad mode off) would cut a
+        # second derivative off from x.
+        ctx.save_for_backward(x if ctx.need_g_r else None, zp, btt_l, btt_r, btt_s)
+        return y if lead is None else y.view(*lead, y.shape[-1])
 
     @staticmethod
     def backward(ctx, dy):
@@ -151,46 +129,142 @@ class FuRALinearFunction(torch.autograd.Function):
         if torch.is_grad_enabled():  # create_graph=True: the backward itself must be differentiable
             return tuple(backward_with_graph("fura_linear", dy, x, btt_l, btt_r, btt_s, ctx.bias_dtype,
                                              ctx.needs_input_grad))  # fmt: skip
-        m, n, a, b, r = core_dims(btt_l, btt_r)
-        needs_x, needs_l, needs_r, needs_s, needs_bias = ctx.needs_input_grad
-        fold_into_r = ctx.fold_into_r
-        tokens = dy.shape[0]
-        dtype = dy.dtype
-        acc = accumulate_dtype(dtype)
-        dx = d_l = d_r = d_s = d_bias = None
-        scale_r = s_for_r(btt_s, m, n, r) if btt_s is not None and fold_into_r else None
-        with no_autocast(dy.device.type):
-            need_dz = needs_x or ctx.need_g_r
-            dzp = g_l = None
-            if m == 1:  # the big GEMM of the backward (and L's block gradient, if L trains)
-                l_0 = btt_l[0].to(dtype)
-                if btt_s is not None and not fold_into_r:
-                    l_0 = fold_scale(btt_l[0], btt_s.reshape(1, n * r)[0], True, dtype)
-                dy2 = dy.reshape(tokens, a)
-                dzp = torch.mm(dy2, l_0.t()).reshape(tokens, 1, n * r) if need_dz else None
-                if ctx.need_g_l:
-                    g_l = torch.mm(zp.reshape(tokens, n * r).t(), dy2).to(acc).unsqueeze(0)
+        lead = ctx.lead
+        if lead is not None:  # as in forward: (..., out) viewed as (T, out), inside the Function
+            dy = dy.reshape(-1, dy.shape[-1])
+            x = None if x is None else x.reshape(-1, x.shape[-1])
+        if torch._C._is_any_autocast_enabled() and autocast_would_recast(dy):
+            with no_autocast(dy.device.type):
+                grads = _backward(ctx, dy, x, zp, btt_l, btt_r, btt_s)
+        else:
+            grads = _backward(ctx, dy, x, zp, btt_l, btt_r, btt_s)
+        dx = grads[0]
+        if lead is not None and dx is not None:
+            dx = dx.view(*lead, dx.shape[-1])
+        return dx, *grads[1:]
+
+
+# The bodies of FuRALinearFunction. Every call pays for each Python step here, once per layer per
+# step, so what a layer's shapes fix is read off the tensors (C calls), not recomputed by helpers,
+# and no tensor op runs that the result does not need (a no-op cast or reshape is a dispatcher
+# round trip all the same).
+def _forward(ctx, x, btt_l, btt_r, btt_s, bias):
+    m, nr, a = btt_l.shape
+    n, b, _ = btt_r.shape
+    r = nr // n
+    tokens = x.shape[0]
+    needs = ctx.needs_input_grad
+    fold_into_r = btt_r.numel() <= btt_l.numel()
+    s_needs_grad = btt_s is not None and needs[3]
+    need_g_l = needs[1] or (s_needs_grad and not fold_into_r)
+    need_g_r = needs[2] or (s_needs_grad and fold_into_r)
+    dtype = x.dtype
+    bias_c = bias if bias is None or bias.dtype == dtype else bias.to(dtype)
+    zp = None
+    if m == 1:
+        # S goes to the kernels as a scale on R's columns (or L's rows), folded on the fly: R stays
+        # in its fp32 storage and nothing is cast or folded by a launch of its own. x and S go as
+        # they are (x flat, S as (1, n, r)): the ops read them through their strides.
+        scale_r = btt_s if fold_into_r else None
+        l_0 = btt_l[0]
+        if btt_s is not None and not fold_into_r:
+            l_0 = fold_scale(l_0, btt_s[0].reshape(nr), True, dtype)
+        elif l_0.dtype != dtype:
+            l_0 = l_0.to(dtype)
+        if n > 1 and not need_g_l and tokens > a and not recomputing_in_backward():
+            # Weight-side merge (see use_weight_side_merge): W_eff[:, j] = L_j^T · R'_j^T, by K1 on
+            # the transposed L (flat, no copy), S on the rows of R^T; then one dense GEMM. W_eff is
+            # a temporary: backward never needs it.
+            w_eff = block_diag_matmul_unchecked(l_0.t(), btt_r.transpose(1, 2), scale_r, True)
+            y = torch.nn.functional.linear(x, w_eff, bias_c)
+        else:
+            if n > 1:
+                z2 = block_diag_matmul_unchecked(x, btt_r, scale_r, False)
             else:
-                # L in at least fp32 (S folded in), so its block gradient keeps fp32 precision.
-                l_acc = btt_l.to(acc) if btt_s is None or fold_into_r else btt_l.to(acc) * btt_s.reshape(m, n * r, 1)
-                dzp, g_l, _ = stage_backward(dy.reshape(tokens, m, a), zp, l_acc, None, need_dz, ctx.need_g_l, False)
-            if need_dz:
-                dz = _output_to_input_blocks(dzp, m, n, r)
-                xb = x.reshape(tokens, n, b) if x is not None else None
-                need_ds_r = needs_s and fold_into_r
-                dxb, d_r, d_s_r = stage_backward(dz, xb, btt_r, scale_r, needs_x, needs_r, need_ds_r)
-                if needs_x:
-                    dx = dxb.reshape(tokens, n * b)
-                if need_ds_r:
-                    d_s = ds_from_r_layout(d_s_r, m, n, r)
-            if needs_l:
-                s_l = btt_s.to(acc).reshape(m, n * r, 1) if (btt_s is not None and not fold_into_r) else None
-                d_l = (g_l if s_l is None else g_l * s_l).to(btt_l.dtype)
-            if needs_s and not fold_into_r:
-                d_s = (g_l * btt_l.to(acc)).sum(dim=2).reshape(m, n, r).to(btt_s.dtype)
-            if needs_bias:
-                d_bias = dy.sum(dim=0, dtype=acc).to(ctx.bias_dtype)
-        return dx, d_l, d_r, d_s, d_bias
+                z2 = stage(x.reshape(tokens, 1, b), btt_r, s_for_r(btt_s, m, n, r) if scale_r is not None else None)
+                z2 = z2.reshape(tokens, nr)
+            if need_g_l:
+                zp = z2.reshape(tokens, 1, nr)
+            y = torch.mm(z2, l_0) if bias_c is None else torch.addmm(bias_c, z2, l_0)  # bias in the epilogue
+    else:
+        scale_r = None if btt_s is None or not fold_into_r else s_for_r(btt_s, m, n, r)
+        scale_l = None if btt_s is None or fold_into_r else btt_s.reshape(m, nr)
+        zp = _input_to_output_blocks(stage(x.reshape(tokens, n, b), btt_r, scale_r), m, n, r)
+        y = stage(zp, btt_l, scale_l, True).reshape(tokens, m * a)
+        if bias_c is not None:
+            y = y + bias_c
+    ctx.fold_into_r = fold_into_r
+    ctx.bias_dtype = None if bias is None else bias.dtype
+    ctx.need_g_l, ctx.need_g_r = need_g_l, need_g_r
+    return y, (zp if need_g_l else None)
+
+
+def _backward(ctx, dy, x, zp, btt_l, btt_r, btt_s):
+    m, nr, a = btt_l.shape
+    n, b, _ = btt_r.shape
+    r = nr // n
+    needs_x, needs_l, needs_r, needs_s, needs_bias = ctx.needs_input_grad
+    fold_into_r = ctx.fold_into_r
+    tokens = dy.shape[0]
+    dtype = dy.dtype
+    dx = d_l = d_s = d_bias = d_r = None
+    need_dz = needs_x or ctx.need_g_r
+    need_ds_r = needs_s and fold_into_r
+    g_l = None
+    if m == 1 and n > 1:
+        # The big GEMM (dy · L^T, as linear's product: no transposed view of our own), then K3 on
+        # flat activations with S as it is: dx comes back (T, in) and dS (1, n, r), their shapes.
+        l_0 = btt_l[0]
+        if btt_s is not None and not fold_into_r:
+            l_0 = fold_scale(l_0, btt_s[0].reshape(nr), True, dtype)
+        elif l_0.dtype != dtype:
+            l_0 = l_0.to(dtype)
+        if ctx.need_g_l:
+            g_l = torch.mm(zp.reshape(tokens, nr).t(), dy).to(torch.promote_types(dtype, torch.float32)).unsqueeze(0)
+        if need_dz:
+            dz = torch.nn.functional.linear(dy, l_0)
+            scale_r = btt_s if fold_into_r else None
+            dx, d_r, d_s_r = block_diag_backward_unchecked(dz, x, btt_r, scale_r, needs_x, needs_r, need_ds_r)
+            if need_ds_r:
+                d_s = d_s_r
+    elif need_dz or ctx.need_g_l:
+        acc = torch.promote_types(dtype, torch.float32)
+        if m == 1:  # one input block: dense GEMMs throughout
+            l_0 = (
+                btt_l[0].to(dtype)
+                if btt_s is None or fold_into_r
+                else fold_scale(btt_l[0], btt_s[0].reshape(nr), True, dtype)
+            )
+            dzp = torch.mm(dy, l_0.t()).reshape(tokens, 1, nr) if need_dz else None
+            if ctx.need_g_l:
+                g_l = torch.mm(zp.reshape(tokens, nr).t(), dy).to(acc).unsqueeze(0)
+        else:
+            # L in at least fp32 (S folded in), so its block gradient keeps fp32 precision.
+            l_acc = btt_l.to(acc) if btt_s is None or fold_into_r else btt_l.to(acc) * btt_s.reshape(m, nr, 1)
+            dzp, g_l, _ = stage_backward(dy.reshape(tokens, m, a), zp, l_acc, None, need_dz, ctx.need_g_l, False)
+        if need_dz:
+            dz = _output_to_input_blocks(dzp, m, n, r)
+            scale_r = None if btt_s is None or not fold_into_r else s_for_r(btt_s, m, n, r)
+            xb = None if x is None else x.reshape(tokens, n, b)
+            dxb, d_r, d_s_r = stage_backward(dz, xb, btt_r, scale_r, needs_x, needs_r, need_ds_r)
+            if needs_x:
+                dx = dxb.reshape(tokens, n * b)
+            if need_ds_r:
+                d_s = ds_from_r_layout(d_s_r, m, n, r)
+    if needs_l or (needs_s and not fold_into_r):
+        acc = torch.promote_types(dtype, torch.float32)
+        if needs_l:
+            s_l = btt_s.to(acc).reshape(m, nr, 1) if (btt_s is not None and not fold_into_r) else None
+            d_l = (g_l if s_l is None else g_l * s_l).to(btt_l.dtype)
+        if needs_s and not fold_into_r:
+            d_s = (g_l * btt_l.to(acc)).sum(dim=2).reshape(m, n, r).to(btt_s.dtype)
+    if needs_bias:
+        d_bias = dy.sum(dim=0, dtype=torch.promote_types(dtype, torch.float32)).to(ctx.bias_dtype)
+    return dx, d_l, d_r, d_s, d_bias
+
+
+# `FuRALinearFunction.apply` for the layers' hot path (see `direct_apply`).
+apply_fura_linear = direct_apply(FuRALinearFunction)
 
 
 def fura_linear(
@@ -202,6 +276,4 @@ def fura_linear(
 ) -> torch.Tensor:
     """Apply `FuRALinearFunction` to `x` of shape (..., in); computes in `x.dtype`."""
     check_input(x, "fura_linear")
-    lead = x.shape[:-1]
-    y = FuRALinearFunction.apply(x.reshape(-1, x.shape[-1]), btt_l, btt_r, btt_s, bias)
-    return y.reshape(*lead, y.shape[-1])
+    return apply_fura_linear(x, btt_l, btt_r, btt_s, bias)

@@ -5,16 +5,24 @@ from __future__ import annotations
 import torch
 
 from ..nf4 import NF4Tensor
-from ..triton.nf4_ops import nf4_dequantize, nf4_matmul, nf4_merge
-from .common import backward_with_graph, check_input, no_autocast, stage, stage_backward
-from .fura_linear import recomputing_in_backward, use_weight_side_merge
+from ..triton.nf4_ops import nf4_dequantize, nf4_matmul_unchecked, nf4_merge
+from .common import (
+    autocast_would_recast,
+    backward_with_graph,
+    check_input,
+    direct_apply,
+    no_autocast,
+    stage,
+    stage_backward,
+)
+from .fura_linear import recomputing_in_backward
 
 
 class QFuRALinearFunction(torch.autograd.Function):
     """`y = x · blockdiag(R') · Lt^T + bias` in the default layout (one output block), where
     `Lt = L[0]^T` (out x n*r) is NF4 and `R'_j = R_j · diag(S_j)`.
 
-    Inputs: `x` (T, in) in the compute dtype; `btt_r` (n, b, r), `btt_s` (1, n, r) or None,
+    Inputs: `x` (..., in) in the compute dtype (viewed as (T, in) inside); `btt_r` (n, b, r), `btt_s` (1, n, r) or None,
     `bias` (out,) or None; the NF4 core's tensors and `meta = (rows, cols, dtype)` (not
     differentiable; plain tensors and constants, so torch.compile traces them).
 
@@ -40,18 +48,17 @@ class QFuRALinearFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, btt_r, btt_s, bias, packed, absmax, offset, nested_absmax, nested_code, meta):
         state = _state(packed, absmax, offset, nested_absmax, nested_code, meta)
-        n, b, r = btt_r.shape
-        tokens, out = x.shape[0], state.shape[0]
-        dtype = x.dtype
-        scale = btt_s.reshape(n, r) if btt_s is not None else None  # folded into R inside the kernels
-        bias_c = bias.to(dtype) if bias is not None else None
-        with no_autocast(x.device.type):
-            if use_weight_side_merge(tokens, 1, n, out, False, recomputing_in_backward()):
-                y = torch.nn.functional.linear(x, nf4_merge(state, btt_r, scale, dtype), bias_c)
-            else:
-                y = nf4_matmul(stage(x.reshape(tokens, n, b), btt_r, scale).reshape(tokens, n * r), state)
-                if bias_c is not None:
-                    y = y + bias_c
+        # x (..., in) is viewed as (T, in) here, where the view is no node of the autograd graph.
+        lead = x.shape[:-1] if x.dim() != 2 else None
+        x2 = x if lead is None else x.reshape(-1, x.shape[-1])
+        if torch._C._is_any_autocast_enabled() and autocast_would_recast(x):
+            with no_autocast(x.device.type):
+                y = _forward(x2, btt_r, btt_s, bias, state)
+        else:
+            y = _forward(x2, btt_r, btt_s, bias, state)
+        if lead is not None:
+            y = y.view(*lead, y.shape[-1])
+        ctx.lead = lead
         ctx.meta = meta
         ctx.need_g_r = ctx.needs_input_grad[1] or (btt_s is not None and ctx.needs_input_grad[2])
         ctx.bias_dtype = None if bias is None else bias.dtype
@@ -63,36 +70,65 @@ class QFuRALinearFunction(torch.autograd.Function):
     def backward(ctx, dy):
         x, btt_r, btt_s, *state_tensors = ctx.saved_tensors
         state = _state(*state_tensors, ctx.meta)
-        needs_x, needs_r, needs_s, needs_bias = ctx.needs_input_grad[:4]
-        nones = (None,) * 6
         if torch.is_grad_enabled():  # create_graph=True: the backward itself must be differentiable
             btt_l = nf4_dequantize(state, dy.dtype).t().unsqueeze(0)  # frozen: a constant here
+            needs_x, needs_r, needs_s, needs_bias = ctx.needs_input_grad[:4]
             needs = (needs_x, False, needs_r, needs_s, needs_bias)
             dx, _, d_r, d_s, d_bias = backward_with_graph("qfura_linear", dy, x, btt_l, btt_r, btt_s, ctx.bias_dtype,
                                                           needs)  # fmt: skip
-            return dx, d_r, d_s, d_bias, *nones
-        n, b, r = btt_r.shape
-        tokens = dy.shape[0]
-        dx = d_r = d_s = d_bias = None
-        with no_autocast(dy.device.type):
-            if needs_x or ctx.need_g_r:
-                g = nf4_matmul(dy, state, transpose=True)
-                scale = btt_s.reshape(n, r) if btt_s is not None else None
-                xb = None if x is None else x.reshape(tokens, n, b)
-                dxb, d_r, d_s = stage_backward(g.reshape(tokens, n, r), xb, btt_r, scale, needs_x, needs_r, needs_s)
-                if needs_x:
-                    dx = dxb.reshape(tokens, n * b)
-                if needs_s:
-                    d_s = d_s.reshape(btt_s.shape)
-            if needs_bias:
-                d_bias = dy.sum(dim=0, dtype=torch.promote_types(dy.dtype, torch.float32)).to(ctx.bias_dtype)
-        return dx, d_r, d_s, d_bias, *nones
+            return dx, d_r, d_s, d_bias, None, None, None, None, None, None
+        lead = ctx.lead
+        if lead is not None:  # as in forward: viewed as (T, features), inside the Function
+            dy = dy.reshape(-1, dy.shape[-1])
+            x = None if x is None else x.reshape(-1, x.shape[-1])
+        if torch._C._is_any_autocast_enabled() and autocast_would_recast(dy):
+            with no_autocast(dy.device.type):
+                dx, *grads = _backward(ctx, dy, x, btt_r, btt_s, state)
+        else:
+            dx, *grads = _backward(ctx, dy, x, btt_r, btt_s, state)
+        if lead is not None and dx is not None:
+            dx = dx.view(*lead, dx.shape[-1])
+        return dx, *grads, None, None, None, None, None, None
+
+
+def _forward(x, btt_r, btt_s, bias, state):
+    n, b, r = btt_r.shape
+    tokens, out = x.shape[0], state.shape[0]
+    scale = btt_s.reshape(n, r) if btt_s is not None else None  # folded into R inside the kernels
+    bias_c = bias.to(x.dtype) if bias is not None else None
+    if n > 1 and tokens > out and not recomputing_in_backward():  # see use_weight_side_merge
+        return torch.nn.functional.linear(x, nf4_merge(state, btt_r, scale, x.dtype), bias_c)
+    y = nf4_matmul_unchecked(stage(x.reshape(tokens, n, b), btt_r, scale).reshape(tokens, n * r), state)
+    return y if bias_c is None else y + bias_c
+
+
+def _backward(ctx, dy, x, btt_r, btt_s, state):
+    needs_x, needs_r, needs_s, needs_bias = ctx.needs_input_grad[:4]
+    n, b, r = btt_r.shape
+    tokens = dy.shape[0]
+    dx = d_r = d_s = d_bias = None
+    if needs_x or ctx.need_g_r:
+        g = nf4_matmul_unchecked(dy, state, transpose=True)
+        scale = btt_s.reshape(n, r) if btt_s is not None else None
+        xb = None if x is None else x.reshape(tokens, n, b)
+        dxb, d_r, d_s = stage_backward(g.reshape(tokens, n, r), xb, btt_r, scale, needs_x, needs_r, needs_s)
+        if needs_x:
+            dx = dxb.reshape(tokens, n * b)
+        if needs_s:
+            d_s = d_s.reshape(btt_s.shape)
+    if needs_bias:
+        d_bias = dy.sum(dim=0, dtype=torch.promote_types(dy.dtype, torch.float32)).to(ctx.bias_dtype)
+    return dx, d_r, d_s, d_bias
 
 
 def _state(packed, absmax, offset, nested_absmax, nested_code, meta) -> NF4Tensor:
     rows, cols, dtype = meta
     return NF4Tensor(packed=packed, absmax=absmax, shape=(rows, cols), dtype=dtype, offset=offset,
                      nested_absmax=nested_absmax, nested_code=nested_code)  # fmt: skip
+
+
+# `QFuRALinearFunction.apply` for the layers' hot path (see `direct_apply`).
+apply_qfura_linear = direct_apply(QFuRALinearFunction)
 
 
 def qfura_linear(
@@ -104,7 +140,5 @@ def qfura_linear(
 ) -> torch.Tensor:
     """Apply `QFuRALinearFunction` to `x` of shape (..., in); computes in `x.dtype`."""
     check_input(x, "qfura_linear")
-    lead = x.shape[:-1]
     tensors = (state.packed, state.absmax, state.offset, state.nested_absmax, state.nested_code)
-    y = QFuRALinearFunction.apply(x.reshape(-1, x.shape[-1]), btt_r, btt_s, bias, *tensors, (*state.shape, state.dtype))
-    return y.reshape(*lead, y.shape[-1])
+    return apply_qfura_linear(x, btt_r, btt_s, bias, *tensors, (*state.shape, state.dtype))

@@ -13,11 +13,11 @@ from __future__ import annotations
 import torch
 
 from .. import reference
-from .common import check_input, no_autocast, stage, stage_backward
+from .common import autocast_would_recast, check_input, direct_apply, no_autocast, stage, stage_backward
 
 
 class BlockTransformFunction(torch.autograd.Function):
-    """`x' = x · blockdiag(M)`: `x` (T, n*b) in the compute dtype, `maps` (n, b, b) in any float
+    """`x' = x · blockdiag(M)`: `x` (..., n*b) in the compute dtype, `maps` (n, b, b) in any float
     dtype (fp32 trainables need no cast; the kernels read them as they are).
 
     Forward:   x'_j = x_j · M_j                        (K1; one dense GEMM when n = 1)
@@ -31,34 +31,44 @@ class BlockTransformFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, maps):
         n, b, _ = maps.shape
-        tokens = x.shape[0]
-        with no_autocast(x.device.type):
-            out = stage(x.reshape(tokens, n, b), maps).reshape(tokens, n * b)
+        # x (..., n*b) is viewed in blocks here, where the views are no nodes of the autograd graph.
+        x3 = x.reshape(-1, n, b)
+        # Autocast is turned off only where it would change a GEMM here (see autocast_would_recast).
+        if torch._C._is_any_autocast_enabled() and autocast_would_recast(x):
+            with no_autocast(x.device.type):
+                out = stage(x3, maps)
+        else:
+            out = stage(x3, maps)
         ctx.save_for_backward(x if ctx.needs_input_grad[1] else None, maps)
-        return out
+        return out.view(x.shape)
 
     @staticmethod
     def backward(ctx, grad_out):
         x, maps = ctx.saved_tensors
         needs_x, needs_maps = ctx.needs_input_grad[:2]
         n, b, _ = maps.shape
-        tokens = grad_out.shape[0]
         if torch.is_grad_enabled():  # create_graph=True: the same products, differentiable
-            g3 = grad_out.reshape(tokens, n, b)
+            g3 = grad_out.reshape(-1, n, b)
             dx = reference.transform_forward(grad_out, maps.transpose(1, 2).to(grad_out.dtype)) if needs_x else None
             d_maps = None
             if needs_maps:
-                d_maps = torch.einsum("tjd,tje->jde", x.reshape(tokens, n, b).to(maps.dtype), g3.to(maps.dtype))
+                d_maps = torch.einsum("tjd,tje->jde", x.reshape(-1, n, b).to(maps.dtype), g3.to(maps.dtype))
             return dx, d_maps
-        x3 = x.reshape(tokens, n, b) if x is not None else None
-        with no_autocast(grad_out.device.type):
-            dx, d_maps, _ = stage_backward(grad_out.reshape(tokens, n, b), x3, maps, None, needs_x, needs_maps, False)
-        return (dx.reshape(tokens, n * b) if dx is not None else None), d_maps
+        x3 = x.reshape(-1, n, b) if x is not None else None
+        g3 = grad_out.reshape(-1, n, b)
+        if torch._C._is_any_autocast_enabled() and autocast_would_recast(grad_out):
+            with no_autocast(grad_out.device.type):
+                dx, d_maps, _ = stage_backward(g3, x3, maps, None, needs_x, needs_maps, False)
+        else:
+            dx, d_maps, _ = stage_backward(g3, x3, maps, None, needs_x, needs_maps, False)
+        return (dx.view(grad_out.shape) if dx is not None else None), d_maps
+
+
+# `BlockTransformFunction.apply` for the layers' hot path (see `direct_apply`).
+apply_block_transform = direct_apply(BlockTransformFunction)
 
 
 def block_transform(x: torch.Tensor, maps: torch.Tensor) -> torch.Tensor:
     """Apply `BlockTransformFunction` to `x` of shape (..., n*b); computes in `x.dtype`."""
     check_input(x, "block_transform")
-    lead = x.shape[:-1]
-    out = BlockTransformFunction.apply(x.reshape(-1, x.shape[-1]), maps)
-    return out.reshape(*lead, out.shape[-1])
+    return apply_block_transform(x, maps)

@@ -33,7 +33,8 @@ from peft.utils import resolve_quantization_backend
 from torch import nn
 
 from .. import reference
-from ..autograd import block_transform
+from ..autograd import apply_block_transform
+from ..autograd.common import device_type
 from ..factorization import (
     DEGENERATE_GAP,
     BlockShape,
@@ -157,8 +158,11 @@ class FuRALinear(nn.Module, BaseTunerLayer):
         return weight_fingerprint(self.base_weight_out_in())
 
     def _device(self) -> torch.device:
-        base = self.get_base_layer()
-        weight = getattr(base, "weight", None)
+        """The base weight's device. (Read from the base layer's own table when it is not itself a
+        tuner layer: this runs in every forward.)"""
+        weight = self._modules["base_layer"]._parameters.get("weight")
+        if weight is None:
+            weight = getattr(self.get_base_layer(), "weight", None)
         return weight.device if weight is not None else torch.device("cpu")
 
     # ----------------------------------------------------------------------------------------
@@ -265,31 +269,50 @@ class FuRALinear(nn.Module, BaseTunerLayer):
     def forward(
         self, x: torch.Tensor, *args: Any, fura_mixed_batch: MixedBatch | None = None, **kwargs: Any
     ) -> torch.Tensor:
+        # Runs once per layer per step: PEFT's state is read from its attributes and the adapter
+        # tensors from the containers' own tables (each `self.fura_R[name]` would be three Python
+        # calls through nn.Module and ParameterDict); the checks are C-level tests, with the
+        # messages built only when one fails.
         if fura_mixed_batch is not None:
             return self._mixed_batch_forward(x, fura_mixed_batch, *args, **kwargs)
-        if self.disable_adapters:
-            if self.merged:
+        if self._disable_adapters:
+            if self.merged_adapters:
                 self.unmerge()
             return self.base_layer(x, *args, **kwargs)
-        if self.merged:
+        if self.merged_adapters:
             return self.base_layer(x, *args, **kwargs)
-        adapter = self._active_adapter_here()
-        if adapter is None:
-            return self.base_layer(x, *args, **kwargs)
-        self._check_loaded(adapter)
+        adapter = self._active_adapter
+        r_cores = self._modules["fura_R"]._parameters
+        if type(adapter) is not str or adapter not in r_cores:  # a list of names, or one this layer lacks
+            adapter = self._active_adapter_here()
+            if adapter is None:
+                return self.base_layer(x, *args, **kwargs)
+        if adapter in self.awaiting_saved_tensors:
+            self._check_loaded(adapter)
         if x.shape[-1] != self.in_features:
             raise ValueError(
                 f"{self._where}: input of shape {tuple(x.shape)}; expected last dimension {self.in_features}"
             )
-        device_type = x.device.type
         # The transform computes in the dtype the base layer's GEMM will see: autocast's inside a
         # region, else the input's. The fp32 maps are read as they are (no cast of their own).
-        if device_type != "meta" and torch.is_autocast_enabled(device_type):
-            x = x.to(torch.get_autocast_dtype(device_type))
-        x_transformed = block_transform(x, self._forward_maps(adapter))
-        out = self.base_layer(x_transformed, *args, **kwargs)
-        if adapter in self.fura_bias:
-            out = out + self.fura_bias[adapter].to(device=out.device, dtype=out.dtype)
+        if torch._C._is_any_autocast_enabled():
+            on = device_type(x)
+            if on != "meta" and torch.is_autocast_enabled(on):
+                dtype = torch.get_autocast_dtype(on)
+                if x.dtype != dtype:
+                    x = x.to(dtype)
+        r_core = r_cores[adapter]
+        if r_core.device == self._device():
+            buffers = self._modules["fura_V0"]._buffers, self._modules["fura_S0"]._buffers
+            maps = reference.transform_blocks(
+                r_core, self._modules["fura_S"]._parameters[adapter], buffers[0][adapter], buffers[1][adapter]
+            )
+        else:
+            maps = self._forward_maps(adapter)
+        out = self.base_layer(apply_block_transform(x, maps), *args, **kwargs)
+        bias = self._modules["fura_bias"]._parameters.get(adapter)
+        if bias is not None:
+            out = out + (bias if bias.dtype == out.dtype and bias.device == out.device else bias.to(out))
         return out
 
     # ----------------------------------------------------------------------------------------

@@ -8,12 +8,10 @@ fixed config per kernel is used instead.
 
 from __future__ import annotations
 
-import os
-
 import torch
 import triton
 
-INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+from .plans import INTERPRET, capability, cdiv, next_power_of_2
 
 # Smallest tile side `tl.dot` accepts.
 MIN_TILE = 16
@@ -86,22 +84,22 @@ MAX_ACC_REGS_PER_THREAD = 128
 
 def t_bucket(tokens: int) -> int:
     """T rounded up to a power of two (at least 16, at most MAX_T_BUCKET): the autotune key."""
-    return min(max(MIN_TILE, triton.next_power_of_2(max(tokens, 1))), MAX_T_BUCKET)
+    return min(max(MIN_TILE, next_power_of_2(tokens)), MAX_T_BUCKET)
 
 
 def tile_cap(size: int) -> int:
     """The largest useful tile side for a dimension of `size`."""
-    return max(MIN_TILE, triton.next_power_of_2(size))
+    return max(MIN_TILE, next_power_of_2(size))
 
 
 def split_rows(tokens: int, nblk: int = 1) -> tuple[int, int]:
     """`(rows_per_split, n_splits)` for K3's reduction over T: a function of the shape alone (never
     of the GPU or the tuned config), so the fixed-order sum gives the same bits everywhere. An
     empty batch has no split (and a positive row count, so nothing divides by zero)."""
-    wanted = min(triton.cdiv(K3_TARGET_PROGRAMS, max(nblk, 1)), SPLIT_MAX)
-    n = min(max(triton.cdiv(tokens, SPLIT_MIN_ROWS), 1), wanted)
-    rows = max(triton.cdiv(triton.cdiv(tokens, n), SPLIT_ROW_ALIGN), 1) * SPLIT_ROW_ALIGN
-    return rows, triton.cdiv(tokens, rows)
+    wanted = min(cdiv(K3_TARGET_PROGRAMS, max(nblk, 1)), SPLIT_MAX)
+    n = min(max(cdiv(tokens, SPLIT_MIN_ROWS), 1), wanted)
+    rows = max(cdiv(cdiv(tokens, n), SPLIT_ROW_ALIGN), 1) * SPLIT_ROW_ALIGN
+    return rows, cdiv(tokens, rows)
 
 
 def shared_memory_limit(capability: tuple[int, int]) -> int:
@@ -168,20 +166,21 @@ def select_k3(configs, k: int, block_n: int, t_bucket: int, elem: int, capabilit
 def prune_k1(configs, named_args, **kwargs):
     """`early_config_prune` hook of K1's autotuner."""
     x = named_args["x_ptr"]
-    capability = torch.cuda.get_device_capability(x.device)
-    return select_k1(configs, named_args["K"], named_args["N"], named_args["t_bucket"], x.element_size(), capability)
+    k, n, bucket = named_args["K"], named_args["N"], named_args["t_bucket"]
+    return select_k1(configs, k, n, bucket, x.element_size(), capability(x.device))
 
 
 def prune_k3(configs, named_args, **kwargs):
     """`early_config_prune` hook of K3's autotuner (BLOCK_N comes from the launcher)."""
     g = named_args["g_ptr"]
     block_n = kwargs.get("BLOCK_N", tile_cap(named_args["N"]))
-    capability = torch.cuda.get_device_capability(g.device)
-    return select_k3(configs, named_args["K"], block_n, named_args["t_bucket"], g.element_size(), capability)
+    return select_k3(configs, named_args["K"], block_n, named_args["t_bucket"], g.element_size(), capability(g.device))
 
 
 def input_precision(dtype: torch.dtype) -> str:
-    """fp32 dots follow torch's own TF32 setting, so the kernels are as exact as `torch.matmul`."""
-    if dtype == torch.float32 and torch.backends.cuda.matmul.allow_tf32 and not INTERPRET:
+    """fp32 dots follow torch's own TF32 setting, so the kernels are as exact as `torch.matmul`.
+    (`_get_cublas_allow_tf32` is what `torch.backends.cuda.matmul.allow_tf32` reads, without its
+    Python `__getattr__`: this is asked on every fp32 launch.)"""
+    if dtype == torch.float32 and torch._C._get_cublas_allow_tf32() and not INTERPRET:
         return "tf32"
     return "ieee"

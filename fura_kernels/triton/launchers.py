@@ -1,13 +1,18 @@
-"""Python launchers for K1 and K3: tensors in, tensors out (no autograd state here).
+"""Python launchers for K1, K3 and the segmented transform: tensors in, tensors out (no
+autograd state here).
 
 Same contracts as the PyTorch implementations in `block_diag.py`, which remain the CPU path
 and the reference fallback. Shapes are validated once, by the public ops in `ops.py`; these
 launchers trust them.
 
-The eager hot path does as little as it can on the host: the autotuner runs once per key
-(T bucket, sizes, dtypes, flags, device) and its choice is cached here, so later calls launch
-the kernel with that config directly, and K3's block counters live in one zeroed buffer per
-device and stream (the kernel leaves them at zero), so no launch clears them.
+The eager hot path does as little as it can on the host. Each launcher keys its calls on what can
+change between them (token count, strides, dtypes, device, input alignment) and keeps a launch
+plan per key (`plans.KernelPlan`): the compiled binary, its grid and every scalar argument, so a
+repeated launch is one dictionary lookup and one call of Triton's launcher. A new key goes
+through Triton once: the autotuner on a GPU (once per T bucket and shape, as before), the first
+config the pruner keeps in launch-only mode, the interpreter's fixed tiles under
+`TRITON_INTERPRET=1` (which keeps no plans: there is no binary). K3's block counters live in one
+zeroed buffer per device and stream (the kernel leaves them at zero), so no launch clears them.
 """
 
 from __future__ import annotations
@@ -17,6 +22,7 @@ from collections.abc import Callable
 
 import torch
 import triton
+from triton.runtime import driver
 
 from . import autotuning as at
 from .kernels import (
@@ -27,8 +33,8 @@ from .kernels import (
     block_diag_matmul_kernel,
     segmented_block_transform_kernel,
 )
-
-TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+from .launch_only import ENABLED as LAUNCH_ONLY
+from .plans import INTERPRET, capability, cdiv, first_launch, keep_plan
 
 _k1_tuned = triton.autotune(
     configs=at.K1_CONFIGS,
@@ -42,23 +48,44 @@ _k3_tuned = triton.autotune(
     prune_configs_by={"early_config_prune": at.prune_k3},
 )(block_diag_backward_kernel)
 
-# Tuned config per launch key: the autotuner is consulted once per key, then bypassed.
-_K1_CHOICE: dict[tuple, triton.Config] = {}
-_K3_CHOICE: dict[tuple, triton.Config] = {}
-# K3's per-block arrival counters, one int32 buffer per (device, stream), grown as needed.
-_COUNTERS: dict[tuple, torch.Tensor] = {}
+# Launch plans by key, one table per kernel (see the module docstring).
+_K1_PLANS: dict[tuple, object] = {}
+_K3_PLANS: dict[tuple, object] = {}
+_SEGMENT_PLANS: dict[tuple, object] = {}
+# K3's per-block arrival counters and fp32 partial sums, one pair per (device, stream), grown as
+# needed (`k3_scratch`).
+_K3_SCRATCH: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
 
 
-def _launch(tuned, kernel, choices: dict, key: tuple, grid, args: tuple, meta: dict) -> None:
-    if at.INTERPRET:
-        kernel[grid](*args, **meta)
+# What torch.backends.cuda.matmul.allow_tf32 reads, as a C call: the hot path asks per fp32 launch.
+_allow_tf32 = torch._C._get_cublas_allow_tf32
+
+
+def _precision(dtype: torch.dtype) -> str:
+    """The dots' input precision, read per call for fp32 (it follows torch's TF32 switch, which a
+    user may flip between calls); half-precision dots are always "ieee". A key holds it. (The hot
+    path inlines it: `"ieee" if dtype is not torch.float32 or not _allow_tf32() else at.input_precision(dtype)`.)"""
+    return at.input_precision(dtype) if dtype is torch.float32 else "ieee"
+
+
+def _first_tuned_launch(plans, key, tuned, kernel, grid_of, tensors, scalars, meta, select, derived=()) -> None:
+    """A tuned kernel's first launch for `key`, and its plan.
+
+    GPU: the autotuner launches it (benchmarking once per tuning key, then reusing its choice)
+    and the plan keeps the binary of the config it ran. Launch-only mode: the first config the
+    pruner keeps (`select()`), as no benchmark can run. Interpreter: its fixed small tiles."""
+    if INTERPRET:
+        first_launch(plans, key, kernel, grid_of(meta), tensors, scalars, meta, {})
         return
-    config = choices.get(key)
-    if config is None:
-        tuned[grid](*args, **meta)
-        choices[key] = tuned.best_config
+    if LAUNCH_ONLY:
+        config = select()[0]
+        constexprs = {**meta, **config.kwargs}
+        options = dict(num_warps=config.num_warps, num_stages=config.num_stages)
+        first_launch(plans, key, kernel, grid_of(constexprs), tensors, scalars, constexprs, options, derived)
         return
-    kernel[grid](*args, **meta, **config.kwargs, num_warps=config.num_warps, num_stages=config.num_stages)
+    compiled = tuned[grid_of](*tensors, *scalars, **meta)
+    constexprs = {**meta, **tuned.best_config.kwargs}
+    keep_plan(plans, key, compiled, kernel, grid_of(constexprs), tensors, scalars, constexprs, derived)
 
 
 def persistent_buffer(device: torch.device, make: Callable[[], torch.Tensor], what: str) -> torch.Tensor:
@@ -93,46 +120,109 @@ def persistent_buffer(device: torch.device, make: Callable[[], torch.Tensor], wh
     return made[0]
 
 
-def counters_for(nblk: int, device: torch.device) -> torch.Tensor:
-    """Zeroed int32 counters for K3's blocks. Cached per device and stream (the kernel resets
-    what it uses) and allocated outside any CUDA-graph pool (`persistent_buffer`), except while a
-    CUDA graph is being captured: the graph then records its own zeroing, so no buffer from its
-    private pool leaks into later eager calls."""
-    if device.type != "cuda" or torch.cuda.is_current_stream_capturing():
-        return torch.zeros(nblk, dtype=torch.int32, device=device)
-    key = (device, torch.cuda.current_stream(device).cuda_stream)
-    buffer = _COUNTERS.get(key)
-    if buffer is None or buffer.numel() < nblk:
+def persistent_or_fresh(make: Callable[[], torch.Tensor], device: torch.device, what: str) -> torch.Tensor:
+    """`make()` for a buffer kept across calls: outside any CUDA-graph pool on a GPU (see
+    `persistent_buffer`), as it is on the CPU (launch-only mode)."""
+    return persistent_buffer(device, make, what) if device.type == "cuda" else make()
+
+
+def _fresh_k3_scratch(nblk: int, partial_numel: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    return (torch.zeros(nblk, dtype=torch.int32, device=device),
+            torch.empty(partial_numel, dtype=torch.float32, device=device))  # fmt: skip
+
+
+def k3_scratch(nblk: int, partial_numel: int, device: torch.device, stream=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """K3's per-block arrival counters (zeroed: the kernel leaves them at zero) and its flat fp32
+    partial sums (written and reduced inside one launch, so launches on one stream share them), one
+    pair per device and stream, grown as needed and allocated outside any CUDA-graph pool, except
+    while a CUDA graph is being captured: the graph then gets its own (and records the zeroing), so
+    no buffer from its private pool leaks into later eager calls. Under the interpreter: fresh
+    buffers each call. `stream`: the current stream, where the caller has it already."""
+    if device.type == "cuda":
+        if torch.cuda.is_current_stream_capturing():
+            return _fresh_k3_scratch(nblk, partial_numel, device)
+    elif not LAUNCH_ONLY:
+        return _fresh_k3_scratch(nblk, partial_numel, device)
+    if stream is None:
+        stream = driver.active.get_current_stream(device.index or 0)
+    key = (device, stream)
+    scratch = _K3_SCRATCH.get(key)
+    if scratch is not None and scratch[0].numel() >= nblk and scratch[1].numel() >= partial_numel:
+        return scratch
+    counters, partials = scratch if scratch is not None else (None, None)
+    if counters is None or counters.numel() < nblk:
         size = max(nblk, 256)
-        buffer = persistent_buffer(device, lambda: torch.zeros(size, dtype=torch.int32, device=device), "K3 counters")
-        _COUNTERS[key] = buffer
-    return buffer
+        counters = persistent_or_fresh(lambda: torch.zeros(size, dtype=torch.int32, device=device), device,
+                                       "K3 counters")  # fmt: skip
+    if partials is None or partials.numel() < partial_numel:
+        size = max(partial_numel, 1 << 16)
+        partials = persistent_or_fresh(lambda: torch.empty(size, dtype=torch.float32, device=device), device,
+                                       "K3 partial sums")  # fmt: skip
+    scratch = _K3_SCRATCH[key] = (counters, partials)
+    return scratch
+
+
+def counters_for(nblk: int, device: torch.device) -> torch.Tensor:
+    """Zeroed int32 counters of `nblk` blocks on the current stream (see `k3_scratch`)."""
+    return k3_scratch(nblk, 0, device)[0]
+
+
+def _blocked_strides(t: torch.Tensor, nblk: int, width: int) -> tuple[int, int, int]:
+    """(row, block, column) strides of activations `t`: (T, nblk, width), or flat (T, nblk*width),
+    whose block view is always a view of the same memory."""
+    if t.dim() == 3:
+        return t.stride()
+    row, column = t.stride()
+    return row, width * column, column
+
+
+def _scale_strides(scale: torch.Tensor) -> tuple[int, int]:
+    """A per-block scale's (block, value) strides: (nblk, N), or a parameter with leading unit
+    dimensions such as S's (1, nblk, N)."""
+    return scale.stride()[-2:]
 
 
 def triton_block_diag_matmul(
     x: torch.Tensor, w: torch.Tensor, scale: torch.Tensor | None = None, scale_rows: bool = False
 ) -> torch.Tensor:
-    """K1: `y[:, j] = x[:, j] @ (w[j] * scale[j])`. x (T, nblk, K) any strides, w (nblk, K, N)
-    any strides and float dtype, scale (nblk, K) with `scale_rows` else (nblk, N), or None."""
-    tokens, nblk, k = x.shape
-    n = w.shape[2]
-    y = torch.empty((tokens, nblk, n), dtype=x.dtype, device=x.device)
+    """K1: `y[:, j] = x[:, j] @ (w[j] * scale[j])`. x (T, nblk, K), or flat (T, nblk*K), any strides;
+    w (nblk, K, N) any strides and float dtype; scale (nblk, K) with `scale_rows` else (nblk, N),
+    optionally with leading unit dimensions, or None. y (T, nblk, N), or (T, nblk*N) for flat x."""
+    nblk, k, n = w.shape
+    tokens = x.shape[0]
+    if k == n and x.is_contiguous():  # square blocks (full rank): y is laid out as x
+        y = torch.empty_like(x)
+    else:
+        y = x.new_empty((tokens, nblk, n) if x.dim() == 3 else (tokens, nblk * n))
     if tokens == 0 or nblk == 0 or n == 0:
         return y
+    s = w if scale is None else scale
+    dtype = x.dtype
+    precision = "ieee" if dtype is not torch.float32 or not _allow_tf32() else at.input_precision(dtype)
+    key = (x.shape, x.stride(), w.shape, w.stride(), None if scale is None else scale.stride(), scale_rows,
+           dtype, w.dtype, s.dtype, precision, x.device, x.data_ptr() & 15, w.data_ptr() & 15,
+           s.data_ptr() & 15)  # fmt: skip
+    plan = _K1_PLANS.get(key)
+    if plan is not None:
+        plan(x, w, s, y)
+        return y
     mode = SCALE_NONE if scale is None else (SCALE_ROWS if scale_rows else SCALE_COLS)
-    s = scale if scale is not None else w
-    s_strides = scale.stride() if scale is not None else (0, 0)
+    s_strides = _scale_strides(scale) if scale is not None else (0, 0)
     bucket = at.t_bucket(tokens)
-    args = (x, w, s, y, tokens, k, n, *x.stride(), *w.stride(), *s_strides, *y.stride(), bucket)
-    meta = dict(SCALE=mode, UPCAST=at.INTERPRET, INPUT_PRECISION=at.input_precision(x.dtype))
-    if at.INTERPRET:
+    scalars = (tokens, k, n, *_blocked_strides(x, nblk, k), *w.stride(), *s_strides, *_blocked_strides(y, nblk, n),
+               bucket)  # fmt: skip
+    meta = dict(SCALE=mode, UPCAST=INTERPRET, INPUT_PRECISION=_precision(x.dtype))
+    if INTERPRET:
         meta.update(at.K1_INTERPRET_META)
 
     def grid(m):
-        return (triton.cdiv(tokens, m["BLOCK_T"]), nblk, triton.cdiv(n, m["BLOCK_N"]))
+        return (cdiv(tokens, m["BLOCK_T"]), nblk, cdiv(n, m["BLOCK_N"]))
 
-    key = (bucket, k, n, x.dtype, w.dtype, s.dtype, mode, x.device)
-    _launch(_k1_tuned, block_diag_matmul_kernel, _K1_CHOICE, key, grid, args, meta)
+    def select():
+        return at.select_k1(at.K1_CONFIGS, k, n, bucket, x.element_size(), capability(x.device))
+
+    _first_tuned_launch(_K1_PLANS, key, _k1_tuned, block_diag_matmul_kernel, grid, (x, w, s, y), scalars, meta,
+                        select)  # fmt: skip
     return y
 
 
@@ -147,14 +237,26 @@ def triton_block_diag_backward(
 ) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
     """K3 in one launch: `dx = grad_out @ (w * scale)^T`, `dw = G * scale`, `dscale = sum over K
     of G * w` per block, `G = x^T grad_out` reduced over T in a fixed order (see the kernel).
-    Needs `w.shape[2] <= MAX_FUSED_N` (see `autotuning`)."""
-    tokens, nblk, n = grad_out.shape
-    k = w.shape[1]
+    grad_out (T, nblk, N) or flat (T, nblk*N), x likewise with K (or None), w (nblk, K, N), scale
+    as for K1; dx has grad_out's layout, dscale scale's shape. Needs `N <= MAX_FUSED_N` (see
+    `autotuning`)."""
+    nblk, k, n = w.shape
+    tokens = grad_out.shape[0]
     device = grad_out.device
     need_g = compute_grad_w or compute_grad_scale
-    grad_x = torch.empty((tokens, nblk, k), dtype=grad_out.dtype, device=device) if compute_grad_x else None
-    grad_w = torch.empty(w.shape, dtype=w.dtype, device=device) if compute_grad_w else None
-    grad_s = torch.empty((nblk, n), dtype=scale.dtype, device=device) if compute_grad_scale else None
+    grad_x = None
+    if compute_grad_x:
+        # (empty_like where it gives the layout wanted: it costs a third less host time than new_empty)
+        if x is not None and x.dim() == grad_out.dim() and x.dtype == grad_out.dtype and x.is_contiguous():
+            grad_x = torch.empty_like(x)
+        else:
+            grad_x = grad_out.new_empty((tokens, nblk, k) if grad_out.dim() == 3 else (tokens, nblk * k))
+    grad_w = None
+    if compute_grad_w:
+        grad_w = torch.empty_like(w) if w.is_contiguous() else w.new_empty((nblk, k, n))
+    grad_s = None
+    if compute_grad_scale:
+        grad_s = torch.empty_like(scale) if scale.is_contiguous() else scale.new_empty(scale.shape)
     if not (compute_grad_x or need_g):
         return None, None, None
     if tokens == 0:  # no rows: the block gradients are sums of nothing
@@ -162,37 +264,55 @@ def triton_block_diag_backward(
             if grad is not None:
                 grad.zero_()
         return grad_x, grad_w, grad_s
-    rows_per_split, n_splits = at.split_rows(tokens, nblk)
-    partial = torch.empty((n_splits, nblk, k, n), dtype=torch.float32, device=device) if need_g else None
-    counters = counters_for(nblk, device) if need_g else None
     # Unused operands get a placeholder pointer; the constexpr flags compile their code away.
-    placeholder = grad_out
+    xp = x if x is not None else grad_out
+    sp = scale if scale is not None else grad_out
+    dtype = grad_out.dtype
+    precision = "ieee" if dtype is not torch.float32 or not _allow_tf32() else at.input_precision(dtype)
+    key = (grad_out.shape, grad_out.stride(), None if x is None else (x.shape, x.stride()), w.shape, w.stride(),
+           None if scale is None else (scale.shape, scale.stride()), compute_grad_x, compute_grad_w,
+           compute_grad_scale, dtype, xp.dtype, w.dtype, sp.dtype, precision, device, grad_out.data_ptr() & 15,
+           xp.data_ptr() & 15, w.data_ptr() & 15, sp.data_ptr() & 15)  # fmt: skip
+    plan = _K3_PLANS.get(key)
+    if plan is not None:
+        rows_per_split, n_splits = plan.derived
+        stream = plan.stream_of(plan.device_index)
+    else:
+        rows_per_split, n_splits = at.split_rows(tokens, nblk)
+        stream = None
+    counters, partial = k3_scratch(nblk, n_splits * nblk * k * n, device, stream) if need_g else (grad_out, grad_out)
+    tensors = (grad_out, xp, w, sp, grad_x if grad_x is not None else grad_out,
+               grad_w if grad_w is not None else grad_out, grad_s if grad_s is not None else grad_out, partial,
+               counters)  # fmt: skip
+    if plan is not None:
+        plan.on(stream, *tensors)
+        return grad_x, grad_w, grad_s
     bucket = at.t_bucket(tokens)
-    args = (
-        grad_out, x if x is not None else placeholder, w, scale if scale is not None else placeholder,
-        grad_x if grad_x is not None else placeholder, grad_w if grad_w is not None else placeholder,
-        grad_s if grad_s is not None else placeholder, partial if partial is not None else placeholder,
-        counters if counters is not None else placeholder,
+    scalars = (
         tokens, k, n, rows_per_split, n_splits,
-        *grad_out.stride(), *(x.stride() if x is not None else (0, 0, 0)), *w.stride(),
-        *(scale.stride() if scale is not None else (0, 0)), *(grad_x.stride() if grad_x is not None else (0, 0, 0)),
-        *(grad_w.stride() if grad_w is not None else (0, 0, 0)), *(grad_s.stride() if grad_s is not None else (0, 0)),
-        *(partial.stride()[:3] if partial is not None else (0, 0, 0)),
+        *_blocked_strides(grad_out, nblk, n), *(_blocked_strides(x, nblk, k) if x is not None else (0, 0, 0)),
+        *w.stride(), *(_scale_strides(scale) if scale is not None else (0, 0)),
+        *(_blocked_strides(grad_x, nblk, k) if grad_x is not None else (0, 0, 0)),
+        *(grad_w.stride() if grad_w is not None else (0, 0, 0)),
+        *(_scale_strides(grad_s) if grad_s is not None else (0, 0)),
+        *((nblk * k * n, k * n, n) if need_g else (0, 0, 0)),  # partials (n_splits, nblk, K, N) in the flat buffer
         bucket,
     )  # fmt: skip
     flags = dict(COMPUTE_DX=compute_grad_x, COMPUTE_DW=compute_grad_w, COMPUTE_DS=compute_grad_scale,
                  HAS_SCALE=scale is not None)  # fmt: skip
-    meta = dict(
-        BLOCK_N=at.tile_cap(n), **flags, UPCAST=at.INTERPRET, INPUT_PRECISION=at.input_precision(grad_out.dtype)
-    )
-    if at.INTERPRET:
+    block_n = at.tile_cap(n)
+    meta = dict(BLOCK_N=block_n, **flags, UPCAST=INTERPRET, INPUT_PRECISION=_precision(grad_out.dtype))
+    if INTERPRET:
         meta.update(at.K3_INTERPRET_META)
 
     def grid(m):
-        return (n_splits, nblk, triton.cdiv(k, m["BLOCK_K"]))
+        return (n_splits, nblk, cdiv(k, m["BLOCK_K"]))
 
-    key = (bucket, k, n, grad_out.dtype, w.dtype, *flags.values(), device)
-    _launch(_k3_tuned, block_diag_backward_kernel, _K3_CHOICE, key, grid, args, meta)
+    def select():
+        return at.select_k3(at.K3_CONFIGS, k, block_n, bucket, grad_out.element_size(), capability(device))
+
+    _first_tuned_launch(_K3_PLANS, key, _k3_tuned, block_diag_backward_kernel, grid, tensors, scalars, meta, select,
+                        (rows_per_split, n_splits))  # fmt: skip
     return grad_x, grad_w, grad_s
 
 
@@ -213,7 +333,7 @@ SEGMENT_INTERPRET_TILE = 16
 def segment_tiles(largest_group: int, k: int) -> dict:
     """BLOCK_T / BLOCK_K / BLOCK_N of the segmented transform for a batch whose largest group
     holds `largest_group` tokens, with blocks `k` wide."""
-    if at.INTERPRET:
+    if INTERPRET:
         side = SEGMENT_INTERPRET_TILE
         return dict(BLOCK_T=side, BLOCK_K=side, BLOCK_N=side)
     return dict(
@@ -238,10 +358,18 @@ def triton_segmented_block_transform(
     groups = group_slots.shape[0]
     if tokens == 0 or nblk == 0 or k == 0 or groups == 0 or largest_group == 0:
         return y
+    tensors = (x, maps, y, rows, group_offsets, group_slots)
+    key = (x.shape, x.stride(), maps.shape, maps.stride(), groups, largest_group, x.dtype, maps.dtype,
+           _precision(x.dtype), x.device, x.data_ptr() & 15, maps.data_ptr() & 15, rows.data_ptr() & 15,
+           group_offsets.data_ptr() & 15, group_slots.data_ptr() & 15)  # fmt: skip
+    plan = _SEGMENT_PLANS.get(key)
+    if plan is not None:
+        plan(*tensors)
+        return y
     tiles = segment_tiles(largest_group, k)
-    grid = (groups, triton.cdiv(largest_group, tiles["BLOCK_T"]), nblk * triton.cdiv(k, tiles["BLOCK_N"]))
-    segmented_block_transform_kernel[grid](
-        x, maps, y, rows, group_offsets, group_slots, k, *x.stride(), *maps.stride(), *y.stride(),
-        **tiles, UPCAST=at.INTERPRET, INPUT_PRECISION=at.input_precision(x.dtype), num_warps=SEGMENT_WARPS,
-    )  # fmt: skip
+    grid = (groups, cdiv(largest_group, tiles["BLOCK_T"]), nblk * cdiv(k, tiles["BLOCK_N"]))
+    constexprs = dict(**tiles, UPCAST=INTERPRET, INPUT_PRECISION=_precision(x.dtype))
+    scalars = (k, *x.stride(), *maps.stride(), *y.stride())
+    first_launch(_SEGMENT_PLANS, key, segmented_block_transform_kernel, grid, tensors, scalars, constexprs,
+                 dict(num_warps=SEGMENT_WARPS))  # fmt: skip
     return y

@@ -1,7 +1,9 @@
 """Python launchers of the NF4 kernels: tensors in, tensors out (no autograd state here).
 
 Contracts as in `nf4_torch.py`, the PyTorch implementations; which one runs, and which kernel,
-is decided once, in `nf4_ops.py`.
+is decided once, in `nf4_ops.py`. Each launcher keys its launches and keeps a launch plan per
+key, as `launchers.py` does (see `plans.py`): a repeated launch is a lookup and one call of
+Triton's launcher.
 """
 
 from __future__ import annotations
@@ -10,7 +12,6 @@ import functools
 from dataclasses import dataclass
 
 import torch
-import triton
 
 from ..nf4 import NF4Tensor, nf4_code
 from . import autotuning
@@ -22,6 +23,7 @@ from .nf4_kernels import (
     nf4_matmul_kernel,
     nf4_matmul_t_kernel,
 )
+from .plans import INTERPRET, cdiv, first_launch, next_power_of_2
 
 DTYPE_NAMES = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}
 # Scale blocks (64 values, 32 bytes) per program of the dequantisation pass: 32 blocks make
@@ -120,58 +122,89 @@ def _scale_args(state: NF4Tensor, device: torch.device):
     return table, table, table  # unused when DOUBLE_QUANT is off: any valid pointer will do
 
 
+# Launch plans of every NF4 kernel (each key begins with the kernel's name).
+_PLANS: dict[tuple, object] = {}
+
+
+def _state_key(state: NF4Tensor) -> tuple:
+    """What a launch key needs of a state: its shape, dtype, format and buffer alignments."""
+    key = (state.shape, state.dtype, state.double_quant, state.packed.data_ptr() & 15, state.absmax.data_ptr() & 15)
+    if state.double_quant:
+        key += (state.offset.data_ptr() & 15, state.nested_absmax.data_ptr() & 15, state.nested_code.data_ptr() & 15)
+    return key
+
+
 def triton_nf4_dequantize(state: NF4Tensor, dtype: torch.dtype, target: torch.Tensor) -> None:
     """Write the (N, K) core into `target` (N*K contiguous elements of `dtype`)."""
-    numel = state.numel
     nested_code, nested_absmax, offset = _scale_args(state, target.device)
-    grid = (triton.cdiv(numel, 64 * DEQUANT_GROUPS),)
+    tensors = (state.packed, state.absmax, levels(target.device), nested_code, nested_absmax, offset, target)
+    key = ("dequantize", *_state_key(state), dtype, target.device, target.data_ptr() & 15)
+    plan = _PLANS.get(key)
+    if plan is not None:
+        plan(*tensors)
+        return
+    numel = state.numel
+    grid = (cdiv(numel, 64 * DEQUANT_GROUPS),)
     # No fused multiply-add: `code * absmax2 + offset` must round like bitsandbytes' two steps.
-    exact = {} if autotuning.INTERPRET else {"enable_fp_fusion": False}
-    nf4_dequantize_kernel[grid](state.packed, state.absmax, levels(target.device), nested_code, nested_absmax, offset,
-                                target, numel, (numel + 1) // 2, GROUPS=DEQUANT_GROUPS,
-                                DOUBLE_QUANT=state.double_quant, OUT_DTYPE=DTYPE_NAMES[dtype], **exact)  # fmt: skip
+    exact = {} if INTERPRET else {"enable_fp_fusion": False}
+    constexprs = dict(GROUPS=DEQUANT_GROUPS, DOUBLE_QUANT=state.double_quant, OUT_DTYPE=DTYPE_NAMES[dtype])
+    first_launch(_PLANS, key, nf4_dequantize_kernel, grid, tensors, (numel, (numel + 1) // 2), constexprs, exact)
 
 
 def _splits(length: int, step: int, out_tiles: int) -> tuple[int, int]:
     """(values per split, a multiple of `step`; split count) for a reduction of `length`."""
-    wanted = min(NF4_MAX_SPLITS, triton.cdiv(NF4_TARGET_PROGRAMS, out_tiles), triton.cdiv(length, NF4_MIN_SPLIT))
-    per_split = triton.cdiv(triton.cdiv(length, max(wanted, 1)), step) * step
-    return per_split, triton.cdiv(length, per_split)
+    wanted = min(NF4_MAX_SPLITS, cdiv(NF4_TARGET_PROGRAMS, out_tiles), cdiv(length, NF4_MIN_SPLIT))
+    per_split = cdiv(cdiv(length, max(wanted, 1)), step) * step
+    return per_split, cdiv(length, per_split)
 
 
 def triton_nf4_matmul(a: torch.Tensor, state: NF4Tensor, transpose: bool) -> torch.Tensor:
-    """The tensor-core kernels (5 <= T <= 64): `a @ Lt^T`, or `a @ Lt` with `transpose`."""
+    """The tensor-core kernels (5 <= T <= 64): `a @ Lt^T`, or `a @ Lt` with `transpose`. The
+    result is contiguous (T, out), as the op's fake says."""
     rows, cols = state.shape
     tokens = a.shape[0]
     nested_code, nested_absmax, offset = _scale_args(state, a.device)
-    block_t = max(autotuning.MIN_TILE, triton.next_power_of_2(tokens))
-    tiles = fused_tiles(capability_major(a.device))
-    if transpose:  # reduce over the core's rows, in steps of BLOCK_N; output tiles of BLOCK_K columns
-        out_len, per_split, splits = cols, *_splits(rows, NF4_BLOCK_N, triton.cdiv(cols, SPLIT_TILE_K))
-    else:  # reduce over its columns, in steps of BLOCK_K; output tiles of BLOCK_N rows
-        out_len, per_split, splits = rows, *_splits(cols, SPLIT_TILE_K, triton.cdiv(rows, NF4_BLOCK_N))
-    partial = torch.empty((splits, out_len, block_t), dtype=torch.float32, device=a.device)
-    meta = dict(BLOCK_N=NF4_BLOCK_N, BLOCK_K=tiles.block_k, BLOCK_T=block_t, DOUBLE_QUANT=state.double_quant,
-                L_DTYPE=DTYPE_NAMES.get(state.dtype, "fp32"), UPCAST=autotuning.INTERPRET)  # fmt: skip
-    launch = dict(num_warps=tiles.num_warps, num_stages=tiles.num_stages) if not autotuning.INTERPRET else {}
-    args = (a, state.packed, state.absmax, levels(a.device), nested_code, nested_absmax, offset, partial, tokens, rows,
-            cols, per_split, *a.stride())  # fmt: skip
-    if transpose:
-        nf4_matmul_t_kernel[(triton.cdiv(cols, tiles.block_k), splits)](*args, **meta, **launch)
+    key = ("matmul", *_state_key(state), transpose, a.shape, a.stride(), a.dtype, a.device, a.data_ptr() & 15)
+    plan = _PLANS.get(key)
+    out_len = cols if transpose else rows
+    if plan is not None:
+        splits, block_t = plan.derived
     else:
-        nf4_matmul_kernel[(triton.cdiv(rows, NF4_BLOCK_N), splits)](*args, **meta, **launch)
-    # Second pass of the reduction, in a fixed order; then (out, T) -> (T, out).
+        block_t = max(autotuning.MIN_TILE, next_power_of_2(tokens))
+        tiles = fused_tiles(capability_major(a.device))
+        if transpose:  # reduce over the core's rows, in steps of BLOCK_N; output tiles of BLOCK_K columns
+            per_split, splits = _splits(rows, NF4_BLOCK_N, cdiv(cols, SPLIT_TILE_K))
+        else:  # reduce over its columns, in steps of BLOCK_K; output tiles of BLOCK_N rows
+            per_split, splits = _splits(cols, SPLIT_TILE_K, cdiv(rows, NF4_BLOCK_N))
+    partial = torch.empty((splits, out_len, block_t), dtype=torch.float32, device=a.device)
+    tensors = (a, state.packed, state.absmax, levels(a.device), nested_code, nested_absmax, offset, partial)
+    if plan is not None:
+        plan(*tensors)
+    else:
+        constexprs = dict(BLOCK_N=NF4_BLOCK_N, BLOCK_K=tiles.block_k, BLOCK_T=block_t, DOUBLE_QUANT=state.double_quant,
+                          L_DTYPE=DTYPE_NAMES.get(state.dtype, "fp32"), UPCAST=INTERPRET)  # fmt: skip
+        options = dict(num_warps=tiles.num_warps, num_stages=tiles.num_stages) if not INTERPRET else {}
+        scalars = (tokens, rows, cols, per_split, *a.stride())
+        if transpose:
+            kernel, grid = nf4_matmul_t_kernel, (cdiv(cols, tiles.block_k), splits)
+        else:
+            kernel, grid = nf4_matmul_kernel, (cdiv(rows, NF4_BLOCK_N), splits)
+        first_launch(_PLANS, key, kernel, grid, tensors, scalars, constexprs, options, (splits, block_t))
+    # Second pass of the reduction, in a fixed order; then (out, T) -> (T, out), written into a
+    # contiguous result in a's dtype (one copy: the transpose and the cast together).
     total = partial[0] if splits == 1 else partial.sum(dim=0)
-    return total[:, :tokens].t().to(a.dtype)
+    out = a.new_empty((tokens, out_len))
+    out.copy_(total[:, :tokens].t())
+    return out
 
 
 def decode_splits(rows: int, cols: int) -> tuple[int, int]:
     """(rows per split, split count) of the `a @ Lt` decode kernel: a function of the shape."""
     strips = cols // DECODE_T_STRIP
     step = 32 * DECODE_T_WARPS
-    wanted = max(1, min(triton.cdiv(NF4_TARGET_PROGRAMS, strips), triton.cdiv(rows, step)))
-    per_split = triton.cdiv(triton.cdiv(rows, wanted), step) * step
-    return per_split, triton.cdiv(rows, per_split)
+    wanted = max(1, min(cdiv(NF4_TARGET_PROGRAMS, strips), cdiv(rows, step)))
+    per_split = cdiv(cdiv(rows, wanted), step) * step
+    return per_split, cdiv(rows, per_split)
 
 
 def triton_nf4_decode(a: torch.Tensor, state: NF4Tensor, transpose: bool) -> torch.Tensor:
@@ -179,29 +212,37 @@ def triton_nf4_decode(a: torch.Tensor, state: NF4Tensor, transpose: bool) -> tor
     rows, cols = state.shape
     tokens = a.shape[0]
     nested_code, nested_absmax, offset = _scale_args(state, a.device)
+    scales = (state.absmax, levels(a.device), nested_code, nested_absmax, offset)
+    key = ("decode", *_state_key(state), transpose, a.shape, a.stride(), a.dtype, a.device, a.data_ptr() & 15)
+    plan = _PLANS.get(key)
     l_dtype = DTYPE_NAMES.get(state.dtype, "fp32")
     # Byte-permute decoding is PTX (GPU only) and looks up 16-bit values (bf16 and fp16 cores).
     meta = dict(BLOCK_T=decode_token_block(tokens), DOUBLE_QUANT=state.double_quant, L_DTYPE=l_dtype,
-                PERMUTE=BYTE_PERMUTE and not autotuning.INTERPRET and l_dtype != "fp32")  # fmt: skip
-    scales = (state.absmax, levels(a.device), nested_code, nested_absmax, offset)
+                PERMUTE=BYTE_PERMUTE and not INTERPRET and l_dtype != "fp32")  # fmt: skip
     if not transpose:
-        y = torch.empty((tokens, rows), dtype=a.dtype, device=a.device)
+        y = a.new_empty((tokens, rows))
+        tensors = (a, state.packed, *scales, y)
+        if plan is not None:
+            plan(*tensors)
+            return y
         warps, even = decode_warps(cols // 64)
-        launch = {} if autotuning.INTERPRET else {"num_warps": warps}
+        launch = {} if INTERPRET else {"num_warps": warps}
         a_vec = 16 // a.element_size() if a.stride(1) == 1 else 1
-        nf4_decode_kernel[(triton.cdiv(rows, DECODE_ROWS),)](
-            a, state.packed, *scales, y, tokens, rows, cols // 64, *a.stride(), *y.stride(),
-            GROUPS=32 * warps, EVEN_K=even, A_VEC=a_vec, **meta, **launch,
-        )  # fmt: skip
+        scalars = (tokens, rows, cols // 64, *a.stride(), *y.stride())
+        first_launch(_PLANS, key, nf4_decode_kernel, (cdiv(rows, DECODE_ROWS),), tensors, scalars,
+                     dict(GROUPS=32 * warps, EVEN_K=even, A_VEC=a_vec, **meta), launch)  # fmt: skip
         return y
-    out = torch.empty((tokens, cols), dtype=a.dtype, device=a.device)
+    out = a.new_empty((tokens, cols))
     per_split, splits = decode_splits(rows, cols)
     strips = cols // DECODE_T_STRIP
-    partial = torch.empty((splits, meta["BLOCK_T"], cols), dtype=torch.float32, device=a.device) if splits > 1 else out
+    partial = a.new_empty((splits, meta["BLOCK_T"], cols), dtype=torch.float32) if splits > 1 else out
     counters = counters_for(strips, a.device)
-    launch = {} if autotuning.INTERPRET else {"num_warps": DECODE_T_WARPS}
-    nf4_decode_t_kernel[(strips, splits)](
-        a, state.packed, *scales, partial, counters, out, tokens, rows, cols // 64, per_split, splits, *a.stride(),
-        *out.stride(), BLOCK_N=32 * DECODE_T_WARPS, **meta, **launch,
-    )  # fmt: skip
+    tensors = (a, state.packed, *scales, partial, counters, out)
+    if plan is not None:
+        plan(*tensors)
+        return out
+    launch = {} if INTERPRET else {"num_warps": DECODE_T_WARPS}
+    scalars = (tokens, rows, cols // 64, per_split, splits, *a.stride(), *out.stride())
+    first_launch(_PLANS, key, nf4_decode_t_kernel, (strips, splits), tensors, scalars,
+                 dict(BLOCK_N=32 * DECODE_T_WARPS, **meta), launch)  # fmt: skip
     return out

@@ -27,7 +27,7 @@ from torch.utils.flop_counter import register_flop_formula
 
 from ..nf4 import NF4Tensor
 from .nf4_torch import torch_nf4_dequantize, torch_nf4_matmul
-from .ops import _dispatch_free, block_diag_matmul, triton_serves, use_triton
+from .ops import block_diag_matmul_unchecked, dispatch_free, triton_serves, use_triton
 
 try:
     from . import nf4_launchers
@@ -99,7 +99,7 @@ def _merge_impl(state: NF4Tensor, w: torch.Tensor, scale: torch.Tensor | None, d
     rows = state.shape[0]
     nblk, b, r = w.shape
     lt = _dequantize(state, dtype)
-    merged = block_diag_matmul(lt.reshape(rows, nblk, r), w.transpose(1, 2), scale, True)
+    merged = block_diag_matmul_unchecked(lt.reshape(rows, nblk, r), w.transpose(1, 2), scale, True)
     return merged.reshape(rows, nblk * b)
 
 
@@ -196,7 +196,12 @@ def nf4_matmul(a: torch.Tensor, state: NF4Tensor, transpose: bool = False) -> to
     rows, cols = state.shape
     if a.dim() != 2 or a.shape[1] != (rows if transpose else cols):
         raise ValueError(f"nf4_matmul: a of shape {tuple(a.shape)} does not match the NF4 core {state.shape}")
-    if _dispatch_free(a, *state.tensors().values()):
+    return nf4_matmul_unchecked(a, state, transpose)
+
+
+def nf4_matmul_unchecked(a: torch.Tensor, state: NF4Tensor, transpose: bool = False) -> torch.Tensor:
+    """`nf4_matmul` for callers whose shapes are right by construction (QFuRA's Function)."""
+    if dispatch_free(a, state.packed, state.absmax, state.offset, state.nested_absmax, state.nested_code):
         return _matmul_impl(a, state, transpose)
     return _nf4_matmul_op(a, *state_args(state), transpose)
 
@@ -204,7 +209,7 @@ def nf4_matmul(a: torch.Tensor, state: NF4Tensor, transpose: bool = False) -> to
 def nf4_merge(state: NF4Tensor, w: torch.Tensor, scale: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor:
     """The weight-side merge of QFuRA, `W_eff[:, j] = Lt_j · (R_j · diag(S_j))^T` (out x n*b), in
     `dtype`; w is R (n, b, r) in its fp32 storage, scale S as (n, r)."""
-    if _dispatch_free(w, scale, *state.tensors().values()):
+    if dispatch_free(w, scale, state.packed, state.absmax, state.offset, state.nested_absmax, state.nested_code):
         return _merge_impl(state, w, scale, dtype)
     return _nf4_merge_op(*state_args(state), w, scale, dtype)
 
@@ -219,9 +224,18 @@ def nf4_dequantize(state: NF4Tensor, dtype: torch.dtype, out: torch.Tensor | Non
         else:
             target.copy_(torch_nf4_dequantize(state, dtype).reshape(-1))
         return target.view(state.shape)
-    if _dispatch_free(*state.tensors().values()):
+    if dispatch_free(state.packed, state.absmax, state.offset, state.nested_absmax, state.nested_code):
         return _dequantize(state, dtype)
     return _nf4_dequantize_op(*state_args(state), dtype)
 
 
-__all__ = ["DECODE_MAX_T", "SMALL_T_MAX", "nf4_bytes_moved", "nf4_dequantize", "nf4_matmul", "nf4_merge", "nf4_path"]
+__all__ = [
+    "DECODE_MAX_T",
+    "SMALL_T_MAX",
+    "nf4_bytes_moved",
+    "nf4_dequantize",
+    "nf4_matmul",
+    "nf4_matmul_unchecked",
+    "nf4_merge",
+    "nf4_path",
+]

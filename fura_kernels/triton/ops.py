@@ -11,10 +11,11 @@ The public functions validate shapes once per call; the implementations below th
 
 from __future__ import annotations
 
+import operator
 import os
 
 import torch
-from torch.utils._python_dispatch import _get_current_dispatch_mode
+from torch._C import _len_torch_dispatch_stack
 from torch.utils.flop_counter import register_flop_formula
 
 from . import block_diag
@@ -22,19 +23,20 @@ from .block_diag import accumulate_dtype
 
 try:
     from . import autotuning, launchers
+    from .plans import TRITON_DEVICE_TYPE
 except ImportError:  # triton is not installed (it ships for Linux only): the PyTorch path remains
     autotuning = launchers = None
+    TRITON_DEVICE_TYPE = "cuda"
 
 # Read once, at import: the hot path must not consult the environment on every call.
 TRITON_DISABLED = os.environ.get("FURA_DISABLE_TRITON") == "1"
-_TRITON_DEVICE = "cpu" if autotuning is not None and autotuning.INTERPRET else "cuda"
+_TRITON_ON = launchers is not None and not TRITON_DISABLED
+TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
 def triton_serves(dtype: torch.dtype, device: torch.device) -> bool:
     """Whether the Triton kernels serve tensors of this dtype on this device."""
-    if launchers is None or TRITON_DISABLED:
-        return False
-    return dtype in launchers.TRITON_DTYPES and device.type == _TRITON_DEVICE
+    return _TRITON_ON and dtype in TRITON_DTYPES and device.type == TRITON_DEVICE_TYPE
 
 
 def use_triton(t: torch.Tensor) -> bool:
@@ -45,27 +47,38 @@ def use_triton(t: torch.Tensor) -> bool:
 _PLAIN_TENSOR_TYPES = (torch.Tensor, torch.nn.Parameter)
 
 
-def _dispatch_free(*tensors: torch.Tensor | None) -> bool:
+def dispatch_free(*tensors: torch.Tensor | None) -> bool:
     """Whether a call may skip the custom op's dispatcher round trip and run its body directly.
 
     The round trip costs about 8 µs a call on the CPU path of this project's machine (15 µs
     against 7.5 µs for a small K1), several times per layer step, and a training step's host
     time is what a GPU waits on at small T. Only eager calls on plain tensors skip it:
     torch.compile, fake tensors and dispatch modes such as FlopCounterMode must see the op.
+    (`is_compiling` comes first: under tracing it is all that may run.)
     """
-    if torch.compiler.is_compiling() or _get_current_dispatch_mode() is not None:
+    if torch.compiler.is_compiling() or _len_torch_dispatch_stack():
         return False
     # Parameters count as plain: they override no torch function. Subclasses (FakeTensor,
     # DTensor, ...) may, so they keep the op.
-    return all(type(t) in _PLAIN_TENSOR_TYPES for t in tensors if t is not None)
+    for t in tensors:
+        if t is not None and type(t) not in _PLAIN_TENSOR_TYPES:
+            return False
+    return True
 
 
-def _triton_weights(w: torch.Tensor, scale: torch.Tensor | None) -> bool:
-    return w.dtype in launchers.TRITON_DTYPES and (scale is None or scale.dtype in launchers.TRITON_DTYPES)
+def _triton_path(x: torch.Tensor, w: torch.Tensor, scale: torch.Tensor | None) -> bool:
+    """Whether the Triton kernels serve these operands (each of a dtype they take)."""
+    return (
+        _TRITON_ON
+        and x.device.type == TRITON_DEVICE_TYPE
+        and x.dtype in TRITON_DTYPES
+        and w.dtype in TRITON_DTYPES
+        and (scale is None or scale.dtype in TRITON_DTYPES)
+    )
 
 
 def _block_diag_matmul_impl(x, w, scale, scale_rows):
-    if use_triton(x) and _triton_weights(w, scale):
+    if _triton_path(x, w, scale):
         return launchers.triton_block_diag_matmul(x, w, scale, scale_rows)
     return block_diag.torch_block_diag_matmul(x, w, scale, scale_rows)
 
@@ -83,7 +96,7 @@ def _(x, w, scale, scale_rows):
 
 
 def _block_diag_backward_impl(grad_out, x, w, scale, compute_grad_x, compute_grad_w, compute_grad_scale):
-    if use_triton(grad_out) and _triton_weights(w, scale):
+    if _triton_path(grad_out, w, scale):
         if w.shape[2] <= autotuning.MAX_FUSED_N:
             return launchers.triton_block_diag_backward(
                 grad_out, x, w, scale, compute_grad_x, compute_grad_w, compute_grad_scale
@@ -148,9 +161,70 @@ def block_diag_matmul(
     float dtype (fp32 trainables need no cast), scale (nblk, K) with `scale_rows` else (nblk, N)
     or None, folded in fp32 -> (T, nblk, N) in x's dtype."""
     _check(x, w, scale, w.shape[1] if scale_rows else w.shape[2], "block_diag_matmul")
-    if _dispatch_free(x, w, scale):
-        return _block_diag_matmul_impl(x, w, scale, scale_rows)
-    return _block_diag_matmul_op(x, w, scale, scale_rows)
+    return block_diag_matmul_unchecked(x, w, scale, scale_rows)
+
+
+# `t.device.type == TRITON_DEVICE_TYPE` as a C-level attribute read (`device.type` builds a string).
+_on_triton_device = operator.attrgetter("is_cuda" if TRITON_DEVICE_TYPE == "cuda" else "is_cpu")
+
+# Where an unchecked call goes (`_route`): through the custom op, to the PyTorch implementation,
+# or straight to the Triton launcher.
+_VIA_OP, _VIA_TORCH, _VIA_TRITON = 0, 1, 2
+
+
+def _route(x: torch.Tensor, w: torch.Tensor, scale: torch.Tensor | None, other: torch.Tensor | None = None) -> int:
+    """`dispatch_free` and `_triton_path` in one call: the unchecked entries below run once per
+    layer per step, so they decide with one Python call (and `is_compiling`'s two)."""
+    if torch.compiler.is_compiling() or _len_torch_dispatch_stack():
+        return _VIA_OP
+    plain = _PLAIN_TENSOR_TYPES
+    if not (
+        type(x) in plain
+        and type(w) in plain
+        and (scale is None or type(scale) in plain)
+        and (other is None or type(other) in plain)
+    ):
+        return _VIA_OP
+    if (
+        _TRITON_ON
+        and _on_triton_device(x)
+        and x.dtype in TRITON_DTYPES
+        and w.dtype in TRITON_DTYPES
+        and (scale is None or scale.dtype in TRITON_DTYPES)
+    ):
+        return _VIA_TRITON
+    return _VIA_TORCH
+
+
+def _blocked(t: torch.Tensor | None, nblk: int) -> torch.Tensor | None:
+    """Flat activations (T, nblk*K) as (T, nblk, K) (a view: splitting the last dimension always is)."""
+    return t if t is None or t.dim() == 3 else t.view(t.shape[0], nblk, t.shape[1] // nblk)
+
+
+def _plain_scale(scale: torch.Tensor | None) -> torch.Tensor | None:
+    """A scale with leading unit dimensions (S as (1, nblk, N)) as the op's (nblk, N)."""
+    return scale if scale is None or scale.dim() == 2 else scale.reshape(scale.shape[-2:])
+
+
+def block_diag_matmul_unchecked(
+    x: torch.Tensor, w: torch.Tensor, scale: torch.Tensor | None, scale_rows: bool
+) -> torch.Tensor:
+    """`block_diag_matmul` for callers whose shapes are right by construction (the autograd
+    Functions): no validation, the custom op only where `dispatch_free` would ask for it.
+
+    It also takes what a layer holds, so that the hot path makes no view of its own: x flat as
+    (T, nblk*K) (y is then (T, nblk*N)), and a scale with leading unit dimensions (S's (1, nblk, N));
+    the Triton launcher reads both through their strides."""
+    route = _route(x, w, scale)
+    if route == _VIA_TRITON:
+        return launchers.triton_block_diag_matmul(x, w, scale, scale_rows)
+    nblk = w.shape[0]
+    x3, scale2 = _blocked(x, nblk), _plain_scale(scale)
+    if route == _VIA_TORCH:
+        y = block_diag.torch_block_diag_matmul(x3, w, scale2, scale_rows)
+    else:
+        y = _block_diag_matmul_op(x3, w, scale2, scale_rows)
+    return y if x.dim() == 3 else y.reshape(y.shape[0], nblk * w.shape[2])
 
 
 def block_diag_matmul_backward(
@@ -174,16 +248,47 @@ def block_diag_matmul_backward(
         _check(x, w, scale, n, "block_diag_matmul_backward")
     if compute_grad_scale and scale is None:
         raise ValueError("block_diag_matmul_backward: compute_grad_scale needs the scale")
-    if _dispatch_free(grad_out, x, w, scale):
-        grads = _block_diag_backward_impl(grad_out, x, w, scale, compute_grad_x, compute_grad_w, compute_grad_scale)
+    return block_diag_backward_unchecked(grad_out, x, w, scale, compute_grad_x, compute_grad_w, compute_grad_scale)
+
+
+def block_diag_backward_unchecked(
+    grad_out: torch.Tensor,
+    x: torch.Tensor | None,
+    w: torch.Tensor,
+    scale: torch.Tensor | None,
+    compute_grad_x: bool,
+    compute_grad_w: bool,
+    compute_grad_scale: bool,
+) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
+    """`block_diag_matmul_backward` for callers whose shapes are right by construction; like
+    `block_diag_matmul_unchecked`, it takes flat activations (dx is then flat) and a scale with
+    leading unit dimensions (dscale then has the scale's shape)."""
+    route = _route(grad_out, w, scale, x)
+    if route == _VIA_TRITON and w.shape[2] <= autotuning.MAX_FUSED_N:
+        return launchers.triton_block_diag_backward(
+            grad_out, x, w, scale, compute_grad_x, compute_grad_w, compute_grad_scale
+        )
+    nblk = w.shape[0]
+    g3, x3, scale2 = _blocked(grad_out, nblk), _blocked(x, nblk), _plain_scale(scale)
+    if route != _VIA_OP:
+        dx, dw, ds = _block_diag_backward_impl(g3, x3, w, scale2, compute_grad_x, compute_grad_w, compute_grad_scale)
     else:
-        grads = _block_diag_backward_op(grad_out, x, w, scale, compute_grad_x, compute_grad_w, compute_grad_scale)
-    wanted = (compute_grad_x, compute_grad_w, compute_grad_scale)
-    return tuple(g if want else None for g, want in zip(grads, wanted, strict=True))
+        dx, dw, ds = _block_diag_backward_op(g3, x3, w, scale2, compute_grad_x, compute_grad_w, compute_grad_scale)
+        # The op returns empty tensors for skipped outputs (custom ops cannot return None).
+        dx, dw, ds = (
+            (dx if compute_grad_x else None),
+            (dw if compute_grad_w else None),
+            (ds if compute_grad_scale else None),
+        )
+    if dx is not None and grad_out.dim() == 2:
+        dx = dx.reshape(dx.shape[0], nblk * w.shape[1])
+    if ds is not None and scale.dim() != 2:
+        ds = ds.reshape(scale.shape)
+    return dx, dw, ds
 
 
 def _segmented_block_transform_impl(x, maps, rows, group_offsets, group_slots, largest_group):
-    if use_triton(x) and maps.dtype in launchers.TRITON_DTYPES:
+    if _triton_path(x, maps, None):
         return launchers.triton_segmented_block_transform(x, maps, rows, group_offsets, group_slots, largest_group)
     return block_diag.torch_segmented_block_transform(x, maps, rows, group_offsets, group_slots)
 
@@ -240,7 +345,7 @@ def segmented_block_transform(
             f"{op}: {x.shape[0]} tokens need {x.shape[0]} rows and G + 1 offsets for G slots; got {rows.shape[0]} "
             f"rows, {group_offsets.shape[0]} offsets, {group_slots.shape[0]} slots"
         )
-    if _dispatch_free(x, maps):
+    if dispatch_free(x, maps):
         return _segmented_block_transform_impl(x, maps, rows, group_offsets, group_slots, largest_group)
     return _segmented_block_transform_op(x, maps, rows, group_offsets, group_slots, largest_group)
 
@@ -264,8 +369,10 @@ def _block_diag_backward_flops(
 
 __all__ = [
     "accumulate_dtype",
+    "block_diag_backward_unchecked",
     "block_diag_matmul",
     "block_diag_matmul_backward",
+    "block_diag_matmul_unchecked",
     "segmented_block_transform",
     "use_triton",
 ]

@@ -8,7 +8,8 @@ present, using the ptxas its wheel ships (FURA_SPEC.md §7). What gets compiled 
 runs: a run-time `K` of 64 is not the constant 64 (the loop is pipelined over an unknown trip
 count, with other shared memory and registers). So nothing here writes a signature by hand.
 `capture_launches` runs the real layer code (`FuRALinearFunction`, `QFuRALinearFunction`) on CPU
-tensors with the Triton path switched on and every kernel launch intercepted; `compile_launch`
+tensors with the Triton path switched on and every kernel launch intercepted where it enters
+Triton (a launcher's first launch of a key, which would otherwise make its launch plan); `compile_launch`
 then specialises the intercepted arguments with Triton's own rule (`native_specialize_impl`, as
 its launcher does: an integer 1 becomes a constant, integers and pointers divisible by 16 get
 the divisibility hint) and compiles that. Run-time sizes only enter through those properties,
@@ -18,6 +19,7 @@ so small layers whose sizes keep them (multiples of 16) compile to the same code
 from __future__ import annotations
 
 import contextlib
+import operator
 import os
 import re
 import subprocess
@@ -130,20 +132,22 @@ def sass(cubin: bytes) -> str:
 
 @contextlib.contextmanager
 def _intercepted(calls: list[Launch]):
-    """The Triton path switched on for CPU tensors, and every launch recorded instead of run."""
+    """The Triton path switched on for CPU tensors, and every launch recorded instead of run (no
+    launch plan is kept: Triton returns no kernel)."""
 
-    def record_tuned(tuned, kernel, choices, key, grid, args, meta):
-        calls.append(Launch(kernel, tuple(args), dict(meta), True))
+    def record_tuned(plans, key, tuned, kernel, grid_of, tensors, scalars, meta, select, derived=()):
+        calls.append(Launch(kernel, (*tensors, *scalars), dict(meta), True))
 
     def record_run(self, *args, grid, warmup, **kwargs):
         calls.append(Launch(self, tuple(args), dict(kwargs), False))
 
-    saved = ops._TRITON_DEVICE, launchers._launch, JITFunction.run
-    ops._TRITON_DEVICE, launchers._launch, JITFunction.run = "cpu", record_tuned, record_run
+    saved = ops.TRITON_DEVICE_TYPE, ops._on_triton_device, launchers._first_tuned_launch, JITFunction.run
+    ops.TRITON_DEVICE_TYPE, ops._on_triton_device = "cpu", operator.attrgetter("is_cpu")
+    launchers._first_tuned_launch, JITFunction.run = record_tuned, record_run
     try:
         yield
     finally:
-        ops._TRITON_DEVICE, launchers._launch, JITFunction.run = saved
+        ops.TRITON_DEVICE_TYPE, ops._on_triton_device, launchers._first_tuned_launch, JITFunction.run = saved
 
 
 def capture_launches(fn) -> list[Launch]:
