@@ -13,7 +13,9 @@ from .results import load
 START, END = "<!-- bench-table:start -->", "<!-- bench-table:end -->"
 # The serving suite's results have a README block of their own (a different run, often another device).
 SERVE_START, SERVE_END = "<!-- serve-table:start -->", "<!-- serve-table:end -->"
-BLOCKS = {"bench": (START, END), "serve": (SERVE_START, SERVE_END)}
+# The host suite's (`python -m bench host`): launch-only runs on any machine.
+HOST_START, HOST_END = "<!-- host-table:start -->", "<!-- host-table:end -->"
+BLOCKS = {"bench": (START, END), "serve": (SERVE_START, SERVE_END), "host": (HOST_START, HOST_END)}
 # The NF4 kernel rows the README shows: the per-layer passes, decode (1, 16) and training (8192).
 KERNEL_TOKENS = (None, 1, 16, 8192)
 LAYER_METHODS = (
@@ -442,6 +444,158 @@ def _save(fig, path: Path, plt) -> Path:
     return path
 
 
+HOST_NAMES = {"dense_floor": "frozen dense", "fura": "FuRA", "qfura": "QFuRA", "fura_peft": "PEFT form",
+              "fura_peft_nf4": "PEFT form, NF4 base", "lora_r32": "LoRA r=32", "qlora_r32": "QLoRA r=32"}  # fmt: skip
+# (FuRA form, the method it replaces, the ratio the targets ask for, or None where only calls are.)
+HOST_PAIRS = (("fura", "lora_r32", 0.6), ("qfura", "qlora_r32", 0.6), ("fura_peft", "lora_r32", None),
+              ("fura_peft_nf4", "qlora_r32", None))  # fmt: skip
+# Whole model: each form's host time over the bare model's, against its baseline's (target 0.5 for FuRA).
+MODEL_TARGET = 0.5
+
+
+def _host_index(records: list[dict]) -> dict:
+    return {(r["name"], (r.get("shape") or {}).get("name"), r["configuration"], r["method"]): r
+            for r in records if r["suite"] == "host" and r.get("time_ms")}  # fmt: skip
+
+
+def _us(rec: dict | None, key: str = "host_us") -> str:
+    if not rec or not rec.get(key):
+        return "n/a"
+    t = rec[key]
+    return f"{t['median_us']:.1f} ±{100 * t['spread']:.0f}%"
+
+
+def _model_ms(rec: dict | None, key: str) -> str:
+    if not rec or not rec.get(key):
+        return "n/a"
+    return f"{rec[key]['median_us'] / 1e3:.2f} ±{100 * rec[key]['spread']:.0f}%"
+
+
+def _host_ratio(a: dict | None, b: dict | None, key: str = "host_us", base: dict | None = None) -> float | None:
+    """a / b of host times (median µs), or (a - base) / (b - base) with `base`."""
+    if not (a and b and a.get(key) and b.get(key)) or (base is not None and not base.get(key)):
+        return None
+    floor = base[key]["median_us"] if base is not None else 0.0
+    return (a[key]["median_us"] - floor) / (b[key]["median_us"] - floor)
+
+
+def _fmt(value: float | None, digits: int = 2) -> str:
+    return "n/a" if value is None else f"{value:.{digits}f}"
+
+
+def host_table(results: dict, path: str) -> str:
+    """The README block of a host-suite results file (`python -m bench host`)."""
+    env = results["environment"]
+    records = [r for r in results["records"] if r["suite"] == "host"]
+    index = _host_index(records)
+    counted = any("instructions" in r for r in records)
+    model = results.get("host_model", {})
+    lines = [
+        f"Machine: **{env['device_name']}** · torch {env['versions'].get('torch')} · triton "
+        f"{env['versions'].get('triton')} · transformers {env['versions'].get('transformers')} · peft "
+        f"{env['versions'].get('peft')} · bitsandbytes {env['versions'].get('bitsandbytes')} · commit "
+        f"{env.get('git_commit') or 'unknown'}. Results file: [`{path}`]({path})"
+        + (" (**partial**)" if results.get("partial") else "")
+        + ".",
+        "",
+        f"> {results.get('note', '')}",
+        "",
+    ]
+    cases = list(dict.fromkeys(r["shape"]["name"] for r in records if r["name"] == "layer" and r.get("shape")))
+    configurations = [c for c in ("fair", "fp32") if any(r["configuration"] == c for r in records)]
+    if cases:
+        lines += [
+            f"One layer, forward + backward ({records[0]['tokens']} tokens), host µs: the fastest round's median, "
+            "± the spread of the round medians; ratios of medians. Calls: Python-level calls of one forward + "
+            "backward (`sys.setprofile`)." + (" Instructions: callgrind, per call." if counted else ""),
+            "",
+        ]
+        head = ["layer", "config", *[HOST_NAMES[m] for m in HOST_NAMES]]
+        head += ["FuRA / LoRA", "QFuRA / QLoRA", "PEFT form / LoRA", "PEFT NF4 / QLoRA"]
+        head += ["Python calls: FuRA / LoRA, QFuRA / QLoRA, PEFT / LoRA, PEFT NF4 / QLoRA"]
+        if counted:
+            head += ["instructions FuRA / LoRA", "QFuRA / QLoRA"]
+        lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+        for case in cases:
+            for configuration in configurations:
+                row = {m: index.get(("layer", case, configuration, m)) for m in HOST_NAMES}
+                cells = [case, configuration, *[_us(row[m]) for m in HOST_NAMES]]
+                cells += [_fmt(_host_ratio(row[a], row[b])) for a, b, _ in HOST_PAIRS]
+                calls = [f"{row[a]['python_calls']} / {row[b]['python_calls']}" if row[a] and row[b] else "n/a"
+                         for a, b, _ in HOST_PAIRS]  # fmt: skip
+                cells.append(", ".join(calls))
+                if counted:
+                    cells += [
+                        _fmt(_count_ratio(row[a], row[b])) for a, b in (("fura", "lora_r32"), ("qfura", "qlora_r32"))
+                    ]
+                lines.append("| " + " | ".join(cells) + " |")
+        lines.append("")
+    model_rows = [r for r in records if r["name"] == "model"]
+    if model_rows:
+        lines += [
+            f"Whole model: {model.get('name', 'tiny Llama')} ({model.get('num_hidden_layers', '?')} decoder layers, "
+            f"all seven projections adapted, hidden size {model.get('hidden_size', '?')}, {model_rows[0]['tokens']} "
+            "tokens), "
+            "host ms of an SFT forward + backward and of the step with AdamW(fused=True); over bare: the method's time "
+            "minus the frozen base's (bare: backward through every layer to the embeddings), over LoRA's (QLoRA's).",
+            "",
+        ]
+        head = ["config", "measure", *[HOST_NAMES[m] for m in HOST_NAMES], "FuRA over bare / LoRA's",
+                "QFuRA over bare / QLoRA's", "PEFT form over bare / LoRA's",
+                "PEFT NF4 over bare / QLoRA's"]  # fmt: skip
+        lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+        for configuration in configurations:
+            row = {m: index.get(("model", None, configuration, m)) for m in HOST_NAMES}
+            for key, label in (("host_us", "forward + backward"), ("step_host_us", "step")):
+                cells = [configuration, label]
+                cells += [_model_ms(row[m], key) for m in HOST_NAMES]
+                bare = row["dense_floor"]
+                cells += [_fmt(_host_ratio(row[a], row[b], key, bare)) for a, b, _ in HOST_PAIRS]
+                lines.append("| " + " | ".join(cells) + " |")
+        lines.append("")
+    lines += host_targets(results)
+    return "\n".join(lines).rstrip("\n")
+
+
+def _count_ratio(a: dict | None, b: dict | None, key: str = "instructions") -> float | None:
+    if not (a and b and a.get(key) and b.get(key)):
+        return None
+    return a[key] / b[key]
+
+
+def host_targets(results: dict) -> list[str]:
+    """The host-path targets, read off a host results file: each as a line, met or missed."""
+    index = _host_index(results["records"])
+    configurations = [c for c in ("fair", "fp32") if any(k[2] == c for k in index)]
+    cases = list(dict.fromkeys(k[1] for k in index if k[0] == "layer"))
+    lines = ["Targets (layer ratios: the worst layer shape):", ""]
+    for configuration in configurations:
+        for a, b, goal in HOST_PAIRS:
+            rows = [
+                (index.get(("layer", c, configuration, a)), index.get(("layer", c, configuration, b))) for c in cases
+            ]
+            rows = [(x, y) for x, y in rows if x and y]
+            if not rows:
+                continue
+            calls_ok = all(x["python_calls"] <= y["python_calls"] for x, y in rows)
+            worst_calls = max(x["python_calls"] - y["python_calls"] for x, y in rows)
+            text = (f"- {configuration}: {HOST_NAMES[a]} Python calls <= {HOST_NAMES[b]}'s on every layer: "
+                    f"{'met' if calls_ok else 'missed'} (largest difference {worst_calls:+d})")  # fmt: skip
+            if goal is not None:
+                worst = max(_host_ratio(x, y) for x, y in rows)
+                text += f"; host time <= {goal}x: {'met' if worst <= goal else 'missed'} (worst {worst:.2f})"
+            lines.append(text)
+        for key, label in (("host_us", "forward + backward"), ("step_host_us", "step")):
+            fura, lora, bare = (
+                index.get(("model", None, configuration, m)) for m in ("fura", "lora_r32", "dense_floor")
+            )
+            ratio = _host_ratio(fura, lora, key, bare)
+            if ratio is not None:
+                lines.append(f"- {configuration}, whole model, {label}: FuRA over bare <= {MODEL_TARGET}x LoRA's: "
+                             f"{'met' if ratio <= MODEL_TARGET else 'missed'} ({ratio:.2f})")  # fmt: skip
+    return lines
+
+
 def update_readme(readme: Path, text: str, block: str = "bench") -> None:
     """Write `text` between the README's markers of `block` ("bench" or "serve")."""
     start, end = BLOCKS[block]
@@ -458,10 +612,18 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("results", type=Path, nargs="+", help="results JSON files written by fura-bench, one device")
     parser.add_argument("--readme", type=Path, help="README to rewrite between the block's markers")
     parser.add_argument("--block", choices=sorted(BLOCKS), default="bench",
-                        help="which README block: bench (the main table) or serve (the serving suite's)")  # fmt: skip
+                        help="which README block: bench (the main table), serve (the serving suite's) or host "
+                        "(the host suite's)")  # fmt: skip
     parser.add_argument("--plots", type=Path, help="folder for PNG plots (default: beside the first results file)")
     args = parser.parse_args(argv)
     runs = [(load(path), path.as_posix()) for path in args.results]
+    if args.block == "host":
+        text = host_table(*runs[0])
+        if args.readme:
+            update_readme(args.readme, text, "host")
+        else:
+            print(text)
+        return
     text = table(runs)
     if args.readme:
         update_readme(args.readme, text, args.block)

@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from . import reference
-from .autograd.common import device_type
+from .autograd.common import DEVICE_TYPES, device_type
 from .config import FuRAConfig
 from .cores import QUANT_TYPES, DenseCore, NF4Core
 from .factorization import (
@@ -272,7 +272,7 @@ class FusedBTTLinear(nn.Module):
                 "the layers first (fura_kernels.merge_fura) to transform plain nn.Linear layers"
             )
         if torch._C._is_any_autocast_enabled():
-            on = device_type(x)
+            on = DEVICE_TYPES.get(x.device) or device_type(x)
             # The meta device has no autocast state to ask about (nn.Linear runs there, so must we).
             if on != "meta" and torch.is_autocast_enabled(on):
                 dtype = torch.get_autocast_dtype(on)

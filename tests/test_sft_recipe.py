@@ -83,3 +83,24 @@ def test_bf16_autocast_checkpointing_and_accumulation(tiny_model_dir, tmp_path):
 
     tensors = load_file(str(Path(metrics["outputs"]["adapter"]) / "adapter_model.safetensors"))
     assert {t.dtype for t in tensors.values()} == {torch.float32}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("method", ["fura", "qfura"])
+def test_compile_trains_like_eager(tiny_model_dir, tmp_path, method):
+    """`--compile` trains the model under torch.compile (accelerate's dynamo plugin; aot_eager on
+    the CPU): the same losses as the eager run, step by step."""
+    if method == "qfura":
+        pytest.importorskip("bitsandbytes")
+    torch._dynamo.reset()
+    eager = _run(tiny_model_dir, tmp_path / "eager", method)
+    torch._dynamo.utils.counters.clear()
+    compiled = _run(tiny_model_dir, tmp_path / "compiled", method, "--compile", "--compile-backend", "aot_eager")
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] >= 1  # it did compile
+    assert [e["loss"] for e in compiled["train_loss"]] == pytest.approx([e["loss"] for e in eager["train_loss"]],
+                                                                        rel=1e-5)  # fmt: skip
+
+
+def test_compile_options_need_compile(tiny_model_dir, tmp_path):
+    with pytest.raises(SystemExit, match="--compile-backend 'aot_eager' needs --compile"):
+        _run(tiny_model_dir, tmp_path, "fura", "--compile-backend", "aot_eager")

@@ -99,3 +99,58 @@ def test_qfura_fullgraph_compile_trains_like_eager():
     assert losses_c[-1] < losses_c[0]
     for le, lc in zip(losses_e, losses_c, strict=True):
         assert abs(le - lc) <= 1e-4 * abs(le)
+
+
+TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+def _graph_ready_model(kind):
+    """A tiny Llama with all seven projections adapted: FuRA, QFuRA, or the PEFT form (whose
+    adapted HF model, the PeftModel's base, is what a Trainer compiles with torch_compile=True)."""
+    from .helpers import tiny_llama
+
+    model = tiny_llama(seed=0)
+    if kind == "peft":
+        from peft import get_peft_model
+
+        from fura_kernels.peft import FuRAPeftConfig
+
+        return get_peft_model(model, FuRAPeftConfig(target_modules=TARGETS, progress_bar=False)).base_model.model
+    convert_to_fura(model, TARGETS, quantize="nf4" if kind == "qfura" else None, progress=False)
+    return model
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("autocast", [False, True], ids=["fp32", "bf16-autocast"])
+@pytest.mark.parametrize("kind", ["fura", "qfura", "peft"])
+def test_whole_model_fullgraph_compiles_and_steps_like_eager(kind, autocast):
+    """The whole model compiles with fullgraph=True (aot_eager: the graphs Inductor would get, on
+    a CPU): no graph break anywhere, the decoder layers included; three training steps (forward,
+    backward, AdamW) give eager's losses and parameters bit for bit, in fp32 and under bf16
+    autocast (the fair configuration's)."""
+    if kind == "qfura":
+        pytest.importorskip("bitsandbytes")
+    torch._dynamo.reset()  # every test compiles the same HF code objects anew: no recompile limit carried over
+    eager = _graph_ready_model(kind).train()
+    compiled_model = copy.deepcopy(eager)
+    compiled = torch.compile(compiled_model, fullgraph=True, backend="aot_eager", dynamic=False)
+    torch._dynamo.utils.counters.clear()
+    generator = torch.Generator().manual_seed(0)
+    batches = [torch.randint(0, eager.config.vocab_size, (2, 16), generator=generator) for _ in range(3)]
+    losses = {}
+    for name, model, module in (("eager", eager, eager), ("compiled", compiled, compiled_model)):
+        opt = torch.optim.AdamW([p for p in module.parameters() if p.requires_grad], lr=1e-3)
+        losses[name] = []
+        for ids in batches:
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+                loss = model(input_ids=ids, labels=ids).loss
+            loss.backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            losses[name].append(loss.item())
+    assert not torch._dynamo.utils.counters["graph_break"], dict(torch._dynamo.utils.counters["graph_break"])
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 1
+    # aot_eager runs the very ops eager runs: the same bits, not merely close ones.
+    assert losses["compiled"] == losses["eager"]
+    for (name, p_e), p_c in zip(eager.named_parameters(), compiled_model.parameters(), strict=True):
+        assert torch.equal(p_c, p_e), name

@@ -23,15 +23,15 @@ def no_autocast(device_type: str):
 
 # Device -> its type's name. `tensor.device.type` builds a new string at every call (about three
 # times the work of the rest of a check like the one below), and the hot path asks per call.
-_DEVICE_TYPES: dict[torch.device, str] = {}
+DEVICE_TYPES: dict[torch.device, str] = {}
 
 
 def device_type(t: torch.Tensor) -> str:
     """`t.device.type`, looked up."""
     device = t.device
-    name = _DEVICE_TYPES.get(device)
+    name = DEVICE_TYPES.get(device)
     if name is None:
-        name = _DEVICE_TYPES[device] = device.type
+        name = DEVICE_TYPES[device] = device.type
     return name
 
 
@@ -46,7 +46,7 @@ def autocast_would_recast(t: torch.Tensor) -> bool:
     outside autocast.)"""
     if not torch._C._is_any_autocast_enabled():
         return False
-    name = device_type(t)
+    name = DEVICE_TYPES.get(t.device) or device_type(t)
     if name == "meta" or not torch.is_autocast_enabled(name):
         return False
     return torch.get_autocast_dtype(name) != t.dtype

@@ -108,9 +108,10 @@ class FuRALinearFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, btt_l, btt_r, btt_s, bias):
-        # x of shape (..., in) is viewed as (T, in) here, inside the Function, where the views are
-        # no nodes of the autograd graph (outside, each would add one to the backward pass).
-        lead = x.shape[:-1] if x.dim() != 2 else None
+        # x (..., in): the default layout takes it as it is (the kernels read it flat, the GEMMs
+        # fold its leading dimensions); the other layouts view it as (T, in) here, inside the
+        # Function, where views are no nodes of the autograd graph.
+        lead = None if x.dim() == 2 or (btt_l.shape[0] == 1 and btt_r.shape[0] > 1) else x.shape[:-1]
         x2 = x if lead is None else x.reshape(-1, x.shape[-1])
         if torch._C._is_any_autocast_enabled() and autocast_would_recast(x):
             with no_autocast(x.device.type):
@@ -130,7 +131,7 @@ class FuRALinearFunction(torch.autograd.Function):
             return tuple(backward_with_graph("fura_linear", dy, x, btt_l, btt_r, btt_s, ctx.bias_dtype,
                                              ctx.needs_input_grad))  # fmt: skip
         lead = ctx.lead
-        if lead is not None:  # as in forward: (..., out) viewed as (T, out), inside the Function
+        if lead is not None:  # as in forward: (..., out) viewed as (T, out)
             dy = dy.reshape(-1, dy.shape[-1])
             x = None if x is None else x.reshape(-1, x.shape[-1])
         if torch._C._is_any_autocast_enabled() and autocast_would_recast(dy):
@@ -152,7 +153,8 @@ def _forward(ctx, x, btt_l, btt_r, btt_s, bias):
     m, nr, a = btt_l.shape
     n, b, _ = btt_r.shape
     r = nr // n
-    tokens = x.shape[0]
+    flat = x.dim() == 2  # else (..., in): the default layout with several input blocks (see forward)
+    tokens = x.shape[0] if flat else x.numel() // x.shape[-1]
     needs = ctx.needs_input_grad
     fold_into_r = btt_r.numel() <= btt_l.numel()
     s_needs_grad = btt_s is not None and needs[3]
@@ -179,13 +181,18 @@ def _forward(ctx, x, btt_l, btt_r, btt_s, bias):
             y = torch.nn.functional.linear(x, w_eff, bias_c)
         else:
             if n > 1:
-                z2 = block_diag_matmul_unchecked(x, btt_r, scale_r, False)
+                z = block_diag_matmul_unchecked(x, btt_r, scale_r, False)
             else:
-                z2 = stage(x.reshape(tokens, 1, b), btt_r, s_for_r(btt_s, m, n, r) if scale_r is not None else None)
-                z2 = z2.reshape(tokens, nr)
+                z = stage(x.reshape(tokens, 1, b), btt_r, s_for_r(btt_s, m, n, r) if scale_r is not None else None)
+                z = z.reshape(tokens, nr)
             if need_g_l:
-                zp = z2.reshape(tokens, 1, nr)
-            y = torch.mm(z2, l_0) if bias_c is None else torch.addmm(bias_c, z2, l_0)  # bias in the epilogue
+                zp = z.reshape(tokens, 1, nr)
+            if not flat:  # (..., n*r): matmul folds the leading dimensions into one GEMM itself
+                y = torch.matmul(z, l_0)
+                if bias_c is not None:
+                    y.add_(bias_c)
+            else:
+                y = torch.mm(z, l_0) if bias_c is None else torch.addmm(bias_c, z, l_0)  # bias in the epilogue
     else:
         scale_r = None if btt_s is None or not fold_into_r else s_for_r(btt_s, m, n, r)
         scale_l = None if btt_s is None or fold_into_r else btt_s.reshape(m, nr)
@@ -205,7 +212,8 @@ def _backward(ctx, dy, x, zp, btt_l, btt_r, btt_s):
     r = nr // n
     needs_x, needs_l, needs_r, needs_s, needs_bias = ctx.needs_input_grad
     fold_into_r = ctx.fold_into_r
-    tokens = dy.shape[0]
+    flat = dy.dim() == 2  # else (..., out): the default layout (see forward)
+    tokens = dy.shape[0] if flat else dy.numel() // dy.shape[-1]
     dtype = dy.dtype
     dx = d_l = d_s = d_bias = d_r = None
     need_dz = needs_x or ctx.need_g_r
@@ -220,9 +228,10 @@ def _backward(ctx, dy, x, zp, btt_l, btt_r, btt_s):
         elif l_0.dtype != dtype:
             l_0 = l_0.to(dtype)
         if ctx.need_g_l:
-            g_l = torch.mm(zp.reshape(tokens, nr).t(), dy).to(torch.promote_types(dtype, torch.float32)).unsqueeze(0)
+            dy2 = dy if flat else dy.reshape(tokens, a)
+            g_l = torch.mm(zp.reshape(tokens, nr).t(), dy2).to(torch.promote_types(dtype, torch.float32)).unsqueeze(0)
         if need_dz:
-            dz = torch.nn.functional.linear(dy, l_0)
+            dz = torch.nn.functional.linear(dy, l_0)  # (..., n*r), the layout of dy
             scale_r = btt_s if fold_into_r else None
             dx, d_r, d_s_r = block_diag_backward_unchecked(dz, x, btt_r, scale_r, needs_x, needs_r, need_ds_r)
             if need_ds_r:
@@ -259,7 +268,8 @@ def _backward(ctx, dy, x, zp, btt_l, btt_r, btt_s):
         if needs_s and not fold_into_r:
             d_s = (g_l * btt_l.to(acc)).sum(dim=2).reshape(m, n, r).to(btt_s.dtype)
     if needs_bias:
-        d_bias = dy.sum(dim=0, dtype=torch.promote_types(dtype, torch.float32)).to(ctx.bias_dtype)
+        dy2 = dy if flat else dy.reshape(tokens, dy.shape[-1])
+        d_bias = dy2.sum(dim=0, dtype=torch.promote_types(dtype, torch.float32)).to(ctx.bias_dtype)
     return dx, d_l, d_r, d_s, d_bias
 
 

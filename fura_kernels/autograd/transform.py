@@ -13,6 +13,7 @@ from __future__ import annotations
 import torch
 
 from .. import reference
+from ..triton.ops import block_diag_backward_unchecked, block_diag_matmul_unchecked
 from .common import autocast_would_recast, check_input, direct_apply, no_autocast, stage, stage_backward
 
 
@@ -30,17 +31,14 @@ class BlockTransformFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, maps):
-        n, b, _ = maps.shape
-        # x (..., n*b) is viewed in blocks here, where the views are no nodes of the autograd graph.
-        x3 = x.reshape(-1, n, b)
         # Autocast is turned off only where it would change a GEMM here (see autocast_would_recast).
         if torch._C._is_any_autocast_enabled() and autocast_would_recast(x):
             with no_autocast(x.device.type):
-                out = stage(x3, maps)
+                out = _transform(x, maps)
         else:
-            out = stage(x3, maps)
+            out = _transform(x, maps)
         ctx.save_for_backward(x if ctx.needs_input_grad[1] else None, maps)
-        return out.view(x.shape)
+        return out
 
     @staticmethod
     def backward(ctx, grad_out):
@@ -54,14 +52,28 @@ class BlockTransformFunction(torch.autograd.Function):
             if needs_maps:
                 d_maps = torch.einsum("tjd,tje->jde", x.reshape(-1, n, b).to(maps.dtype), g3.to(maps.dtype))
             return dx, d_maps
-        x3 = x.reshape(-1, n, b) if x is not None else None
-        g3 = grad_out.reshape(-1, n, b)
         if torch._C._is_any_autocast_enabled() and autocast_would_recast(grad_out):
             with no_autocast(grad_out.device.type):
-                dx, d_maps, _ = stage_backward(g3, x3, maps, None, needs_x, needs_maps, False)
-        else:
-            dx, d_maps, _ = stage_backward(g3, x3, maps, None, needs_x, needs_maps, False)
-        return (dx.view(grad_out.shape) if dx is not None else None), d_maps
+                return _transform_backward(grad_out, x, maps, needs_x, needs_maps)
+        return _transform_backward(grad_out, x, maps, needs_x, needs_maps)
+
+
+def _transform(x, maps):
+    n, b, _ = maps.shape
+    if n > 1:  # K1 reads x (..., n*b) flat, as it is
+        return block_diag_matmul_unchecked(x, maps, None, False)
+    # One block: a dense GEMM on x viewed as (T, 1, b) (inside the Function: no autograd node).
+    return stage(x.reshape(-1, n, b), maps).view(x.shape)
+
+
+def _transform_backward(grad_out, x, maps, needs_x, needs_maps):
+    n, b, _ = maps.shape
+    if n > 1:  # K3 on the flat activations: dx comes back in their layout
+        dx, d_maps, _ = block_diag_backward_unchecked(grad_out, x, maps, None, needs_x, needs_maps, False)
+        return dx, d_maps
+    x3 = x.reshape(-1, n, b) if x is not None else None
+    dx, d_maps, _ = stage_backward(grad_out.reshape(-1, n, b), x3, maps, None, needs_x, needs_maps, False)
+    return (dx.view(grad_out.shape) if dx is not None else None), d_maps
 
 
 # `BlockTransformFunction.apply` for the layers' hot path (see `direct_apply`).

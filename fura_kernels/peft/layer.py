@@ -34,7 +34,7 @@ from torch import nn
 
 from .. import reference
 from ..autograd import apply_block_transform
-from ..autograd.common import device_type
+from ..autograd.common import DEVICE_TYPES, device_type
 from ..factorization import (
     DEGENERATE_GAP,
     BlockShape,
@@ -281,9 +281,11 @@ class FuRALinear(nn.Module, BaseTunerLayer):
             return self.base_layer(x, *args, **kwargs)
         if self.merged_adapters:
             return self.base_layer(x, *args, **kwargs)
-        adapter = self._active_adapter
+        adapter = self._active_adapter  # PEFT keeps a name, or a list of names
+        if type(adapter) is list and len(adapter) == 1:
+            adapter = adapter[0]
         r_cores = self._modules["fura_R"]._parameters
-        if type(adapter) is not str or adapter not in r_cores:  # a list of names, or one this layer lacks
+        if type(adapter) is not str or adapter not in r_cores:  # several names, or one this layer lacks
             adapter = self._active_adapter_here()
             if adapter is None:
                 return self.base_layer(x, *args, **kwargs)
@@ -296,7 +298,7 @@ class FuRALinear(nn.Module, BaseTunerLayer):
         # The transform computes in the dtype the base layer's GEMM will see: autocast's inside a
         # region, else the input's. The fp32 maps are read as they are (no cast of their own).
         if torch._C._is_any_autocast_enabled():
-            on = device_type(x)
+            on = DEVICE_TYPES.get(x.device) or device_type(x)
             if on != "meta" and torch.is_autocast_enabled(on):
                 dtype = torch.get_autocast_dtype(on)
                 if x.dtype != dtype:
@@ -309,7 +311,7 @@ class FuRALinear(nn.Module, BaseTunerLayer):
             )
         else:
             maps = self._forward_maps(adapter)
-        out = self.base_layer(apply_block_transform(x, maps), *args, **kwargs)
+        out = self._modules["base_layer"](apply_block_transform(x, maps), *args, **kwargs)
         bias = self._modules["fura_bias"]._parameters.get(adapter)
         if bias is not None:
             out = out + (bias if bias.dtype == out.dtype and bias.device == out.device else bias.to(out))

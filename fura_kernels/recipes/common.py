@@ -3,6 +3,7 @@ model the way its method calls for."""
 
 from __future__ import annotations
 
+import argparse
 import json
 import math
 import tempfile
@@ -119,6 +120,42 @@ def check_method_flags(recipe: str, args: Any) -> None:
             "supported: PEFT cannot merge into a 4-bit base on every device. Save the adapter (the default) and "
             "merge it onto the bf16 base with PEFT instead."
         )
+
+
+# torch.compile's modes: its default; "reduce-overhead" replays CUDA graphs (the host's launches
+# taken off every step); "max-autotune" tunes Inductor's kernels as well.
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune")
+
+
+def add_compile_arguments(p: argparse.ArgumentParser) -> None:
+    """`--compile`, and its mode and backend: the model trains under torch.compile. FuRA's layers,
+    QFuRA's and the PEFT form's compile with fullgraph=True (their kernels are custom ops with
+    fakes), so a decoder layer is one graph."""
+    p.add_argument("--compile", action="store_true",
+                   help="train under torch.compile (HF Trainer's torch_compile=True; accelerate's dynamo plugin "
+                   "for the SFT loop)")  # fmt: skip
+    p.add_argument("--compile-mode", choices=COMPILE_MODES, default=None,
+                   help="with --compile: torch.compile's mode (reduce-overhead: CUDA graphs)")  # fmt: skip
+    p.add_argument("--compile-backend", default=None,
+                   help="with --compile: torch.compile's backend (default inductor; aot_eager checks a run on a "
+                   "CPU)")  # fmt: skip
+
+
+def check_compile_arguments(recipe: str, args: Any) -> None:
+    """`--compile-mode` and `--compile-backend` only go with `--compile`."""
+    for flag in ("compile_mode", "compile_backend"):
+        if getattr(args, flag) is not None and not args.compile:
+            raise SystemExit(f"{recipe}: --{flag.replace('_', '-')} {getattr(args, flag)!r} needs --compile")
+
+
+def trainer_compile_settings(args: Any) -> dict:
+    """HF TrainingArguments' (and TRL's configs') torch_compile fields for `--compile`."""
+    if not args.compile:
+        return {}
+    settings = {"torch_compile": True, "torch_compile_backend": args.compile_backend or "inductor"}
+    if args.compile_mode not in (None, "default"):
+        settings["torch_compile_mode"] = args.compile_mode
+    return settings
 
 
 def is_peft_model(model) -> bool:

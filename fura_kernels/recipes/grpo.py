@@ -41,12 +41,15 @@ from .baselines import quantize_linears_bnb
 from .common import (
     PEFT_FORM_HELP,
     RecipeInputError,
+    add_compile_arguments,
+    check_compile_arguments,
     check_method_flags,
     check_paths,
     fura_peft_model,
     read_json,
     run_main,
     save_outputs,
+    trainer_compile_settings,
     write_metrics,
 )
 from .knobs import add_knob_arguments, apply_svd, fura_config, resolve_knobs, setup_record
@@ -175,6 +178,7 @@ def grpo_config(args):
         seed=args.seed,
         use_cpu=args.cpu,
         **({"optim": "paged_adamw_8bit"} if args.optim == "paged_adamw_8bit" else {}),
+        **trainer_compile_settings(args),
     )
 
 
@@ -277,6 +281,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=42)
     p.add_argument("--cpu", action="store_true", help="run on the CPU even when a GPU is present")
     p.add_argument("--no-progress", dest="progress", action="store_false")
+    add_compile_arguments(p)
     add_knob_arguments(p)
     return p.parse_args(argv)
 
@@ -285,6 +290,7 @@ def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
     check_installed(("trl", "math_verify", "datasets", "peft"), "rl", "python -m fura_kernels.recipes.grpo")
     check_method_flags("grpo", args)
+    check_compile_arguments("grpo", args)
     resolve_knobs("grpo", args)
     if args.method == "svd" and args.use_vllm:
         raise SystemExit("grpo: --method svd with --use-vllm: TRL would push the SVD factors, which vLLM does not "

@@ -33,6 +33,8 @@ from .baselines import quantize_linears_bnb
 from .common import (
     PEFT_FORM_HELP,
     RecipeInputError,
+    add_compile_arguments,
+    check_compile_arguments,
     check_method_flags,
     check_paths,
     check_string_fields,
@@ -185,8 +187,17 @@ def train(args) -> dict:
         # accelerate keeps its settings in a process-wide singleton; a second run in the same
         # process (a notebook, the tests) with other settings (bf16, say) must start afresh.
         AcceleratorState._reset_state(reset_partial_state=True)
+    compile_plugin = None
+    if args.compile:  # accelerate compiles the model in prepare(), as Trainer's torch_compile does
+        from accelerate.utils import TorchDynamoPlugin
+
+        mode = None if args.compile_mode in (None, "default") else args.compile_mode
+        compile_plugin = TorchDynamoPlugin(backend=args.compile_backend or "inductor", mode=mode)
     accelerator = Accelerator(
-        gradient_accumulation_steps=args.grad_accum, mixed_precision="bf16" if args.bf16 else "no", cpu=args.cpu
+        gradient_accumulation_steps=args.grad_accum,
+        mixed_precision="bf16" if args.bf16 else "no",
+        cpu=args.cpu,
+        dynamo_plugin=compile_plugin,
     )
     random.seed(args.seed)
     torch.manual_seed(args.seed)
@@ -311,6 +322,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=42)
     p.add_argument("--cpu", action="store_true", help="run on the CPU even when a GPU is present")
     p.add_argument("--no-progress", dest="progress", action="store_false")
+    add_compile_arguments(p)
     add_knob_arguments(p)
     return p.parse_args(argv)
 
@@ -321,6 +333,7 @@ def main(argv: list[str] | None = None) -> dict:
     check_installed(("accelerate", "peft") if peft_needed else ("accelerate",), "sft",
                     "python -m fura_kernels.recipes.sft")  # fmt: skip
     check_method_flags("sft", args)
+    check_compile_arguments("sft", args)
     resolve_knobs("sft", args)
     return run_main("sft", train, args)
 

@@ -32,12 +32,15 @@ from ..optional import check_installed
 from .common import (
     PEFT_FORM_HELP,
     RecipeInputError,
+    add_compile_arguments,
+    check_compile_arguments,
     check_method_flags,
     check_paths,
     fura_peft_model,
     read_json,
     run_main,
     save_outputs,
+    trainer_compile_settings,
     write_metrics,
 )
 
@@ -189,7 +192,7 @@ def train(args) -> dict:
         (args.max_steps or math.ceil(len(records) / args.batch_size) * args.epochs)), weight_decay=0.0,
         bf16=args.bf16, gradient_checkpointing=args.gradient_checkpointing, logging_steps=1, save_strategy="no",
         report_to=[], remove_unused_columns=False, disable_tqdm=not args.progress, seed=args.seed, use_cpu=args.cpu,
-        deepspeed=args.deepspeed,
+        deepspeed=args.deepspeed, **trainer_compile_settings(args),
     )  # fmt: skip
     collator = LlavaCollator(processor, image_folder)
     trainer = Trainer(model=model, args=targs, train_dataset=records, data_collator=collator,
@@ -229,6 +232,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=42)
     p.add_argument("--cpu", action="store_true")
     p.add_argument("--no-progress", dest="progress", action="store_false")
+    add_compile_arguments(p)
     return p.parse_args(argv)
 
 
@@ -236,6 +240,7 @@ def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
     check_installed(("accelerate", "peft", "PIL"), "vlm", "python -m fura_kernels.recipes.vlm")
     check_method_flags("vlm", args)
+    check_compile_arguments("vlm", args)
     return run_main("vlm", train, args)
 
 

@@ -167,13 +167,24 @@ def counters_for(nblk: int, device: torch.device) -> torch.Tensor:
     return k3_scratch(nblk, 0, device)[0]
 
 
+def is_blocked(t: torch.Tensor, width: int) -> bool:
+    """Whether activations `t` come blocked, (T, nblk, width), rather than flat, (..., nblk*width).
+    (Unambiguous with several blocks: a flat tensor's last dimension is nblk*width, not width.)"""
+    return t.dim() == 3 and t.shape[2] == width
+
+
 def _blocked_strides(t: torch.Tensor, nblk: int, width: int) -> tuple[int, int, int]:
-    """(row, block, column) strides of activations `t`: (T, nblk, width), or flat (T, nblk*width),
-    whose block view is always a view of the same memory."""
-    if t.dim() == 3:
+    """(row, block, column) strides of activations `t`: blocked (T, nblk, width), or flat
+    (..., nblk*width) with leading dimensions that collapse into one (the ops see to it), whose
+    block view is a view of the same memory."""
+    if is_blocked(t, width):
         return t.stride()
-    row, column = t.stride()
-    return row, width * column, column
+    strides = t.stride()
+    # The row stride: the innermost leading dimension's that is not of size 1 (a size-1 dimension's
+    # stride is any number).
+    leading = zip(reversed(t.shape[:-1]), reversed(strides[:-1]), strict=True)
+    row = next((stride for size, stride in leading if size != 1), strides[-2])
+    return row, width * strides[-1], strides[-1]
 
 
 def _scale_strides(scale: torch.Tensor) -> tuple[int, int]:
@@ -185,15 +196,17 @@ def _scale_strides(scale: torch.Tensor) -> tuple[int, int]:
 def triton_block_diag_matmul(
     x: torch.Tensor, w: torch.Tensor, scale: torch.Tensor | None = None, scale_rows: bool = False
 ) -> torch.Tensor:
-    """K1: `y[:, j] = x[:, j] @ (w[j] * scale[j])`. x (T, nblk, K), or flat (T, nblk*K), any strides;
-    w (nblk, K, N) any strides and float dtype; scale (nblk, K) with `scale_rows` else (nblk, N),
-    optionally with leading unit dimensions, or None. y (T, nblk, N), or (T, nblk*N) for flat x."""
+    """K1: `y[:, j] = x[:, j] @ (w[j] * scale[j])`. x (T, nblk, K), or flat (..., nblk*K) whose leading
+    dimensions collapse into one, any strides; w (nblk, K, N) any strides and float dtype; scale
+    (nblk, K) with `scale_rows` else (nblk, N), optionally with leading unit dimensions, or None.
+    y (T, nblk, N), or (..., nblk*N) for flat x."""
     nblk, k, n = w.shape
-    tokens = x.shape[0]
+    blocked = is_blocked(x, k)
     if k == n and x.is_contiguous():  # square blocks (full rank): y is laid out as x
         y = torch.empty_like(x)
     else:
-        y = x.new_empty((tokens, nblk, n) if x.dim() == 3 else (tokens, nblk * n))
+        y = x.new_empty((x.shape[0], nblk, n) if blocked else (*x.shape[:-1], nblk * n))
+    tokens = x.shape[0] if blocked or x.dim() == 2 else x.numel() // (nblk * k)
     if tokens == 0 or nblk == 0 or n == 0:
         return y
     s = w if scale is None else scale
@@ -237,20 +250,22 @@ def triton_block_diag_backward(
 ) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
     """K3 in one launch: `dx = grad_out @ (w * scale)^T`, `dw = G * scale`, `dscale = sum over K
     of G * w` per block, `G = x^T grad_out` reduced over T in a fixed order (see the kernel).
-    grad_out (T, nblk, N) or flat (T, nblk*N), x likewise with K (or None), w (nblk, K, N), scale
-    as for K1; dx has grad_out's layout, dscale scale's shape. Needs `N <= MAX_FUSED_N` (see
+    grad_out (T, nblk, N) or flat (..., nblk*N) (leading dimensions collapsing into one), x likewise
+    with K (or None), w (nblk, K, N), scale as for K1; dx has grad_out's layout, dscale scale's
+    shape. Needs `N <= MAX_FUSED_N` (see
     `autotuning`)."""
     nblk, k, n = w.shape
-    tokens = grad_out.shape[0]
+    blocked = is_blocked(grad_out, n)
+    tokens = grad_out.shape[0] if blocked or grad_out.dim() == 2 else grad_out.numel() // (nblk * n)
     device = grad_out.device
     need_g = compute_grad_w or compute_grad_scale
     grad_x = None
     if compute_grad_x:
         # (empty_like where it gives the layout wanted: it costs a third less host time than new_empty)
-        if x is not None and x.dim() == grad_out.dim() and x.dtype == grad_out.dtype and x.is_contiguous():
+        if x is not None and x.shape[:-1] == grad_out.shape[:-1] and x.dtype == grad_out.dtype and x.is_contiguous():
             grad_x = torch.empty_like(x)
         else:
-            grad_x = grad_out.new_empty((tokens, nblk, k) if grad_out.dim() == 3 else (tokens, nblk * k))
+            grad_x = grad_out.new_empty((tokens, nblk, k) if blocked else (*grad_out.shape[:-1], nblk * k))
     grad_w = None
     if compute_grad_w:
         grad_w = torch.empty_like(w) if w.is_contiguous() else w.new_empty((nblk, k, n))

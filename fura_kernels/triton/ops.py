@@ -196,9 +196,22 @@ def _route(x: torch.Tensor, w: torch.Tensor, scale: torch.Tensor | None, other: 
     return _VIA_TORCH
 
 
-def _blocked(t: torch.Tensor | None, nblk: int) -> torch.Tensor | None:
-    """Flat activations (T, nblk*K) as (T, nblk, K) (a view: splitting the last dimension always is)."""
-    return t if t is None or t.dim() == 3 else t.view(t.shape[0], nblk, t.shape[1] // nblk)
+def _blocked(t: torch.Tensor | None, nblk: int, width: int) -> torch.Tensor | None:
+    """Flat activations (..., nblk*width) as (T, nblk, width) (a view where the leading dimensions
+    allow it); blocked ones as they are."""
+    if t is None or (t.dim() == 3 and t.shape[1] == nblk and t.shape[2] == width):
+        return t
+    return t.reshape(-1, nblk, width)
+
+
+def _collapsible(t: torch.Tensor) -> bool:
+    """Whether the leading dimensions of `t` (all but the last) collapse into one row dimension, so
+    that the launchers can read `t` flat with one row stride. (A contiguous tensor's always do:
+    that is asked first, in C.)"""
+    if t.dim() <= 2 or t.is_contiguous():
+        return True
+    dims = [(size, stride) for size, stride in zip(t.shape[:-1], t.stride()[:-1], strict=True) if size != 1]
+    return all(outer == inner * size for (_, outer), (size, inner) in zip(dims, dims[1:], strict=False))
 
 
 def _plain_scale(scale: torch.Tensor | None) -> torch.Tensor | None:
@@ -216,15 +229,19 @@ def block_diag_matmul_unchecked(
     (T, nblk*K) (y is then (T, nblk*N)), and a scale with leading unit dimensions (S's (1, nblk, N));
     the Triton launcher reads both through their strides."""
     route = _route(x, w, scale)
-    if route == _VIA_TRITON:
-        return launchers.triton_block_diag_matmul(x, w, scale, scale_rows)
     nblk = w.shape[0]
-    x3, scale2 = _blocked(x, nblk), _plain_scale(scale)
+    blocked = x.dim() == 3 and x.shape[1] == nblk and x.shape[2] == w.shape[1]
+    if route == _VIA_TRITON:
+        if blocked or x.dim() == 2 or _collapsible(x):
+            return launchers.triton_block_diag_matmul(x, w, scale, scale_rows)
+        y = launchers.triton_block_diag_matmul(x.reshape(-1, x.shape[-1]), w, scale, scale_rows)
+        return y.reshape(*x.shape[:-1], nblk * w.shape[2])
+    x3, scale2 = _blocked(x, nblk, w.shape[1]), _plain_scale(scale)
     if route == _VIA_TORCH:
         y = block_diag.torch_block_diag_matmul(x3, w, scale2, scale_rows)
     else:
         y = _block_diag_matmul_op(x3, w, scale2, scale_rows)
-    return y if x.dim() == 3 else y.reshape(y.shape[0], nblk * w.shape[2])
+    return y if blocked else y.reshape(*x.shape[:-1], nblk * w.shape[2])
 
 
 def block_diag_matmul_backward(
@@ -264,12 +281,20 @@ def block_diag_backward_unchecked(
     `block_diag_matmul_unchecked`, it takes flat activations (dx is then flat) and a scale with
     leading unit dimensions (dscale then has the scale's shape)."""
     route = _route(grad_out, w, scale, x)
-    if route == _VIA_TRITON and w.shape[2] <= autotuning.MAX_FUSED_N:
-        return launchers.triton_block_diag_backward(
-            grad_out, x, w, scale, compute_grad_x, compute_grad_w, compute_grad_scale
-        )
     nblk = w.shape[0]
-    g3, x3, scale2 = _blocked(grad_out, nblk), _blocked(x, nblk), _plain_scale(scale)
+    blocked = grad_out.dim() == 3 and grad_out.shape[1] == nblk and grad_out.shape[2] == w.shape[2]
+    if route == _VIA_TRITON and w.shape[2] <= autotuning.MAX_FUSED_N:
+        if blocked or (_collapsible(grad_out) and (x is None or _collapsible(x))):
+            return launchers.triton_block_diag_backward(
+                grad_out, x, w, scale, compute_grad_x, compute_grad_w, compute_grad_scale
+            )
+        lead = grad_out.shape[:-1]
+        x2 = None if x is None else x.reshape(-1, x.shape[-1])
+        dx, dw, ds = launchers.triton_block_diag_backward(
+            grad_out.reshape(-1, grad_out.shape[-1]), x2, w, scale, compute_grad_x, compute_grad_w, compute_grad_scale
+        )
+        return (None if dx is None else dx.reshape(*lead, dx.shape[-1])), dw, ds
+    g3, x3, scale2 = _blocked(grad_out, nblk, w.shape[2]), _blocked(x, nblk, w.shape[1]), _plain_scale(scale)
     if route != _VIA_OP:
         dx, dw, ds = _block_diag_backward_impl(g3, x3, w, scale2, compute_grad_x, compute_grad_w, compute_grad_scale)
     else:
@@ -280,8 +305,8 @@ def block_diag_backward_unchecked(
             (dw if compute_grad_w else None),
             (ds if compute_grad_scale else None),
         )
-    if dx is not None and grad_out.dim() == 2:
-        dx = dx.reshape(dx.shape[0], nblk * w.shape[1])
+    if dx is not None and not blocked:
+        dx = dx.reshape(*grad_out.shape[:-1], nblk * w.shape[1])
     if ds is not None and scale.dim() != 2:
         ds = ds.reshape(scale.shape)
     return dx, dw, ds

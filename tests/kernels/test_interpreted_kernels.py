@@ -205,3 +205,38 @@ def test_empty_batch_on_the_triton_path(dtype):
     assert y.shape == (2, 0, 20) and y.dtype == dtype
     y.sum().backward()
     assert x.grad.shape == x.shape and not layer.btt_r.grad.any() and not layer.btt_s.grad.any()
+
+
+# Flat activations as the layers hand them to the kernels (no view of their own): (T, n*K), a
+# model's (B, S, n*K), one with a size-1 dimension, and leading dimensions that do not collapse
+# into one (transposed batch and sequence: the op copies those first).
+FLAT_LAYOUTS = {
+    "2d": lambda t, nk: torch.randn(t, nk),
+    "3d": lambda t, nk: torch.randn(3, t, nk),
+    "3d-seq-1": lambda t, nk: torch.randn(t, 1, nk),
+    "3d-transposed": lambda t, nk: torch.randn(t, 3, nk).transpose(0, 1),
+    "3d-strided": lambda t, nk: torch.randn(3, t, 2 * nk)[..., ::2],
+}
+
+
+@pytest.mark.parametrize("layout", FLAT_LAYOUTS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=DTYPE_IDS.get)
+def test_flat_activations_match_blocked_ones(layout, dtype):
+    """K1 and K3 on flat activations (..., nblk*K), read through their strides, and S with its
+    leading unit dimension, give the blocked computation's values, in the activations' layout."""
+    from fura_kernels.triton.ops import block_diag_backward_unchecked, block_diag_matmul_unchecked
+
+    nblk, k = 3, 20
+    x = FLAT_LAYOUTS[layout](7, nblk * k).to(dtype)
+    g = FLAT_LAYOUTS[layout](7, nblk * k).to(dtype)
+    w, s = torch.randn(nblk, k, k) / k**0.5, torch.rand(1, nblk, k) + 0.5
+    y = block_diag_matmul_unchecked(x, w, s, False)
+    x3, g3 = x.reshape(-1, nblk, k), g.reshape(-1, nblk, k)
+    assert y.shape == x.shape
+    torch.testing.assert_close(y.reshape(-1, nblk, k), block_diag_matmul(x3, w, s[0]), rtol=0, atol=0)
+    dx, dw, ds = block_diag_backward_unchecked(g, x, w, s, True, True, True)
+    dx3, dw3, ds3 = block_diag_matmul_backward(g3, x3, w, s[0], True, True, True)
+    assert dx.shape == x.shape and ds.shape == s.shape
+    torch.testing.assert_close(dx.reshape(-1, nblk, k), dx3, rtol=0, atol=0)
+    torch.testing.assert_close(dw, dw3, rtol=0, atol=0)
+    torch.testing.assert_close(ds, ds3.reshape(s.shape), rtol=0, atol=0)
