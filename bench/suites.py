@@ -446,7 +446,7 @@ def _flops(step) -> int:
 
 
 def _launches(module, inputs, configuration) -> int:
-    """Device operations one step dispatches (a custom op counts as one; see bench.launches)."""
+    """Device launches of one step (on the Triton path each kernel a custom op launches; see bench.launches)."""
     from .launches import LaunchCounter
 
     step = make_step(module, inputs, configuration)

@@ -2,7 +2,7 @@
 to cast or fold the trainable tensors (each custom op counts as one launch, as on a GPU).
 
 Counted on the CPU path in the fair configuration (bf16 base weights, fp32 trainables, bf16
-autocast, AdamW(fused=True)); `python -m bench.launches` also times the host cost per step.
+autocast, AdamW(fused=True)); host time is `python -m bench host`'s (launch-only mode).
 """
 
 from __future__ import annotations

@@ -34,7 +34,7 @@ from .kernels import (
     segmented_block_transform_kernel,
 )
 from .launch_only import ENABLED as LAUNCH_ONLY
-from .plans import INTERPRET, capability, cdiv, first_launch, keep_plan
+from .plans import INTERPRET, capability, cdiv, first_launch, keep_plan, plan_table
 
 _k1_tuned = triton.autotune(
     configs=at.K1_CONFIGS,
@@ -49,9 +49,9 @@ _k3_tuned = triton.autotune(
 )(block_diag_backward_kernel)
 
 # Launch plans by key, one table per kernel (see the module docstring).
-_K1_PLANS: dict[tuple, object] = {}
-_K3_PLANS: dict[tuple, object] = {}
-_SEGMENT_PLANS: dict[tuple, object] = {}
+_K1_PLANS: dict[tuple, object] = plan_table()
+_K3_PLANS: dict[tuple, object] = plan_table()
+_SEGMENT_PLANS: dict[tuple, object] = plan_table()
 # K3's per-block arrival counters and fp32 partial sums, one pair per (device, stream), grown as
 # needed (`k3_scratch`).
 _K3_SCRATCH: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}

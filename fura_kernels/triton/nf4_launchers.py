@@ -23,7 +23,7 @@ from .nf4_kernels import (
     nf4_matmul_kernel,
     nf4_matmul_t_kernel,
 )
-from .plans import INTERPRET, cdiv, first_launch, next_power_of_2
+from .plans import INTERPRET, cdiv, first_launch, next_power_of_2, plan_table
 
 DTYPE_NAMES = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}
 # Scale blocks (64 values, 32 bytes) per program of the dequantisation pass: 32 blocks make
@@ -123,7 +123,7 @@ def _scale_args(state: NF4Tensor, device: torch.device):
 
 
 # Launch plans of every NF4 kernel (each key begins with the kernel's name).
-_PLANS: dict[tuple, object] = {}
+_PLANS: dict[tuple, object] = plan_table()
 
 
 def _state_key(state: NF4Tensor) -> tuple:

@@ -40,6 +40,27 @@ TRITON_DEVICE_TYPE = "cpu" if INTERPRET or launch_only.ENABLED else "cuda"
 # step (packed or unpadded batches) would otherwise grow it without bound. A dropped plan costs
 # one Triton launch to make again.
 MAX_PLANS = 1024
+# Every launcher's table of plans, so that they can be listed and emptied together.
+_TABLES: list[dict] = []
+
+
+def plan_table() -> dict:
+    """A new, empty table of plans for one launcher (key -> KernelPlan)."""
+    table: dict = {}
+    _TABLES.append(table)
+    return table
+
+
+def kept_plans() -> list:
+    """Every plan the launchers keep now."""
+    return [plan for table in _TABLES for plan in table.values()]
+
+
+def clear_plans() -> None:
+    """Drop every plan: the next launch of each key goes through Triton again (as after a change
+    of Triton's knobs a plan would not see, or to free the binaries' references)."""
+    for table in _TABLES:
+        table.clear()
 
 
 def capability(device: torch.device) -> tuple[int, int]:

@@ -32,7 +32,7 @@ from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource, make_backend
 from triton.runtime.jit import JITFunction, native_specialize_impl
 
-from fura_kernels.triton import launchers, ops
+from fura_kernels.triton import launchers, ops, plans
 
 SHARED_LIMIT = {90: 227 * 1024, 80: 163 * 1024}
 
@@ -141,6 +141,7 @@ def _intercepted(calls: list[Launch]):
     def record_run(self, *args, grid, warmup, **kwargs):
         calls.append(Launch(self, tuple(args), dict(kwargs), False))
 
+    plans.clear_plans()  # a kept plan would launch its key without entering Triton
     saved = ops.TRITON_DEVICE_TYPE, ops._on_triton_device, launchers._first_tuned_launch, JITFunction.run
     ops.TRITON_DEVICE_TYPE, ops._on_triton_device = "cpu", operator.attrgetter("is_cpu")
     launchers._first_tuned_launch, JITFunction.run = record_tuned, record_run
@@ -159,9 +160,9 @@ def capture_launches(fn) -> list[Launch]:
     return calls
 
 
-def fura_step_launches(tokens: int, n: int, b: int, out: int, dtype: torch.dtype) -> list[Launch]:
-    """K1 and K3 as a default-layout FuRA layer's forward and backward launch them (S folded into
-    R, R and S trained): activation side when `tokens <= out`, the weight-side merge above."""
+def fura_step(tokens: int, n: int, b: int, out: int, dtype: torch.dtype):
+    """A default-layout FuRA layer's forward and backward (S folded into R, R and S trained), as a
+    call: K1 and K3, activation side when `tokens <= out`, the weight-side merge above."""
     from fura_kernels.autograd.fura_linear import FuRALinearFunction
 
     x = torch.randn(tokens, n * b, dtype=dtype, requires_grad=True)
@@ -172,12 +173,17 @@ def fura_step_launches(tokens: int, n: int, b: int, out: int, dtype: torch.dtype
     def step():
         FuRALinearFunction.apply(x, btt_l, btt_r, btt_s, None).float().sum().backward()
 
-    return capture_launches(step)
+    return step
 
 
-def qfura_step_launches(tokens: int, n: int, b: int, out: int, dtype: torch.dtype, arch: int = 90) -> list[Launch]:
-    """The NF4 kernels (and K1/K3) as a QFuRA layer's forward and backward launch them on a GPU
-    of `sm_<arch>` (the fused kernels' tiles depend on the generation)."""
+def fura_step_launches(tokens: int, n: int, b: int, out: int, dtype: torch.dtype) -> list[Launch]:
+    """K1 and K3 as `fura_step` launches them."""
+    return capture_launches(fura_step(tokens, n, b, out, dtype))
+
+
+def qfura_step(tokens: int, n: int, b: int, out: int, dtype: torch.dtype, arch: int = 90):
+    """A QFuRA layer's forward and backward as a call, with the NF4 kernels (and K1/K3) a GPU of
+    `sm_<arch>` gets (the fused kernels' tiles depend on the generation)."""
     from fura_kernels.autograd.qfura_linear import qfura_linear
     from fura_kernels.nf4 import quantize_nf4
     from fura_kernels.triton import nf4_launchers
@@ -195,14 +201,19 @@ def qfura_step_launches(tokens: int, n: int, b: int, out: int, dtype: torch.dtyp
         finally:
             nf4_launchers.capability_major = saved
 
-    return capture_launches(step)
+    return step
 
 
-def mixed_batch_launches(
+def qfura_step_launches(tokens: int, n: int, b: int, out: int, dtype: torch.dtype, arch: int = 90) -> list[Launch]:
+    """The NF4 kernels (and K1/K3) as `qfura_step` launches them."""
+    return capture_launches(qfura_step(tokens, n, b, out, dtype, arch))
+
+
+def mixed_batch_step(
     sequences: int, tokens_per_sequence: int, adapters: int, n: int, b: int, out: int, dtype: torch.dtype
-) -> list[Launch]:
-    """The segmented transform as a FuRA PEFT layer launches it for a mixed batch of `sequences`
-    sequences spread round-robin over `adapters` adapters (and the base model)."""
+):
+    """A FuRA PEFT layer's forward over a mixed batch of `sequences` sequences spread round-robin
+    over `adapters` adapters (and the base model), as a call: the segmented transform."""
     from fura_kernels.peft import FuRALinear, FuRAPeftConfig
     from fura_kernels.peft.mixed import BASE_ADAPTER, MixedBatch
 
@@ -214,7 +225,14 @@ def mixed_batch_launches(
     per_sequence = [(names + [BASE_ADAPTER])[i % (adapters + 1)] for i in range(sequences)]
     mixed = MixedBatch(per_sequence, tuple(names))
     x = torch.randn(sequences, tokens_per_sequence, n * b, dtype=dtype)
-    return capture_launches(lambda: layer(x, fura_mixed_batch=mixed))
+    return lambda: layer(x, fura_mixed_batch=mixed)
+
+
+def mixed_batch_launches(
+    sequences: int, tokens_per_sequence: int, adapters: int, n: int, b: int, out: int, dtype: torch.dtype
+) -> list[Launch]:
+    """The segmented transform as `mixed_batch_step` launches it."""
+    return capture_launches(mixed_batch_step(sequences, tokens_per_sequence, adapters, n, b, out, dtype))
 
 
 @dataclass
@@ -241,9 +259,12 @@ def specialise(launch: Launch, target: GPUTarget, config: triton.Config | None =
     signature, constexprs, attrs = {}, {}, {}
     for i, param in enumerate(params):
         value = bound[param.name] if param.name in bound else param.default
+        # Triton's launcher gives every parameter an attribute list, empty where there is no
+        # hint: the lists enter the source's hash, so the cache key is production's too.
         if param.is_constexpr:
             signature[param.name] = "constexpr"
             constexprs[param.name] = value
+            attrs[(i,)] = []
             continue
         kind, desc = native_specialize_impl(
             backend, value, param.is_const, not param.do_not_specialize, not param.do_not_specialize_on_alignment
@@ -251,8 +272,7 @@ def specialise(launch: Launch, target: GPUTarget, config: triton.Config | None =
         signature[param.name] = kind
         if kind == "constexpr":
             constexprs[param.name] = value
-        elif desc:
-            attrs[(i,)] = backend.parse_attr(desc)
+        attrs[(i,)] = backend.parse_attr(desc) if desc and kind != "constexpr" else []
     options = {k: v for k, v in kwargs.items() if k not in names}
     return Specialised(signature, constexprs, attrs, options)
 
@@ -272,6 +292,28 @@ def compile_launch(launch: Launch, arch: int, config: triton.Config | None = Non
     regs, stack, local = _resource_usage(compiled.asm["cubin"])
     return CompiledKernel(arch, compiled.asm["ptx"], compiled.metadata.shared, regs, stack, local,
                           sass(compiled.asm["cubin"]))  # fmt: skip
+
+
+def production_configs(launch: Launch, arch: int, configs: list[triton.Config] | None = None) -> list[triton.Config]:
+    """The configs a GPU of `sm_<arch>` may run for an autotuned launch (K1, K3): `configs`
+    (default: the kernel's whole list) as the autotuner's pruning hook keeps them for this
+    launch, tiles clamped to its shape and fitting in shared memory. These, not the listed
+    configs themselves, are what production compiles."""
+    from fura_kernels.triton import autotuning as at
+
+    named = dict(zip(launch.kernel.arg_names, launch.args, strict=False))
+    named.update(launch.kwargs)
+    capability = divmod(arch, 10)
+    if launch.name == "block_diag_matmul_kernel":
+        configs = at.K1_CONFIGS if configs is None else configs
+        elem = named["x_ptr"].element_size()
+        return at.select_k1(configs, named["K"], named["N"], named["t_bucket"], elem, capability)
+    if launch.name == "block_diag_backward_kernel":
+        configs = at.k3_configs_for(arch // 10) if configs is None else configs
+        block_n = named.get("BLOCK_N", at.tile_cap(named["N"]))
+        elem = named["g_ptr"].element_size()
+        return at.select_k3(configs, named["K"], block_n, named["t_bucket"], elem, capability)
+    raise ValueError(f"{launch.name} is not autotuned")
 
 
 def specialisation(launch: Launch) -> tuple:

@@ -169,8 +169,11 @@ def test_run_time_sizes_are_compiled_as_run_time():
 @pytest.mark.parametrize("arch", ARCHS, ids=lambda a: f"sm{a}")
 @pytest.mark.parametrize("cfg", autotuning.K1_CONFIGS, ids=_ids)
 def test_k1_compiles(cfg, arch):
+    """Each listed config as production runs it on each launch: clamped to the launch's shape
+    by the autotuner's pruning (`cc.production_configs`)."""
     for launch in _of(fura_launches(), "block_diag_matmul_kernel"):
-        _check(cc.compile_launch(launch, arch, cfg), f"{_describe(launch)} {_ids(cfg)} sm_{arch}")
+        for run in cc.production_configs(launch, arch, [cfg]):
+            _check(cc.compile_launch(launch, arch, run), f"{_describe(launch)} {_ids(run)} sm_{arch}")
 
 
 @pytest.mark.parametrize(
@@ -183,7 +186,8 @@ def test_k3_compiles(arch, cfg):
         autotuning.K3_CONFIGS_HOPPER if arch == 90 else autotuning.K3_CONFIGS_AMPERE
     )
     for launch in _of(fura_launches(), "block_diag_backward_kernel"):
-        _check(cc.compile_launch(launch, arch, cfg), f"{_describe(launch)} {_ids(cfg)} sm_{arch}")
+        for run in cc.production_configs(launch, arch, [cfg]):
+            _check(cc.compile_launch(launch, arch, run), f"{_describe(launch)} {_ids(run)} sm_{arch}")
 
 
 @pytest.mark.parametrize("arch", ARCHS, ids=lambda a: f"sm{a}")
