@@ -63,7 +63,7 @@ def direct_apply(function: type[torch.autograd.Function]):
 
     def call(x, *args):
         if (
-            torch.compiler.is_compiling()
+            torch.compiler.is_dynamo_compiling()  # dynamo must trace `apply`; other tracers see the C entry's ops
             or torch._C._are_functorch_transforms_active()
             or torch._C._functorch.is_functorch_wrapped_tensor(x)
         ):

@@ -174,8 +174,9 @@ _VIA_OP, _VIA_TORCH, _VIA_TRITON = 0, 1, 2
 
 def _route(x: torch.Tensor, w: torch.Tensor, scale: torch.Tensor | None, other: torch.Tensor | None = None) -> int:
     """`dispatch_free` and `_triton_path` in one call: the unchecked entries below run once per
-    layer per step, so they decide with one Python call (and `is_compiling`'s two)."""
-    if torch.compiler.is_compiling() or _len_torch_dispatch_stack():
+    layer per step, so they decide with one Python call (and `is_dynamo_compiling`'s one: any
+    other tracer, AOT autograd's or export's, works through a dispatch mode, seen next)."""
+    if torch.compiler.is_dynamo_compiling() or _len_torch_dispatch_stack():
         return _VIA_OP
     plain = _PLAIN_TENSOR_TYPES
     if not (
@@ -284,7 +285,8 @@ def block_diag_backward_unchecked(
     nblk = w.shape[0]
     blocked = grad_out.dim() == 3 and grad_out.shape[1] == nblk and grad_out.shape[2] == w.shape[2]
     if route == _VIA_TRITON and w.shape[2] <= autotuning.MAX_FUSED_N:
-        if blocked or (_collapsible(grad_out) and (x is None or _collapsible(x))):
+        if blocked or ((grad_out.is_contiguous() or _collapsible(grad_out))
+                       and (x is None or x.is_contiguous() or _collapsible(x))):  # fmt: skip
             return launchers.triton_block_diag_backward(
                 grad_out, x, w, scale, compute_grad_x, compute_grad_w, compute_grad_scale
             )
