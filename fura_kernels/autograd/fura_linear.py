@@ -37,10 +37,15 @@ def _output_to_input_blocks(zp: torch.Tensor, m: int, n: int, r: int) -> torch.T
 
 
 def recomputing_in_backward() -> bool:
-    """True while activation checkpointing re-runs a forward inside the backward pass."""
-    if torch.compiler.is_compiling():
-        return False  # compiled graphs plan their own recomputation (and may not call into torch._C)
-    return torch._C._current_graph_task_id() != -1
+    """True while activation checkpointing re-runs a forward inside the backward pass.
+
+    Compiled graphs plan their own recomputation: under dynamo (which must not call into torch._C
+    here) and under any other tracer (AOT autograd's, export's) the answer is False. Eager asks
+    the engine first, in C, so a forward outside a backward pays one Python call for the tracer
+    check, not `is_compiling`'s two."""
+    if torch.compiler.is_dynamo_compiling():
+        return False
+    return torch._C._current_graph_task_id() != -1 and not torch.compiler.is_compiling()
 
 
 def use_weight_side_merge(
