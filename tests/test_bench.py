@@ -100,6 +100,18 @@ def test_readme_serving_table_is_generated_from_a_committed_results_file():
     assert "| decode | 1 | 64 | 16 |" in block and "| prefill |" in block  # every K, both phases
 
 
+def test_readme_host_table_is_generated_from_a_committed_results_file():
+    """The host block is `bench.report`'s rendering of the one committed host file it names."""
+    readme = (ROOT / "README.md").read_text()
+    block = readme.split(report.HOST_START, 1)[1].split(report.HOST_END, 1)[0].strip()
+    sources = re.findall(r"Results file: \[`([^`]+)`\]", block)
+    assert len(sources) == 1, f"the README host table must name one results file, it names {sources}"
+    assert (ROOT / sources[0]).is_file(), f"README host table points to {sources[0]}, which is not in the repository"
+    data = results.load(ROOT / sources[0])
+    assert data["suites"] == ["host"] and not data.get("partial")
+    assert block == report.host_table(data, sources[0])
+
+
 def test_serving_suite_records_its_configuration(tmp_path):
     """The serving suite on the CPU: every (method, phase, K) timed, with what it ran recorded."""
     path = cli.run(["--profile", "cpu-tiny", "--only", "serve", "--device", "cpu", "--no-plots",
