@@ -27,6 +27,7 @@ from .suites import KERNELS, PROFILES, Profile, model_spec, run_suites
 SUITES = ("kernels", "layers", "model", "serve")
 CHECKPOINTING = {"off": (False,), "on": (True,), "both": (False, True)}
 COMPILE = {"off": ("eager",), "on": ("eager", "compiled"), "only": ("compiled",)}
+LIGER = {"off": (False,), "on": (True,), "both": (False, True)}
 
 
 class Terminated(BaseException):
@@ -97,6 +98,16 @@ def _selected(profile: Profile, args) -> Profile:
         changes["model_timings"] = COMPILE[args.compile]
     if args.compile_backend:
         changes["compile_backend"] = args.compile_backend
+    if args.compile_mode:
+        changes["compile_mode"] = None if args.compile_mode == "default" else args.compile_mode
+    if args.liger:
+        changes["liger"] = LIGER[args.liger]
+    if args.cores:
+        changes["random_cores"] = args.cores == "random"
+    if args.kernel_profile:
+        changes["kernel_profile"] = () if args.kernel_profile == "none" else tuple(args.kernel_profile.split(","))
+    if args.timing_only:
+        changes["counts"] = False
     return replace(profile, **changes)
 
 
@@ -127,6 +138,21 @@ def run(argv: list[str] | None = None) -> Path:
         help="whole-model runs under torch.compile too (on), never (off) or only (only)",
     )
     parser.add_argument("--compile-backend", help="torch.compile backend of the compiled runs (default inductor)")
+    parser.add_argument("--compile-mode", choices=("default", "reduce-overhead", "max-autotune"),
+                        help="torch.compile mode of the compiled runs (reduce-overhead: CUDA graphs)")  # fmt: skip
+    parser.add_argument("--liger", choices=sorted(LIGER),
+                        help="whole-model runs with Liger-Kernel (on), without (off) or both, as HF Trainer's "
+                        "use_liger_kernel=True applies it")  # fmt: skip
+    parser.add_argument(
+        "--cores",
+        choices=("random", "svd"),
+        help="FuRA's whole-model cores: random (no SVD; one conversion timed on its own) or svd",
+    )
+    parser.add_argument("--kernel-profile", help="layer shapes (comma-separated substrings, or none) whose steps are "
+                        "cross-checked with torch.profiler on a GPU (default: all)")  # fmt: skip
+    parser.add_argument("--timing-only", action="store_true",
+                        help="no FLOP, launch or saved-bytes passes and no second ceiling measurement (a timed GPU "
+                        "call; the CPU tests check those counts)")  # fmt: skip
     parser.add_argument("--no-plots", action="store_true", help="write no plots (python -m bench.report makes them)")
     parser.add_argument(
         "--results-file", type=Path, help="write the results exactly here instead of OUT/<device>/<time>_<profile>.json"

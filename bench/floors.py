@@ -55,10 +55,42 @@ def dense_step_floor_ms(tokens: int, in_f: int, out_f: int, elem: int, c: Ceilin
     return 2 * roofline_ms(*gemm_cost(tokens, in_f, out_f, elem), c)
 
 
-def fura_step_floor_ms(tokens: int, in_f: int, out_f: int, n: int, r: int, elem: int, c: Ceilings) -> float:
-    """FuRA forward + backward in the default layout: K1 + two big GEMMs + K3."""
+# The two forward paths of FuRA's default layout (FURA_SPEC.md §3), as a floor names them.
+ACTIVATION_SIDE = "activation-side"  # K1 on x, GEMM z · L, backward GEMM dy · L^T, K3
+WEIGHT_SIDE = "weight-side"  # merge W_eff = L^T · blockdiag(R'), GEMM x · W_eff^T, then the same backward
+# Methods whose code takes the weight-side merge where `use_weight_side_merge` says so
+# (FusedBTTLinear, QFusedBTTLinear). The PEFT form transforms the activations always, and the
+# reference re-implementation has no merge.
+MERGING_METHODS = ("fura", "qfura")
+
+
+def fura_floor_path(method: str, tokens: int, out_f: int, n: int) -> str:
+    """The forward path `method` takes at `tokens` tokens: the floor follows the code."""
+    from fura_kernels.autograd import use_weight_side_merge
+
+    if method in MERGING_METHODS and use_weight_side_merge(tokens, 1, n, out_f, need_g_l=False):
+        return WEIGHT_SIDE
+    return ACTIVATION_SIDE
+
+
+def fura_step_floor_ms(
+    tokens: int, in_f: int, out_f: int, n: int, r: int, elem: int, c: Ceilings, path: str = ACTIVATION_SIDE
+) -> float:
+    """FuRA forward + backward in the default layout, on `path`: activation side, K1 + two big
+    GEMMs + K3; weight side, the merge + the GEMM on x + the backward GEMM + K3."""
+    backward = roofline_ms(*gemm_cost(tokens, n * r, out_f, elem), c) + roofline_ms(
+        *k3_cost(tokens, in_f, n, r, elem), c
+    )
+    if path == WEIGHT_SIDE:
+        return (
+            roofline_ms(*merge_cost(in_f, out_f, r, elem), c)
+            + roofline_ms(*gemm_cost(tokens, in_f, out_f, elem), c)
+            + backward
+        )
+    if path != ACTIVATION_SIDE:
+        raise ValueError(f"fura_step_floor_ms: path {path!r}; expected {ACTIVATION_SIDE!r} or {WEIGHT_SIDE!r}")
     return (
         roofline_ms(*k1_cost(tokens, in_f, n, r, elem), c)
-        + 2 * roofline_ms(*gemm_cost(tokens, n * r, out_f, elem), c)
-        + roofline_ms(*k3_cost(tokens, in_f, n, r, elem), c)
+        + roofline_ms(*gemm_cost(tokens, n * r, out_f, elem), c)
+        + backward
     )

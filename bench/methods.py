@@ -1,7 +1,8 @@
 """The methods a benchmark compares, each built around the same random base layer.
 
-Every method gives one training step of one linear layer: forward, backward and (where it has
-trainable tensors) an AdamW step, as a fine-tuning loop runs it. PEFT LoRA/QLoRA are the real
+Every method gives one training step of one linear layer: forward and backward, the layer's
+share of a model's step and the figure the layer suite reports first, and beside it the same with
+an AdamW step (where it has trainable tensors), which a model runs once for all its layers. PEFT LoRA/QLoRA are the real
 peft library on a real (bitsandbytes NF4, for QLoRA) base layer; so is FuRA's PEFT form
 (`fura_peft`, `fura_kernels.peft`), on the plain base and on QLoRA's NF4 base (`fura_peft_nf4`).
 """
@@ -138,17 +139,24 @@ def make_step(
     inputs: list[tuple[torch.Tensor, torch.Tensor]],
     configuration: str = "fair",
     capturable: bool = False,
+    optimizer_step: bool = True,
 ) -> Callable[[int], None]:
     """One training step on input set `i % len(inputs)` in `configuration`: forward (under
-    autocast in "fair"), backward (dx always: the layer sits inside a network), AdamW on the
-    trainable tensors (fused in "fair"; `capturable` for CUDA-graph capture)."""
-    optimizer = make_optimizer(trainable(module), configuration, capturable)
+    autocast in "fair"), backward (dx always: the layer sits inside a network), then, with
+    `optimizer_step`, AdamW on the trainable tensors (fused in "fair"; `capturable` for
+    CUDA-graph capture) and `zero_grad`. Without it the gradients are dropped before the next
+    backward (no accumulation kernel a real step would not run)."""
+    params = trainable(module)
+    optimizer = make_optimizer(params, configuration, capturable) if optimizer_step else None
     x0 = inputs[0][0]
     amp = autocast_dtype(configuration, x0.dtype)
 
     def step(i: int) -> None:
         x, dy = inputs[i % len(inputs)]
         x.grad = None
+        if optimizer is None:
+            for p in params:
+                p.grad = None
         with torch.autocast(x.device.type, dtype=amp or torch.bfloat16, enabled=amp is not None):
             y = module(x)
         y.backward(dy.to(y.dtype))

@@ -10,7 +10,8 @@ profiles, shapes divided by 16, whose figures say nothing about GPU speed.
 from __future__ import annotations
 
 import time
-from dataclasses import asdict, dataclass, field
+from contextlib import contextmanager, nullcontext
+from dataclasses import asdict, dataclass, field, replace
 from functools import partial
 
 import torch
@@ -27,7 +28,15 @@ from . import floors
 from .floors import Ceilings
 from .methods import CONFIGURATIONS, METHODS, LayerCase, autocast_dtype, build, make_step, trainable
 from .serving import serve_suite, serve_units
-from .timing import measure, measure_graph, peak_memory, saved_for_backward_bytes
+from .timing import (
+    graph_replay,
+    kernel_profile,
+    measure,
+    measure_graph,
+    measure_until_steady,
+    peak_memory,
+    saved_for_backward_bytes,
+)
 
 LLAMA3_8B = [
     LayerCase("llama3-8b.q_proj", 4096, 4096, 64, 64),
@@ -83,6 +92,24 @@ class Profile:
     checkpointing: tuple[bool, ...] = (False, True)  # whole-model runs without / with activation checkpointing
     model_timings: tuple[str, ...] = ("eager", "compiled")  # whole-model runs eagerly / under torch.compile
     compile_backend: str = "inductor"  # torch.compile's backend for the compiled runs
+    compile_mode: str | None = None  # torch.compile's mode (say "reduce-overhead": CUDA graphs); None: its default
+    # Whole-model runs without / with Liger-Kernel's RMSNorm, SwiGLU, RoPE and fused linear
+    # cross-entropy, applied as HF Trainer's `use_liger_kernel=True` applies them.
+    liger: tuple[bool, ...] = (False,)
+    # Whole-model repetitions: at least `model_min_reps`, then more until the p20-p80 spread is
+    # under timing.SPREAD_TARGET, at most `model_max_reps` (the record says whether it got there).
+    model_min_reps: int = 10
+    model_max_reps: int = 40
+    # FuRA's whole-model runs on random cores built on the meta device (no SVD: a conversion
+    # says nothing about the step), with one real conversion timed on its own afterwards.
+    random_cores: bool = False
+    # Layer shapes (substrings of their names; "" matches all) whose records are cross-checked
+    # against torch.profiler's account of the device, eager and graphed (GPU only).
+    kernel_profile: tuple[str, ...] = ("",)
+    # False: no FLOP, launch or saved-bytes passes and no second ceiling measurement (a timed GPU
+    # call, where every second counts: the CPU tests check those counts, which the device does
+    # not change).
+    counts: bool = True
     # The serving suite (bench/serving.py): model shape, batches, adapter counts, prefill tokens a
     # sequence, decode context; None: the profile has no serving runs.
     serve: dict | None = None
@@ -121,6 +148,9 @@ LLAMA3_8B_MODEL = dict(
     batch=1,
     seq=2048,
 )
+# Llama-3-8B's widths with 4 decoder layers: a whole model's step (embedding, attention, loss)
+# compiled in seconds, where 32 layers would spend the budget compiling.
+LLAMA3_8B_4_LAYERS = dict(LLAMA3_8B_MODEL, name="llama3-8b-4-layers", num_hidden_layers=4)
 # Llama-3.2-1B's shape: where the 8B model does not fit (full fine-tuning, say), this one does.
 LLAMA3_1B_MODEL = dict(
     LLAMA3_8B_MODEL, name="llama3.2-1b", hidden_size=2048, intermediate_size=8192, num_hidden_layers=16
@@ -142,6 +172,8 @@ PROFILES = {
         LLAMA3_8B + QWEN3_1_7B,
         [1, 16, 512, 2048, 8192, 16384],
         models=[LLAMA3_8B_MODEL, LLAMA3_8B_MODEL_X4, LLAMA3_1B_MODEL, LLAMA3_1B_MODEL_X4],
+        liger=(False, True),
+        random_cores=True,
         serve=SERVE_GPU,
     ),
     "quick": Profile(
@@ -150,6 +182,7 @@ PROFILES = {
         [16, 2048, 8192],
         reps=5,
         models=[LLAMA3_8B_MODEL, LLAMA3_1B_MODEL],
+        random_cores=True,
         serve=SERVE_GPU,
     ),
     # Real widths (Qwen3-1.7B's q and down projections) and few tokens: compute, not Python,
@@ -165,6 +198,8 @@ PROFILES = {
         rotate_bytes=0,
         configurations=("fair",),
         model_timings=("eager",),
+        model_min_reps=5,
+        model_max_reps=20,
         serve=SERVE_CPU,
     ),
     "cpu-tiny": Profile(
@@ -177,11 +212,15 @@ PROFILES = {
         models=[TINY_MODEL],
         rotate_bytes=0,
         model_timings=("eager",),
+        liger=(False, True),
+        model_min_reps=3,
+        model_max_reps=8,
         serve=SERVE_TINY,
     ),
 }
 # Whole-model shapes by name, for `--models NAME[:BATCHxSEQ]`.
-MODELS = {spec["name"]: spec for spec in (TINY_MODEL, SMALL_MODEL, LLAMA3_8B_MODEL, LLAMA3_1B_MODEL)}
+MODELS = {spec["name"]: spec
+          for spec in (TINY_MODEL, SMALL_MODEL, LLAMA3_8B_MODEL, LLAMA3_8B_4_LAYERS, LLAMA3_1B_MODEL)}  # fmt: skip
 
 
 def model_spec(text: str) -> dict:
@@ -384,49 +423,60 @@ def layer_suite(profile: Profile, device: torch.device, dtype: torch.dtype, c: C
     elem = torch.empty(0, dtype=dtype).element_size()
     for case in profile.cases:
         r = min(case.b, case.out_features)
+        profiled = any(part in case.name for part in profile.kernel_profile)
         for tokens in profile.tokens:
             inputs = [(torch.randn(tokens, case.in_features, device=device, dtype=dtype).requires_grad_(),
                        torch.randn(tokens, case.out_features, device=device, dtype=dtype))
                       for _ in range(profile.input_sets)]  # fmt: skip
             dense_floor = floors.dense_step_floor_ms(tokens, case.in_features, case.out_features, elem, c)
-            fura_floor = floors.fura_step_floor_ms(tokens, case.in_features, case.out_features, case.n, r, elem, c)
+            fura_floors = {path: floors.fura_step_floor_ms(tokens, case.in_features, case.out_features, case.n, r,
+                                                           elem, c, path)
+                           for path in (floors.ACTIVATION_SIDE, floors.WEIGHT_SIDE)}  # fmt: skip
             for configuration in profile.configurations:
                 for method in profile.methods:
                     bar.set_postfix_str(f"{case.name} T={tokens} {configuration} {method}")
-                    floor = fura_floor if method in FURA_METHODS else dense_floor
-                    emit(_layer_record(method, case, tokens, dtype, device, configuration, inputs, profile, floor,
-                                       dense_floor))  # fmt: skip
+                    if method in FURA_METHODS:
+                        path = floors.fura_floor_path(method, tokens, case.out_features, case.n)
+                        floor = fura_floors[path]
+                    else:
+                        path, floor = "dense", dense_floor
+                    emit(_layer_record(method, case, tokens, dtype, device, configuration, inputs, profile,
+                                       (floor, path, dense_floor), profiled))  # fmt: skip
                     bar.update(1)
 
 
-def _layer_record(method, case, tokens, dtype, device, configuration, inputs, profile, floor, dense_floor) -> dict:
-    """One method's layer step, eager and graphed; a method that fails is recorded as failed,
-    with its error, and the run goes on."""
+def _layer_record(method, case, tokens, dtype, device, configuration, inputs, profile, floor, profiled) -> dict:
+    """One method's layer step: forward + backward (`time_ms`, the layer's share of a model's
+    step, which runs one optimizer step for all its layers) and the step with its own AdamW and
+    zero_grad beside it (`step_time_ms`), eager and graphed; on a GPU, torch.profiler's account
+    of the same steps. A method that fails is recorded as failed, with its error, and the run goes on."""
+    floor_ms, floor_path, dense_floor = floor
     how = {"configuration": configuration}
     try:
         module = build(method, case, dtype, device, configuration)
-        step = make_step(module, inputs, configuration)
-        t = measure(step, device, profile.warmup, profile.reps)
+        forward_backward = make_step(module, inputs, configuration, optimizer_step=False)
+        t = measure(forward_backward, device, profile.warmup, profile.reps)
         params = trainable(module)
+        full_step = make_step(module, inputs, configuration) if params else forward_backward
+        step_t = measure(full_step, device, profile.warmup, profile.reps) if params else t
         # The module's own state (parameters, and buffers: QFuRA's NF4 core, the PEFT form's V0 and
         # S0) is referenced, not allocated, by what autograd keeps.
         state = [*module.parameters(), *module.buffers()]
-        saved = saved_for_backward_bytes(partial(module, inputs[0][0]), exclude=state)
+        counted = {}
+        if profile.counts:
+            counted = {"saved_bytes": saved_for_backward_bytes(partial(module, inputs[0][0]), exclude=state),
+                       "launches_per_step": _launches(module, inputs, configuration),
+                       "flops_per_step": _flops(forward_backward)}  # fmt: skip
         record = _record("layer", "step", method, case, tokens, dtype, t, **how, timing="eager",
-                         trainable_params=sum(p.numel() for p in params),
-                         peak_mem_bytes=peak_memory(step, device), saved_bytes=saved,
-                         launches_per_step=_launches(module, inputs, configuration),
-                         flops_per_step=_flops(step),
-                         host_ms=_host_ms(step, device, profile),
-                         floor_ms=floor, pct_of_floor=100.0 * floor / t["median"],
+                         step_time_ms=step_t, trainable_params=sum(p.numel() for p in params),
+                         peak_mem_bytes=peak_memory(full_step, device), **counted,
+                         host_ms=_host_ms(forward_backward, device, profile),
+                         floor_ms=floor_ms, floor_path=floor_path, pct_of_floor=100.0 * floor_ms / t["median"],
                          dense_floor_ms=dense_floor)  # fmt: skip
+        if profiled and device.type == "cuda":
+            record["kernel_profile"] = kernel_profile(forward_backward, device, 0, len(inputs))
         if profile.graphed and device.type == "cuda":
-            graph_module = build(method, case, dtype, device, configuration)
-            graph_step = make_step(graph_module, inputs, configuration, capturable=True)
-            graphed = measure_graph(graph_step, device, 3, max(profile.reps, 10), len(inputs))
-            record["graphed_time_ms"] = graphed
-            if graphed is None:
-                record["graphed_error"] = "the step could not be captured as a CUDA graph"
+            record.update(_graphed(method, case, dtype, device, configuration, inputs, profile, profiled))
         return record
     except Exception as err:  # noqa: BLE001 - a failing method is a result, not the end of the run
         return _record("layer", "step", method, case, tokens, dtype, None, **how, skipped=f"{type(err).__name__}: "
@@ -434,6 +484,41 @@ def _layer_record(method, case, tokens, dtype, device, configuration, inputs, pr
     finally:
         if device.type == "cuda":
             torch.cuda.empty_cache()
+
+
+def _graphed(method, case, dtype, device, configuration, inputs, profile, profiled) -> dict:
+    """The layer's forward + backward, and its step with AdamW (capturable, as graph capture
+    needs), each captured once per input set in one CUDA graph and replayed: the device time
+    without launch overhead, and where profiled, the kernels a replay runs, to set beside the
+    eager step's (a replay slower than eager shows there whether its kernels or its gaps cost)."""
+    fields = {}
+    for key, optimizer_step in (("graphed_time_ms", False), ("graphed_step_time_ms", True)):
+        module = build(method, case, dtype, device, configuration)
+        step = make_step(module, inputs, configuration, capturable=optimizer_step, optimizer_step=optimizer_step)
+        replay = graph_replay(step, device, 3, len(inputs))
+        if replay is None:
+            fields[key] = None
+            fields["graphed_error"] = "the step could not be captured as a CUDA graph"
+            continue
+        fields[key] = _replay_time(replay, device, max(profile.reps, 10), len(inputs))
+        if profiled and not optimizer_step:
+            fields["graphed_kernel_profile"] = kernel_profile(replay, device, 0, 1)
+            if fields["graphed_kernel_profile"]:
+                fields["graphed_kernel_profile"] = _per_step(fields["graphed_kernel_profile"], len(inputs))
+        del replay, step, module
+    return fields
+
+
+def _replay_time(replay, device, reps, calls):
+    """Each replay's time over the `calls` steps it holds."""
+    t = measure(replay, device, 1, reps)
+    return {**t, **{k: t[k] / calls for k in ("median", "p20", "p80")}}
+
+
+def _per_step(summary: dict, calls: int) -> dict:
+    """A kernel profile of one replay holding `calls` steps, per step."""
+    per = {k: summary[k] / calls for k in ("kernel_ms", "busy_ms", "wall_ms", "launches")}
+    return {**summary, **per, "top_kernels": {k: v / calls for k, v in summary["top_kernels"].items()}}
 
 
 def _flops(step) -> int:
@@ -457,11 +542,15 @@ def _launches(module, inputs, configuration) -> int:
     return len(counter.ops)
 
 
-def _host_ms(step, device, profile) -> float:
-    """Host time per step: the median time to issue one step while the device is kept busy
-    (steps back to back, no synchronisation between them); on a CPU, the step time itself."""
+def _host_ms(step, device, profile) -> float | None:
+    """Host time per step on a GPU: the median time to issue one step while the device is kept
+    busy (steps back to back, no synchronisation between them). None on a CPU, where issuing a
+    step is running it: host figures there come from the launch-only host suite
+    (`python -m bench host`), which runs the Triton path a GPU runs."""
     import statistics
 
+    if device.type != "cuda":
+        return None
     for i in range(profile.warmup):
         step(i)
     times = []
@@ -491,10 +580,13 @@ def _add_ratios(records: list[dict]) -> None:
 
 
 # --- whole model ----------------------------------------------------------------------------
-def _sft_step(model, optimizer, batches, amp: torch.dtype | None):
-    """One SFT step in the fair configuration: bf16 autocast (for half-precision runs), then AdamW."""
+def _sft_step(model, optimizer, batches, amp: torch.dtype | None, graph_steps: bool = False):
+    """One SFT step in the fair configuration: bf16 autocast (for half-precision runs), then
+    AdamW. `graph_steps`: a compiled model under CUDA graphs is told where each step begins."""
 
     def step(i: int) -> None:
+        if graph_steps:
+            torch.compiler.cudagraph_mark_step_begin()
         ids = batches[i % len(batches)]
         with torch.autocast(ids.device.type, dtype=amp or torch.bfloat16, enabled=amp is not None):
             loss = model(input_ids=ids, labels=ids).loss
@@ -510,9 +602,10 @@ def model_suite(profile: Profile, device: torch.device, dtype: torch.dtype, bar,
         _model_runs(spec, profile, device, dtype, bar, emit)
 
 
-def _model_variants(profile: Profile) -> list[tuple[bool, bool]]:
-    """(checkpointing, compiled) pairs of a profile's whole-model runs."""
-    return [(ckpt, timing == "compiled") for timing in profile.model_timings for ckpt in profile.checkpointing]
+def _model_variants(profile: Profile) -> list[tuple[bool, bool, bool]]:
+    """(checkpointing, compiled, liger) triples of a profile's whole-model runs."""
+    return [(ckpt, timing == "compiled", liger) for timing in profile.model_timings for liger in profile.liger
+            for ckpt in profile.checkpointing]  # fmt: skip
 
 
 def _model_methods(profile: Profile) -> list[str]:
@@ -520,67 +613,145 @@ def _model_methods(profile: Profile) -> list[str]:
     return [m for m in profile.methods if m in MODEL_METHODS]
 
 
-def _model_runs(spec: dict, profile: Profile, device: torch.device, dtype: torch.dtype, bar, emit) -> None:
+@contextmanager
+def liger_applied(model):
+    """Liger-Kernel on `model` as HF Trainer's `use_liger_kernel=True` applies it
+    (`transformers.integrations.liger.apply_liger_kernel`: RMSNorm, SwiGLU, RoPE and the fused
+    linear cross-entropy on the model under any PEFT wrapper). Liger also rebinds names in
+    transformers' Llama module (its RoPE function, RMSNorm and MLP classes), which would reach
+    every model built afterwards: they are put back when the block ends."""
+    from transformers.integrations.liger import apply_liger_kernel
+    from transformers.models.llama import modeling_llama
+
+    before = dict(vars(modeling_llama))
+    try:
+        apply_liger_kernel(model, None)
+        yield model
+    finally:
+        for name, value in before.items():
+            if vars(modeling_llama).get(name) is not value:
+                setattr(modeling_llama, name, value)
+
+
+def random_core_model(config, targets: list[str], device: torch.device, dtype: torch.dtype):
+    """A Llama model converted to FuRA with random cores: built and converted on the meta
+    device (nothing decomposed), then given storage and random values (std 1/sqrt(fan-in)).
+    Its step costs what an SVD-initialised model's costs; its conversion costs nothing."""
+    from transformers import LlamaForCausalLM
+
+    with torch.device("meta"):
+        model = LlamaForCausalLM(config).to(dtype)
+        convert_to_fura(model, targets, progress=False)
+    model.to_empty(device=device)
+    with torch.no_grad():
+        for name, tensor in [*model.named_parameters(), *model.named_buffers()]:
+            if not tensor.is_floating_point():
+                tensor.zero_()
+            elif name.endswith("norm.weight"):
+                tensor.fill_(1.0)
+            else:
+                tensor.normal_(0.0, tensor.shape[-1] ** -0.5 if tensor.dim() else 1.0)
+    # The rotary tables are computed at construction, which the meta device skipped.
+    model.model.rotary_emb = type(model.model.rotary_emb)(config=config, device=device)
+    return model
+
+
+def _build_model(method, config, targets, device, dtype, amp, profile):
+    """(model, conversion seconds, how its cores were made) for one whole-model run."""
     from peft import LoraConfig, get_peft_model
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from transformers import LlamaForCausalLM
+
+    torch.manual_seed(0)
+    if method == "fura" and profile.random_cores:
+        return random_core_model(config, targets, device, dtype), None, "random"
+    with torch.device(device):
+        # fair configuration: bf16 base weights; full fine-tuning keeps fp32 master weights
+        model = LlamaForCausalLM(config).to(torch.float32 if method == "full_ft" and amp else dtype)
+    start = time.perf_counter()
+    if method in ("fura", "qfura"):
+        convert_to_fura(model, targets, quantize="nf4" if method == "qfura" else None, progress=False)
+    elif method in ("lora_r32", "qlora_r32"):
+        if method == "qlora_r32":
+            quantize_linears_bnb(model, targets)
+        model = get_peft_model(model, LoraConfig(r=32, lora_alpha=32, target_modules=targets))
+    elif method in ("fura_peft", "fura_peft_nf4"):  # as a PEFT user writes it
+        from fura_kernels.peft import FuRAPeftConfig
+
+        if method == "fura_peft_nf4":
+            quantize_linears_bnb(model, targets)
+        model = get_peft_model(model, FuRAPeftConfig(target_modules=targets, progress_bar=False))
+    _sync(device)
+    return model, time.perf_counter() - start, "svd" if method in FURA_METHODS else None
+
+
+MODEL_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+def _model_runs(spec: dict, profile: Profile, device: torch.device, dtype: torch.dtype, bar, emit) -> None:
+    from transformers import LlamaConfig
 
     spec = dict(spec)
     model_name, batch, seq = spec.pop("name"), spec.pop("batch"), spec.pop("seq")
     config = LlamaConfig(**spec, max_position_embeddings=max(seq, 128))
-    targets = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
     amp = autocast_dtype("fair", dtype)
+    shape = {"name": model_name, "hidden_size": config.hidden_size, "layers": config.num_hidden_layers,
+             "batch": batch, "seq": seq}  # fmt: skip
     for method in _model_methods(profile):
-        for checkpointing, compiled in _model_variants(profile):
-            bar.set_postfix_str(f"model {method} ckpt={checkpointing} compiled={compiled}")
-            model = None
+        for checkpointing, compiled, liger in _model_variants(profile):
+            bar.set_postfix_str(f"model {method} ckpt={checkpointing} compiled={compiled} liger={liger}")
+            how = {"gradient_checkpointing": checkpointing, "timing": "compiled" if compiled else "eager",
+                   "liger": liger, "compile_mode": profile.compile_mode if compiled else None}  # fmt: skip
+            model = step = None
             try:
-                torch.manual_seed(0)
-                with torch.device(device):
-                    # fair configuration: bf16 base weights; full fine-tuning keeps fp32 master weights
-                    model = LlamaForCausalLM(config).to(torch.float32 if method == "full_ft" and amp else dtype)
-                start = time.perf_counter()
-                if method in ("fura", "qfura"):
-                    convert_to_fura(model, targets, quantize="nf4" if method == "qfura" else None, progress=False)
-                elif method in ("lora_r32", "qlora_r32"):
-                    if method == "qlora_r32":
-                        quantize_linears_bnb(model, targets)
-                    model = get_peft_model(model, LoraConfig(r=32, lora_alpha=32, target_modules=targets))
-                elif method in ("fura_peft", "fura_peft_nf4"):  # as a PEFT user writes it
-                    from fura_kernels.peft import FuRAPeftConfig
-
-                    if method == "fura_peft_nf4":
-                        quantize_linears_bnb(model, targets)
-                    model = get_peft_model(model, FuRAPeftConfig(target_modules=targets, progress_bar=False))
-                _sync(device)
-                convert_s = time.perf_counter() - start
-                if checkpointing:
-                    enable_activation_checkpointing(model)
-                    model.enable_input_require_grads()
-                model.train()
-                params = [p for p in model.parameters() if p.requires_grad]
-                batches = [torch.randint(0, config.vocab_size, (batch, seq), device=device) for _ in range(2)]
-                runner = torch.compile(model, backend=profile.compile_backend) if compiled else model
-                step = _sft_step(runner, torch.optim.AdamW(params, lr=1e-5, fused=True), batches, amp)
-                t = measure(step, device, warmup=1, reps=max(2, profile.reps // 2))
-                emit(_record("model", "sft_step", method, None, batch * seq, dtype, t,
-                                       model={"name": model_name, "hidden_size": config.hidden_size,
-                                              "layers": config.num_hidden_layers, "batch": batch, "seq": seq},
-                                       gradient_checkpointing=checkpointing, configuration="fair",
-                                       timing="compiled" if compiled else "eager",
-                                       tokens_per_s=batch * seq / (t["median"] * 1e-3), convert_s=convert_s,
-                                       trainable_params=sum(p.numel() for p in params),
-                                       peak_mem_bytes=peak_memory(step, device)))  # fmt: skip
+                model, convert_s, cores = _build_model(method, config, MODEL_TARGETS, device, dtype, amp, profile)
+                with liger_applied(model) if liger else nullcontext():
+                    if checkpointing:
+                        enable_activation_checkpointing(model)
+                        model.enable_input_require_grads()
+                    model.train()
+                    params = [p for p in model.parameters() if p.requires_grad]
+                    batches = [torch.randint(0, config.vocab_size, (batch, seq), device=device) for _ in range(2)]
+                    runner = (torch.compile(model, backend=profile.compile_backend, mode=profile.compile_mode)
+                              if compiled else model)  # fmt: skip
+                    graph_steps = compiled and profile.compile_mode in ("reduce-overhead", "max-autotune")
+                    step = _sft_step(runner, torch.optim.AdamW(params, lr=1e-5, fused=True), batches, amp, graph_steps)
+                    t = measure_until_steady(step, device, max(2, profile.warmup), profile.model_min_reps,
+                                             profile.model_max_reps)  # fmt: skip
+                    emit(_record("model", "sft_step", method, None, batch * seq, dtype, t, model=shape, **how,
+                                 configuration="fair", tokens_per_s=batch * seq / (t["median"] * 1e-3),
+                                 convert_s=convert_s, cores=cores, trainable_params=sum(p.numel() for p in params),
+                                 peak_mem_bytes=peak_memory(step, device)))  # fmt: skip
             except Exception as err:  # noqa: BLE001 - out of memory, a missing library...: recorded, run goes on
-                why = f"{type(err).__name__}: {err}"[:300]
-                emit(_record("model", "sft_step", method, None, batch * seq, dtype, None,
-                                       model={"name": model_name, "batch": batch, "seq": seq},
-                                       gradient_checkpointing=checkpointing, timing="compiled" if compiled else "eager",
-                                       skipped=why))  # fmt: skip
+                why = f"{type(err).__name__}: {err}"
+                if liger and device.type != "cuda":
+                    why = f"Liger-Kernel's kernels are Triton kernels, which need a GPU ({why})"
+                emit(_record("model", "sft_step", method, None, batch * seq, dtype, None, model=shape, **how,
+                             skipped=why[:300]))  # fmt: skip
             finally:
                 model = step = None  # free before the next method is built
                 if device.type == "cuda":
                     torch.cuda.empty_cache()
             bar.update(1)
+    if profile.random_cores and "fura" in _model_methods(profile):
+        emit(_conversion_record(config, shape, device, dtype, amp, profile))
+        bar.update(1)
+
+
+def _conversion_record(config, shape, device, dtype, amp, profile) -> dict:
+    """The one real conversion of a random-core run: `convert_to_fura`'s block SVDs of every
+    projection, timed once (its time is the record's, in ms)."""
+    try:
+        model, convert_s, _ = _build_model("fura", config, MODEL_TARGETS, device, dtype, amp,
+                                           replace(profile, random_cores=False))  # fmt: skip
+        del model
+        t = {"median": 1e3 * convert_s, "p20": 1e3 * convert_s, "p80": 1e3 * convert_s, "reps": 1}
+        return _record("model", "convert", "fura", None, None, dtype, t, model=shape, convert_s=convert_s)
+    except Exception as err:  # noqa: BLE001 - recorded, the run goes on
+        return _record("model", "convert", "fura", None, None, dtype, None, model=shape,
+                       skipped=f"{type(err).__name__}: {err}"[:300])  # fmt: skip
+    finally:
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
 
 
 def count_units(profile: Profile, suites: list[str]) -> int:
@@ -591,7 +762,9 @@ def count_units(profile: Profile, suites: list[str]) -> int:
     if "layers" in suites:
         units += len(profile.cases) * per_case * len(profile.methods) * len(profile.configurations)
     if "model" in suites:
-        units += len(_model_methods(profile)) * len(_model_variants(profile)) * len(profile.models)
+        methods = _model_methods(profile)
+        units += len(methods) * len(_model_variants(profile)) * len(profile.models)
+        units += len(profile.models) if profile.random_cores and "fura" in methods else 0
     if "serve" in suites:
         units += serve_units(profile.serve)
     return units
@@ -619,5 +792,7 @@ def run_suites(profile: Profile, suites: list[str], device: torch.device, dtype:
             serve_suite(profile, device, dtype, bar, emit, _record)
     # Measured again at the end: a machine whose speed changed during the run (other work on it,
     # clocks) shows here, and the summary warns that its ratios cannot be trusted.
+    if not profile.counts:
+        return
     _, again = ceilings(device, dtype, quick=profile.name != "full")
     stream.set_ceilings({**ceiling_info, "repeat": {key: again[key] for key in ("matmul_tflops", "copy_gbps")}})

@@ -28,6 +28,44 @@ def _summary(times: list[float], reps: int) -> dict:
     }
 
 
+def spread(times: Sequence[float]) -> float:
+    """(p80 - p20) / median of repeated timings: how far the middle 60% of them disagree."""
+    median = statistics.median(times)
+    return (_quantile(times, 0.8) - _quantile(times, 0.2)) / median if median > 0 else float("inf")
+
+
+# A whole-model comparison is only as good as its spread: repetitions go on until the p20-p80
+# spread is under this fraction of the median (or the cap is reached, and the record says so).
+SPREAD_TARGET = 0.05
+
+
+def enough_reps(times: Sequence[float], min_reps: int, max_reps: int, target: float = SPREAD_TARGET) -> bool:
+    """The stopping rule of `measure_until_steady`: stop at `max_reps`, or once at least
+    `min_reps` timings are in and their spread is under `target`."""
+    if len(times) >= max_reps:
+        return True
+    return len(times) >= min_reps and spread(times) < target
+
+
+def _timed_calls(step: Callable[[int], None], device: torch.device, first: int, reps: int) -> list[float]:
+    """Milliseconds of `step(first)` ... `step(first + reps - 1)`, issued back to back."""
+    if device.type != "cuda":
+        times = []
+        for i in range(first, first + reps):
+            t0 = time.perf_counter()
+            step(i)
+            times.append((time.perf_counter() - t0) * 1e3)
+        return times
+    torch.cuda.synchronize(device)
+    events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(reps)]
+    for i, (start, end) in enumerate(events):
+        start.record()
+        step(first + i)
+        end.record()
+    torch.cuda.synchronize(device)
+    return [start.elapsed_time(end) for start, end in events]
+
+
 def measure(step: Callable[[int], None], device: torch.device, warmup: int, reps: int) -> dict:
     """Time `step(i)` (i cycles through the caller's rotated input sets): median, 20th and 80th
     percentiles in milliseconds.
@@ -38,22 +76,30 @@ def measure(step: Callable[[int], None], device: torch.device, warmup: int, reps
     CPU: `perf_counter` around each call."""
     for i in range(warmup):
         step(i)
-    times = []
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-        events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(reps)]
-        for i, (start, end) in enumerate(events):
-            start.record()
-            step(warmup + i)
-            end.record()
-        torch.cuda.synchronize(device)
-        times = [start.elapsed_time(end) for start, end in events]
-    else:
-        for i in range(reps):
-            t0 = time.perf_counter()
-            step(warmup + i)
-            times.append((time.perf_counter() - t0) * 1e3)
-    return _summary(times, reps)
+    return _summary(_timed_calls(step, device, warmup, reps), reps)
+
+
+def measure_until_steady(
+    step: Callable[[int], None],
+    device: torch.device,
+    warmup: int,
+    min_reps: int,
+    max_reps: int,
+    target: float = SPREAD_TARGET,
+) -> dict:
+    """`measure` in rounds of back-to-back calls until `enough_reps` says stop: `min_reps`
+    first, then a quarter as many again each round. The summary adds the final `spread` and
+    `spread_target_met` (False: the cap came first, and the figure is less certain than
+    `target` says)."""
+    for i in range(warmup):
+        step(i)
+    times: list[float] = []
+    while not enough_reps(times, min_reps, max_reps, target):
+        more = min_reps if not times else max(1, min_reps // 4)
+        times += _timed_calls(step, device, warmup + len(times), min(more, max_reps - len(times)))
+    final = spread(times)
+    return {**_summary(times, len(times)), "spread": final, "spread_target": target,
+            "spread_target_met": final < target}  # fmt: skip
 
 
 def measure_graph(step: Callable[[int], None], device: torch.device, warmup: int, reps: int, calls: int) -> dict | None:
@@ -62,6 +108,64 @@ def measure_graph(step: Callable[[int], None], device: torch.device, warmup: int
     CPU or where the step cannot be captured (a host synchronisation inside, say)."""
     if device.type != "cuda":
         return None
+    replay = graph_replay(step, device, warmup, calls)
+    if replay is None:
+        return None
+    times = _timed_calls(replay, device, 0, reps)
+    return _summary([t / calls for t in times], reps)
+
+
+def busy_ms(intervals: Sequence[tuple[float, float]]) -> float:
+    """Length of the union of `(start, end)` intervals: time during which at least one ran."""
+    total, reach = 0.0, float("-inf")
+    for start, end in sorted(intervals):
+        if end <= reach:
+            continue
+        total += end - max(start, reach)
+        reach = end
+    return total
+
+
+def kernel_summary(kernels: Sequence[tuple[str, float, float]], wall_ms: float, calls: int, top: int = 8) -> dict:
+    """What the device did during `calls` steps that took `wall_ms` in all: `kernels` holds each
+    device activity as (name, start ms, end ms). Per step: the kernels' summed time, the time at
+    least one ran, and that over the wall time (the device-busy fraction: 1.0 means the host kept
+    the device fed; well below it, launches, synchronisations or gaps cost the rest), with the
+    `top` kernels by time."""
+    by_name: dict[str, float] = {}
+    for name, start, end in kernels:
+        by_name[name] = by_name.get(name, 0.0) + end - start
+    busy = busy_ms([(start, end) for _, start, end in kernels])
+    heaviest = sorted(by_name.items(), key=lambda item: -item[1])[:top]
+    return {"kernel_ms": sum(by_name.values()) / calls, "busy_ms": busy / calls, "wall_ms": wall_ms / calls,
+            "device_busy": busy / wall_ms if wall_ms > 0 else None, "launches": len(kernels) / calls,
+            "top_kernels": {name[:120]: ms / calls for name, ms in heaviest}}  # fmt: skip
+
+
+def kernel_profile(step: Callable[[int], None], device: torch.device, first: int, calls: int) -> dict | None:
+    """`kernel_summary` of `step(first)` ... `step(first + calls - 1)` issued back to back,
+    from `torch.profiler`'s device activities (kernels, copies, fills): the device's own account
+    of a step, to set beside the event-timed figure. None on a CPU."""
+    if device.type != "cuda":
+        return None
+    from torch.profiler import ProfilerActivity, profile
+
+    torch.cuda.synchronize(device)
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        for i in range(first, first + calls):
+            step(i)
+        end.record()
+        torch.cuda.synchronize(device)
+    device_events = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+    kernels = [(e.name, e.time_range.start / 1e3, e.time_range.end / 1e3) for e in device_events]
+    return kernel_summary(kernels, start.elapsed_time(end), calls)
+
+
+def graph_replay(step: Callable[[int], None], device: torch.device, warmup: int, calls: int):
+    """`step(0)` ... `step(calls - 1)` captured in one CUDA graph, as a function of one index
+    that replays it all; None where the step cannot be captured."""
     for i in range(warmup):  # compiles and autotunes outside the capture
         step(i)
     torch.cuda.synchronize(device)
@@ -75,13 +179,7 @@ def measure_graph(step: Callable[[int], None], device: torch.device, warmup: int
         return None
     graph.replay()
     torch.cuda.synchronize(device)
-    events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(reps)]
-    for start, end in events:
-        start.record()
-        graph.replay()
-        end.record()
-    torch.cuda.synchronize(device)
-    return _summary([start.elapsed_time(end) / calls for start, end in events], reps)
+    return lambda i: graph.replay()
 
 
 def _custom_op_body(func):
