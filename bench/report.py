@@ -8,6 +8,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from . import floors
+from .floors import Ceilings
 from .results import load
 
 START, END = "<!-- bench-table:start -->", "<!-- bench-table:end -->"
@@ -85,6 +87,38 @@ def _selection(results: dict) -> str:
     return f"{', '.join(results['suites'])}: {'; '.join(parts)}"
 
 
+def layer_measure(rows: list[dict]) -> str:
+    """What a layer record's `time_ms` holds: forward + backward since the optimizer step was
+    split off (`step_time_ms`); before that, the step with its own AdamW."""
+    if any("step_time_ms" in r for r in rows):
+        return "forward + backward"
+    return "training step (forward + backward + AdamW, as recorded before the optimizer step was timed apart)"
+
+
+def layer_floor(rec: dict, ceilings: dict | None) -> tuple[float, str] | None:
+    """(floor ms, path) of a FuRA layer record: as recorded where it names its path; for records
+    from before floors named one (which all assumed the activation side), computed again from the
+    run's own ceilings on the path the code takes (the weight-side merge where T > out)."""
+    if rec.get("floor_path"):
+        return rec["floor_ms"], rec["floor_path"]
+    shape, tokens = rec.get("shape"), rec.get("tokens")
+    if not (shape and tokens and ceilings and rec.get("floor_ms")):
+        return None
+    c = Ceilings(ceilings["matmul_tflops"] * 1e12, ceilings["copy_gbps"] * 1e9)
+    elem = {"float32": 4, "float16": 2, "bfloat16": 2}[rec["dtype"]]
+    path = floors.fura_floor_path(rec["method"], tokens, shape["out_features"], shape["n"])
+    r = min(shape["b"], shape["out_features"])
+    floor = floors.fura_step_floor_ms(tokens, shape["in_features"], shape["out_features"], shape["n"], r, elem, c, path)
+    return floor, path
+
+
+def _floor_text(rec: dict | None, ceilings: dict | None) -> str:
+    floor = layer_floor(rec, ceilings) if rec and rec.get("time_ms") else None
+    if floor is None:
+        return "n/a"
+    return f"{100 * floor[0] / rec['time_ms']['median']:.0f}% ({floor[1]})"
+
+
 def _timing(rec: dict) -> str:
     return {"cuda-graph": "CUDA graph", "eager": "eager"}.get(rec.get("timing"), "eager, synced per call")
 
@@ -109,25 +143,28 @@ def table(runs: list[tuple[dict, str]]) -> str:
         lines += ["", f"> {note}"]
     records = [rec for res, _ in runs for rec in res["records"]]
     layer = [r for r in records if r["suite"] == "layer"]
+    ceilings = next((res["ceilings"] for res, _ in runs if any(r["suite"] == "layer" for r in res["records"])), None)
     for configuration in _configurations(layer):
         rows = [r for r in layer if r.get("configuration") == configuration]
         index = {(r["shape"]["name"], r["tokens"], r["method"]): r for r in rows}
         keys = sorted({(r["shape"]["name"], r["tokens"]) for r in rows})
         lines += [
             "",
-            f"Layer training step (forward + backward + AdamW), {_config_text(configuration, rows)}; median ms, "
+            f"Layer {layer_measure(rows)}, {_config_text(configuration, rows)}; median ms, "
             + (
                 "eager, synchronised after every step (that run's harness)"
                 if configuration is None
                 else "eager (steps back to back)"
             )
-            + "; ratios are time over time; graphed: whole steps replayed as CUDA graphs.",
+            + "; ratios are time over time; graphed: the same replayed as CUDA graphs; LoRA is PEFT's. "
+            "FuRA % of floor: the roofline of the path FuRA's code takes (weight-side merge or activation-side K1).",
             "",
-            "| layer | T | FuRA | LoRA r=32 | FuRA / LoRA r=32 | graphed FuRA / LoRA r=32 | FuRA / frozen dense "
+            "| layer | T | FuRA | PEFT LoRA r=32 | FuRA / LoRA r=32 | with AdamW: FuRA / LoRA r=32 "
+            "| graphed FuRA / LoRA r=32 | FuRA % of floor (path) | FuRA / frozen dense "
             "| reference / FuRA | QFuRA | QLoRA r=32 | QFuRA / QLoRA r=32 | launches FuRA / LoRA r=32 "
             "| saved for backward, FuRA / LoRA r=32 (MB) | PEFT form / FuRA | PEFT form / LoRA r=32 "
             "| PEFT form on NF4 / QLoRA r=32 |",
-            "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+            "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
         ]
         for name, tokens in keys:
             get = {m: index.get((name, tokens, m)) for m in LAYER_METHODS}
@@ -136,7 +173,9 @@ def table(runs: list[tuple[dict, str]]) -> str:
             launches = f"{_get(fura, 'launches_per_step')} / {_get(lora, 'launches_per_step')}"
             lines.append(
                 f"| {name} | {tokens} | {_ms(fura)} | {_ms(lora)} | {_ratio(fura, lora)} | "
-                f"{_ratio(fura, lora, 'graphed_time_ms')} | {_ratio(fura, get['dense_floor'])} | "
+                f"{_ratio(fura, lora, 'step_time_ms')} | "
+                f"{_ratio(fura, lora, 'graphed_time_ms')} | {_floor_text(fura, ceilings)} | "
+                f"{_ratio(fura, get['dense_floor'])} | "
                 f"{_ratio(get['reference'], fura)} | {_ms(get['qfura'])} | {_ms(get['qlora_r32'])} | "
                 f"{_ratio(get['qfura'], get['qlora_r32'])} | {launches} | {saved} | "
                 f"{_ratio(get['fura_peft'], fura)} | {_ratio(get['fura_peft'], lora)} | "
@@ -170,21 +209,35 @@ def table(runs: list[tuple[dict, str]]) -> str:
     if model:
         lines += [
             "",
-            "Whole-model SFT step (Llama-shaped, random weights, all seven projections adapted; fair configuration).",
+            "Whole-model SFT step (Llama-shaped, random weights, all seven projections adapted; fair configuration; "
+            "LoRA is PEFT's). Spread: p20-p80 over the median; repetitions went on until it was under "
+            "5% or their cap (the last column says which).",
             "",
-            "| model | tokens | method | timing | checkpointing | tokens/s | peak memory (MB) | conversion (s) "
-            "| trainable params |",
-            "|---|---|---|---|---|---|---|---|---|",
+            "| model | tokens | method | timing | Liger | checkpointing | step ms | spread | under 5% | tokens/s "
+            "| peak memory (MB) | conversion (s) | trainable params |",
+            "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
         ]
         for r in model:
             shape = f"{r['model'].get('batch', '?')}x{r['model'].get('seq', '?')}"
-            head = f"| {r['model']['name']} | {shape} | {r['method']} | {r.get('timing', 'eager')} | "
-            if not r.get("time_ms"):
-                lines.append(head + f"{r['gradient_checkpointing']} | failed: {r.get('skipped', '')[:60]} | | | |")
+            if r["name"] == "convert":
+                took = f"{r['convert_s']:.1f}" if r.get("time_ms") else f"failed: {r.get('skipped', '')[:60]}"
+                lines.append(f"| {r['model']['name']} | - | {r['method']} | one conversion (block SVDs) "
+                             f"| | | | | | | | {took} | |")  # fmt: skip
                 continue
+            timing = r.get("timing", "eager") + (f" ({r['compile_mode']})" if r.get("compile_mode") else "")
+            liger = "yes" if r.get("liger") else "no"
+            ckpt = r["gradient_checkpointing"]
+            head = f"| {r['model']['name']} | {shape} | {r['method']} | {timing} | {liger} | {ckpt} | "
+            if not r.get("time_ms"):
+                lines.append(head + f"failed: {r.get('skipped', '')[:60]} | | | | | | |")
+                continue
+            t = r["time_ms"]
+            met = t.get("spread_target_met")
+            met = "n/a" if met is None else ("yes" if met else "no")
+            convert = "random cores" if r.get("cores") == "random" else _fmt(r.get("convert_s"))
             lines.append(
-                head + f"{r['gradient_checkpointing']} | {r['tokens_per_s']:.0f} | {_mb(r.get('peak_mem_bytes'))} | "
-                f"{r['convert_s']:.2f} | {r['trainable_params']:,} |"
+                head + f"{t['median']:.1f} | {_spread(t):.1f}% | {met} | "
+                f"{r['tokens_per_s']:.0f} | {_mb(r.get('peak_mem_bytes'))} | {convert} | {r['trainable_params']:,} |"
             )
     return "\n".join(lines)
 
@@ -209,6 +262,12 @@ def serve_overheads(records: list[dict]) -> list[tuple[tuple, float, float]]:
     return out
 
 
+def overhead_text(overhead: float) -> str:
+    """A serving overhead as the table shows it: an adapted batch cannot beat the bare base, so a
+    negative one is the noise of the two timings, and says so."""
+    return f"{overhead:+.1%}" if overhead >= 0 else f"noise ({overhead:+.1%})"
+
+
 def serve_table(records: list[dict]) -> list[str]:
     """README lines for the serving suite's records (none without them)."""
     serve = [r for r in records if r["suite"] == "serve"]
@@ -224,7 +283,8 @@ def serve_table(records: list[dict]) -> list[str]:
         "a step, inside one `adapter_names` context as `generate` runs; decode: one token a sequence after "
         f"{context} tokens of context; prefill: logits of the "
         "last token). Overhead: time over the base model's at the same batch, minus 1; the goal is FuRA's at most "
-        "half of LoRA r=32's.",
+        "half of LoRA r=32's (PEFT's). A negative overhead is noise: the adapted batch measured faster than the bare "
+        "one.",
         "",
         "| phase | tokens a sequence | batch | K | base | FuRA mixed | LoRA r=32 mixed | FuRA overhead "
         "| LoRA r=32 overhead | FuRA / LoRA overhead | adapters on device, FuRA / LoRA (MB) |",
@@ -232,10 +292,11 @@ def serve_table(records: list[dict]) -> list[str]:
     ]
     for (phase, batch, count), fura_over, lora_over in serve_overheads(records):
         get = {m: index[(phase, batch, count, m)] for m in ("base", "fura_mixed", "lora_r32_mixed")}
-        share = f"{fura_over / lora_over:.2f}" if lora_over > 0 else "n/a"
+        share = f"{fura_over / lora_over:.2f}" if fura_over >= 0 and lora_over > 0 else "n/a"
         lines.append(
             f"| {phase} | {get['base']['serve']['tokens_per_sequence']} | {batch} | {count} | {_ms(get['base'])} | "
-            f"{_ms(get['fura_mixed'])} | {_ms(get['lora_r32_mixed'])} | {fura_over:+.1%} | {lora_over:+.1%} | "
+            f"{_ms(get['fura_mixed'])} | {_ms(get['lora_r32_mixed'])} | {overhead_text(fura_over)} | "
+            f"{overhead_text(lora_over)} | "
             f"{share} | {_mb(get['fura_mixed'].get('adapter_bytes'))} / "
             f"{_mb(get['lora_r32_mixed'].get('adapter_bytes'))} |"
         )
@@ -258,13 +319,22 @@ def _spread(time_ms: dict) -> float:
     return 100 * (time_ms["p80"] - time_ms["p20"]) / time_ms["median"]
 
 
-def _ceiling_drift(c: dict) -> list[str]:
-    repeat = c.get("repeat")
+def ceiling_drift(c: dict | None) -> float | None:
+    """How far apart (relative, the larger of the two) the ceilings measured at the start and the
+    end of a run are; None when they were measured once."""
+    repeat = (c or {}).get("repeat")
     if not repeat:
+        return None
+    return max(abs(repeat[k] / c[k] - 1) for k in ("matmul_tflops", "copy_gbps"))
+
+
+def _ceiling_drift(c: dict) -> list[str]:
+    drift = ceiling_drift(c)
+    if drift is None:
         return []
+    repeat = c["repeat"]
     line = (f"Measured again at the end: matmul {repeat['matmul_tflops']:.2f} TFLOP/s, copy "
             f"{repeat['copy_gbps']:.1f} GB/s.")  # fmt: skip
-    drift = max(abs(repeat[k] / c[k] - 1) for k in ("matmul_tflops", "copy_gbps"))
     if drift > CEILING_DRIFT:
         line += (f" WARNING: {100 * drift:.0f}% apart from the start: the machine's speed changed during the run "
                  "(other work on it, or its clocks), so these times and ratios are not reliable; rerun on an idle "
@@ -272,9 +342,57 @@ def _ceiling_drift(c: dict) -> list[str]:
     return [line]
 
 
+def _model_lines(records: list[dict]) -> list[str]:
+    """FuRA's whole-model step against PEFT LoRA r=32's, per model and variant, with both spreads."""
+    model = [r for r in records if r["suite"] == "model" and r["name"] == "sft_step" and r.get("time_ms")]
+    index = {(r["model"]["name"], r["model"]["batch"], r["model"]["seq"], r.get("timing"), bool(r.get("liger")),
+              r["gradient_checkpointing"], r["method"]): r for r in model}  # fmt: skip
+    lines = []
+    for key, fura in index.items():
+        if key[-1] != "fura" or (lora := index.get((*key[:-1], "lora_r32"))) is None:
+            continue
+        name, batch, seq, timing, liger, ckpt, _ = key
+        a, b = fura["time_ms"], lora["time_ms"]
+        unsteady = [m for m, t in (("FuRA", a), ("LoRA", b)) if t.get("spread_target_met") is False]
+        apart = abs(a["median"] - b["median"]) > max(a["p80"] - a["p20"], b["p80"] - b["p20"])
+        lines.append(
+            f"  {name} {batch}x{seq} {timing}{' + Liger' if liger else ''}{', checkpointing' if ckpt else ''}: "
+            f"FuRA {a['median']:.1f} ms (spread {_spread(a):.1f}%), PEFT LoRA r=32 {b['median']:.1f} ms "
+            f"(spread {_spread(b):.1f}%): {a['median'] / b['median']:.2f}x"
+            + ("" if apart else "; the difference is inside the spread")
+            + (f"; spread over 5% at the cap for {' and '.join(unsteady)}" if unsteady else "")
+        )
+    return ["", "Whole model, FuRA against PEFT LoRA r=32:", *lines] if lines else []
+
+
+def _profile_lines(layer: list[dict]) -> list[str]:
+    """The profiler's cross-check of the layer records (GPU runs): the device-busy fraction of
+    the eager forward + backward, and a graph replay's kernel time over the eager step's."""
+    rows = [r for r in layer if r.get("kernel_profile")]
+    if not rows:
+        return []
+    lines = ["", "torch.profiler's account of the layer steps (medians over shapes and token counts):",
+             f"  {'method':12s} {'kernels ms':>10s} {'busy':>6s} {'graph kernels / eager':>22s}"]  # fmt: skip
+    for method in LAYER_METHODS:
+        mine = [r for r in rows if r["method"] == method]
+        if not mine:
+            continue
+        ratio = [
+            r["graphed_kernel_profile"]["kernel_ms"] / r["kernel_profile"]["kernel_ms"]
+            for r in mine
+            if (r.get("graphed_kernel_profile") or {}).get("kernel_ms") and r["kernel_profile"]["kernel_ms"]
+        ]
+        busy = [r["kernel_profile"]["device_busy"] for r in mine if r["kernel_profile"].get("device_busy")]
+        lines.append(f"  {method:12s} {_median([r['kernel_profile']['kernel_ms'] for r in mine]):10.3f} "
+                     f"{100 * _median(busy):5.0f}% {_median(ratio):22.2f}")  # fmt: skip
+    return lines
+
+
 def summary(results: dict) -> str:
     """What a newcomer should read off a run: the ceilings, how close each kernel came to its
-    floor, each method's step, and one closing paragraph on what the figures show here."""
+    floor, each method's layer forward + backward, and one closing paragraph on what the figures
+    show here. Where the ceilings moved during the run, the figures are not comparable with each
+    other, and the closing paragraph says so instead of drawing a verdict."""
     c = results["ceilings"]
     records = results["records"]
     device = results["environment"]["device_name"]
@@ -295,47 +413,39 @@ def summary(results: dict) -> str:
     layer = [r for r in layer if r.get("configuration") == config]
     ratios = {}
     if layer:
-        lines += ["", f"Layer steps, {_config_text(config, layer)}; medians over shapes and token counts:",
-                  f"  {'method':12s} {'step ms':>9s} {'spread':>7s} {'peak MB':>9s} {'saved MB':>9s} {'GFLOP':>8s} "
-                  f"{'launches':>8s} {'/ LoRA r=32':>11s}"]  # fmt: skip
+        split = any("step_time_ms" in r for r in layer)
+        lines += ["", f"Layer {layer_measure(layer)}, {_config_text(config, layer)}; medians over shapes and token "
+                  "counts:",
+                  f"  {'method':12s} {'fwd+bwd ms' if split else 'step ms':>10s} {'spread':>7s} "
+                  f"{'+ AdamW ms':>10s} {'peak MB':>9s} {'saved MB':>9s} {'GFLOP':>8s} {'launches':>8s} "
+                  f"{'/ LoRA r=32':>11s}"]  # fmt: skip
         for method in LAYER_METHODS:
             rows = [r for r in layer if r["method"] == method]
             if not rows:
                 continue
             ratio = [r["ratio_vs_lora_r32"] for r in rows if r.get("ratio_vs_lora_r32")]
             ratios[method] = ratio
+            with_adam = [r["step_time_ms"]["median"] for r in rows if r.get("step_time_ms")]
             lines.append(
-                f"  {method:12s} {_median([r['time_ms']['median'] for r in rows]):9.3f} "
+                f"  {method:12s} {_median([r['time_ms']['median'] for r in rows]):10.3f} "
                 f"{_median([_spread(r['time_ms']) for r in rows]):6.0f}% "
+                f"{_median(with_adam):10.3f} "
                 f"{_median([(r.get('peak_mem_bytes') or 0) / 2**20 for r in rows]):9.2f} "
                 f"{_median([(r.get('saved_bytes') or 0) / 2**20 for r in rows]):9.2f} "
                 f"{_median([(r.get('flops_per_step') or 0) / 1e9 for r in rows]):8.3f} "
                 f"{_median([r.get('launches_per_step') or 0 for r in rows]):8.0f} "
                 f"{_median(ratio):11.2f}"
             )
+        lines += _profile_lines(layer)
+    lines += _model_lines(records)
     failed = [r for r in records if r.get("skipped")]
-    verdict = []
-    if ratios.get("fura"):
-        r = ratios["fura"]
-        verdict.append(f"FuRA's training step took {_median(r):.2f}x LoRA r=32's time (from {min(r):.2f}x to "
-                       f"{max(r):.2f}x over {len(r)} shape/token cases)")  # fmt: skip
-    if ratios.get("qfura") and ratios.get("qlora_r32"):
-        q = [a / b for a, b in zip(ratios["qfura"], ratios["qlora_r32"], strict=False)]
-        verdict.append(f"QFuRA's {_median(q):.2f}x QLoRA r=32's")
-    if ratios.get("fura_peft") and ratios.get("fura"):
-        p = [a / b for a, b in zip(ratios["fura_peft"], ratios["fura"], strict=False)]
-        verdict.append(f"FuRA's PEFT form {_median(p):.2f}x FusedBTTLinear's and {_median(ratios['fura_peft']):.2f}x "
-                       "LoRA r=32's")  # fmt: skip
-    if ratios.get("fura_peft_nf4") and ratios.get("qlora_r32"):
-        q = [a / b for a, b in zip(ratios["fura_peft_nf4"], ratios["qlora_r32"], strict=False)]
-        verdict.append(f"the PEFT form on an NF4 base {_median(q):.2f}x QLoRA r=32's")
-    overheads = serve_overheads(records)
-    if overheads:
-        shares = [fura / lora for _, fura, lora in overheads if lora > 0]
-        worst = max(shares) if shares else float("nan")
-        verdict.append(f"serving mixed batches, FuRA's overhead over the base was at most {worst:.2f} of LoRA r=32's "
-                       f"(goal: 0.5) over {len(overheads)} cases")  # fmt: skip
-    text = "; ".join(verdict) + "." if verdict else "No layer steps were measured."
+    drift = ceiling_drift(c)
+    if drift is not None and drift > CEILING_DRIFT:
+        text = (f"not comparable: the machine's speed changed by {100 * drift:.0f}% during the run (its ceilings, "
+                "measured at the start and again at the end), so its times and ratios cannot be compared with each "
+                "other or with another run, and no verdict is drawn from them; rerun on an idle machine.")  # fmt: skip
+    else:
+        text = _verdict(ratios, records)
     if failed:
         text += f" {len(failed)} measurements failed or were skipped (see the results file)."
     if results.get("partial"):
@@ -344,6 +454,38 @@ def summary(results: dict) -> str:
         text += f" {results['note']}"
     lines += ["", "Summary, on this device: " + text]
     return "\n".join(lines)
+
+
+def _verdict(ratios: dict, records: list[dict]) -> str:
+    """The closing sentence of a run whose ceilings held: each FuRA form against the PEFT method it
+    replaces, and serving's overheads (a negative one is noise and left out of the share)."""
+    verdict = []
+    measure = "forward + backward" if any("step_time_ms" in r for r in records if r["suite"] == "layer") else "step"
+    if ratios.get("fura"):
+        r = ratios["fura"]
+        verdict.append(f"FuRA's layer {measure} took {_median(r):.2f}x PEFT LoRA r=32's time (from {min(r):.2f}x to "
+                       f"{max(r):.2f}x over {len(r)} shape/token cases)")  # fmt: skip
+    if ratios.get("qfura") and ratios.get("qlora_r32"):
+        q = [a / b for a, b in zip(ratios["qfura"], ratios["qlora_r32"], strict=False)]
+        verdict.append(f"QFuRA's {_median(q):.2f}x PEFT QLoRA r=32's")
+    if ratios.get("fura_peft") and ratios.get("fura"):
+        p = [a / b for a, b in zip(ratios["fura_peft"], ratios["fura"], strict=False)]
+        verdict.append(f"FuRA's PEFT form {_median(p):.2f}x FusedBTTLinear's and {_median(ratios['fura_peft']):.2f}x "
+                       "PEFT LoRA r=32's")  # fmt: skip
+    if ratios.get("fura_peft_nf4") and ratios.get("qlora_r32"):
+        q = [a / b for a, b in zip(ratios["fura_peft_nf4"], ratios["qlora_r32"], strict=False)]
+        verdict.append(f"the PEFT form on an NF4 base {_median(q):.2f}x PEFT QLoRA r=32's")
+    overheads = serve_overheads(records)
+    if overheads:
+        shares = [fura / lora for _, fura, lora in overheads if fura >= 0 and lora > 0]
+        noise = sum(1 for _, fura, lora in overheads if fura < 0 or lora < 0)
+        text = (f"serving mixed batches, FuRA's overhead over the base was at most {max(shares):.2f} of PEFT LoRA "
+                f"r=32's (goal: 0.5) over {len(shares)} cases" if shares else "serving mixed batches: no case where "
+                "both overheads were above the noise")  # fmt: skip
+        if noise:
+            text += f" ({noise} with a negative overhead, which is noise, left out)"
+        verdict.append(text)
+    return "; ".join(verdict) + "." if verdict else "No layer steps were measured."
 
 
 def plots(results: dict, out_dir: Path) -> list[Path]:
