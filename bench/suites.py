@@ -652,7 +652,8 @@ def random_core_model(config, targets: list[str], device: torch.device, dtype: t
             else:
                 tensor.normal_(0.0, tensor.shape[-1] ** -0.5 if tensor.dim() else 1.0)
     # The rotary tables are computed at construction, which the meta device skipped.
-    model.model.rotary_emb = type(model.model.rotary_emb)(config=config, device=device)
+    with torch.device(device):
+        model.model.rotary_emb = type(model.model.rotary_emb)(config=config)
     return model
 
 

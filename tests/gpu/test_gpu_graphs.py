@@ -102,6 +102,7 @@ def _alternating(vocab):
     return [torch.randint(0, vocab, shape, device=DEVICE, generator=generator) for shape in shapes]
 
 
+@pytest.mark.inductor
 @pytest.mark.parametrize("kind", KINDS)
 def test_compile_reduce_overhead_trains_like_eager(kind):
     eager = _model(kind)

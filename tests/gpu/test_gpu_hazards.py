@@ -86,6 +86,7 @@ def _step(model, optimizer, ids) -> float:
     return loss.item()
 
 
+@pytest.mark.inductor
 @pytest.mark.parametrize("quantize", [None, "nf4"], ids=["fura", "qfura"])
 def test_reduce_overhead_at_alternating_lengths_matches_eager_every_step(quantize):
     eager = _model(quantize)
