@@ -205,7 +205,8 @@ def test_measure_until_steady_repeats_until_the_rule_says_stop(monkeypatch, nois
 def test_the_model_suite_runs_lora_compiled_and_both_methods_with_liger(tmp_path):
     path = cli.run(["--profile", "cpu-tiny", "--device", "cpu", "--only", "model", "--models", "tiny-llama:1x16",
                     "--methods", "fura,lora_r32", "--checkpointing", "off", "--compile", "on", "--compile-backend",
-                    "aot_eager", "--liger", "both", "--no-plots", "--results-file", str(tmp_path / "m.json")])  # fmt: skip
+                    "aot_eager", "--liger", "both", "--no-plots",
+                    "--results-file", str(tmp_path / "m.json")])  # fmt: skip
     data = results.load(path)
     runs = {(r["method"], r["timing"], r["liger"]): r for r in data["records"] if r["suite"] == "model"}
     assert set(runs) == {(m, t, lg) for m in ("fura", "lora_r32") for t in ("eager", "compiled") for lg in (0, 1)}
@@ -292,7 +293,8 @@ def _serve(method: str, ms: float) -> dict:
     return {"suite": "serve", "name": "decode", "method": method, "dtype": "float32", "tokens": 16,
             "time_ms": {"median": ms, "p20": ms, "p80": ms, "reps": 3},
             "serve": {"model": "tiny", "layers": 2, "hidden_size": 64, "batch": 16, "adapters": 4,
-                      "tokens_per_sequence": 1, "context": 8}, "adapter_bytes": 0 if method == "base" else 10}  # fmt: skip
+                      "tokens_per_sequence": 1, "context": 8},
+            "adapter_bytes": 0 if method == "base" else 10}  # fmt: skip
 
 
 def test_a_negative_serving_overhead_is_reported_as_noise():
