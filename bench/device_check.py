@@ -1,58 +1,61 @@
 """The device check: one call on a bare GPU machine that checks and times the product in at
-most LIMIT_S seconds and leaves at most 6 files, flat, under $OUT (`bash bench/device_check.sh`).
+most LIMIT_S seconds and leaves at most 7 files, flat, under $OUT (`bash bench/device_check.sh`).
 
-Steps run in the order below, the product's promise first. Each gets `min(its budget, time
-left)`; one that cannot start with its `min_start_s` left is skipped and logged. A step is sent
-SIGTERM KILL_GRACE_S before its time is up (the benchmark then writes its partial results and
-exits) and SIGKILL, with its whole process group, when it is up, so no step can push the check
-past LIMIT_S. If the first step cannot import what the rest need, the check stops there.
+Steps run in the order below, the most proof a second first: what only a GPU can measure (the
+kernels, the layer steps with the profiler's account, the whole model, the compiled model), then
+the GPU tests that need no compiler, the QFuRA/QLoRA model and serving, and the Inductor tests,
+the slowest proof, last. Every benchmark step runs in one Python process (`runner`: a process
+start costs 10-15 s on the device machine), which takes one step at a time; the tests run in
+processes of their own, under pytest-timeout. Each step gets `min(its budget, time left)`; one
+that cannot start with its `min_start_s` left is skipped and logged. A step is asked to stop
+KILL_GRACE_S before its time is up (a benchmark step by SIGUSR1 to the runner, which writes its
+partial results and takes the next step; a test step by SIGTERM) and SIGKILLed, with its whole
+process group, when it is up, so no step can push the check past LIMIT_S. If the first step cannot
+import what the rest need, the check stops there.
+
+What a CPU checks is not run here: the FLOP, launch and saved-bytes passes and the second ceiling
+measurement (`--timing-only`); the CPU tests count those, and the device does not change them.
 
 | step | budget | estimate | what |
 |---|---|---|---|
-| env | 50 s | 30 s | install the carried wheels, import what the rest needs, record the environment |
-| tests | 125 s | 120 s | `pytest tests/gpu`, 90 s a test at most, JUnit XML report |
-| layers | 70 s | 70 s | fair layer steps, eager and graphed, 7 methods x 5 Llama-3-8B shapes, T = 8192 |
-| kernels | 45 s | 35 s | NF4 decode vs bitsandbytes at T = 1, 4, 16; K1, K3, merge at T = 8192 |
-| model | 90 s | 85 s | Llama-3-8B shape, 1 x 2048 tokens, fair, eager: FuRA, LoRA r=32, FuRA's PEFT form |
+| env | 40 s | 25 s | install the carried wheels, import what the rest needs, record the environment |
+| kernels | 35 s | 35 s | NF4 decode vs bitsandbytes at T = 1, 4, 16; K1, K3, merge at T = 8192 |
+| layers | 65 s | 60 s | fair layer steps, eager and graphed, 7 methods x 5 Llama-3-8B shapes, T = 8192; profiler at k |
+| model | 80 s | 70 s | Llama-3-8B, 1 x 2048 tokens, eager, random cores: FuRA, LoRA r=32; one conversion timed |
+| compile | 70 s | 70 s | Llama-3-8B widths, 4 layers, torch.compile reduce-overhead: FuRA and LoRA r=32 |
+| tests | 80 s | 70 s | `pytest tests/gpu -m "not inductor"`, 60 s a test at most, JUnit XML report |
+| qmodel | 40 s | 45 s | Llama-3-8B eager: QFuRA and QLoRA r=32 |
 | serve | 30 s | 35 s | mixed-adapter batches (decode, prefill), 16/64 sequences, 1/4/16 adapters: FuRA, LoRA, base |
-| qmodel | 30 s | 45 s | the same for QFuRA and QLoRA r=32 |
-| compile | 40 s | 60 s | Llama-3.2-1B shape under torch.compile: FuRA and LoRA r=32 |
+| inductor | 40 s | 60 s | `pytest tests/gpu -m inductor` (reduce-overhead training, alternating lengths) |
 
 The env step imports torch, triton, transformers, peft, bitsandbytes, jsonschema,
 pytest_timeout and fura_kernels, and records device, driver, versions and commit. The layer
 step's methods: frozen dense floor, FuRA, LoRA r=32, QFuRA, QLoRA r=32, and FuRA's PEFT form
-(`fura_kernels.peft`) on the bf16 base and on QLoRA's NF4 base. The whole-model steps
-run without activation checkpointing and report tokens/s, peak memory and conversion time.
+(`fura_kernels.peft`) on the bf16 base and on QLoRA's NF4 base. The whole-model steps run
+without activation checkpointing and report tokens/s, their spread, peak memory and the
+profiler's device-busy fraction. Random cores: the step of a converted model does not depend on
+its values, and the 30 s of block SVDs said nothing about it; the one conversion is its own record.
 
-The serving step (`--only serve`, bench/serving.py) runs Llama-3-8B's widths with two decoder
-layers; its records go to `model.json` too. The budgets sum to 480 s: the serving step's 30 s
-came from the layer and model steps (5 s each, over their first measured times) and from the
-QFuRA/QLoRA and compile steps, which were expected back partial anyway. The first
-GPU run (H200, 2026-11-27) measured env 20 s on a warm machine
-and over 25 s on a cold one (installing the 43 MB bitsandbytes wheel), layers 50 s, kernels 34 s,
-model 61 s; the budgets follow it, with the PEFT form's two layer methods (+20 s) and one model run
-(+20 s) taken from the tests and compile steps, which stop at their budget anyway. How the first
-estimates were made (no GPU was at hand when this was written; bench/NOTES.md keeps the record): the
-GPU tier took 51 s for 45 tests on an H100 (2026-11-22), and the new tests add about 80 s, mostly
-Inductor compiling a tiny Llama (FuRA and QFuRA, two sequence lengths), plus a few hundred graph
-replays; the layer suite took 47 s for 40 eager records at T = 8192, and a record now also captures
-and replays a graph (about 1.5x); the kernel suite took 38 s for 30 (shape, T) points; a Llama-3-8B
-step at 1 x 2048 tokens is about 1e14 FLOPs (0.2 s at 500 TFLOP/s), so the model steps are dominated
-by building the model and converting its 224 projections (SVD on the GPU); the compile estimate is
-what Inductor takes for a 16-layer Llama forward and backward. The QFuRA/QLoRA and compile steps run
-only if time is left and are expected back partial: their records are written one by one, so what
-they finished comes back.
+How the budgets were set: the first GPU run (H200, 2026-11-27) measured env 20 s on a warm machine
+and over 25 s on a cold one, layers 50 s for 7 methods eager and graphed (each now also times the
+step with AdamW and, at k_proj, a profiled pass: +10 s, less the counting passes it no longer runs),
+kernels 34 s, and a whole-model step of 0.21-0.24 s with a 30 s conversion (now one, after the
+runs); the GPU tier took 120 s for 75 tests, about half of it Inductor compiling (now its own last
+step); the compile step's 4 layers compile in about a quarter of the 16-layer model's time. The
+QFuRA/QLoRA, serving and Inductor steps run only if time is left and may come back partial: their
+records are written one by one, so what they finished comes back.
 
 Files under $OUT: `summary.json` (environment, commit, every step's budget, time, exit status
 and outcome, written again after each step), `device_check.log` (every step's output),
-`tests.xml` (the GPU tier's JUnit report), `layers.json`, `kernels.json` and `model.json`
-(results files; the three whole-model steps append to one file). Plots are made afterwards,
-on any machine: `python -m bench.report OUT/layers.json ...`.
+`tests.xml` and `tests-inductor.xml` (the GPU tiers' JUnit reports), `layers.json`,
+`kernels.json` and `model.json` (results files; the model, compile, qmodel and serving steps
+append to one file). Plots are made afterwards, on any machine: `python -m bench.report OUT/layers.json ...`.
 
-`DRY_RUN=1` runs the same steps with tiny shapes on the CPU (`--profile cpu-tiny`), for CI.
-Overrides, for tests and reruns: `DEVICE_CHECK_STEPS=layers,kernels` (run only these),
-`DEVICE_CHECK_LIMIT=SECONDS`, `DEVICE_CHECK_BUDGET_<STEP>=SECONDS`, `DEVICE_CHECK_ARGS_<STEP>="..."`
-(more arguments for that step's command).
+`DRY_RUN=1` runs the same steps with tiny shapes on the CPU (`--profile cpu-tiny`), for CI. Its
+budgets are the GPU's times DRY_RUN_SCALE: they are for the GPU, and a loaded CPU must not fail a
+dry run by its clock. Overrides, for tests and reruns: `DEVICE_CHECK_STEPS=layers,kernels` (run
+only these), `DEVICE_CHECK_LIMIT=SECONDS`, `DEVICE_CHECK_BUDGET_<STEP>=SECONDS` (not scaled),
+`DEVICE_CHECK_ARGS_<STEP>="..."` (more arguments for that step's command).
 """
 
 from __future__ import annotations
@@ -65,13 +68,19 @@ import subprocess
 import sys
 import time
 from dataclasses import asdict, dataclass, field, replace
+from functools import partial
 from pathlib import Path
 
 LIMIT_S = 480
 # SIGTERM this long before a step's time is up: the benchmark writes its partial file and exits.
 KILL_GRACE_S = 10
 # Per-test limit of the GPU tier (pytest-timeout): one hung test must not take the whole step.
-TEST_TIMEOUT_S = 90
+TEST_TIMEOUT_S = 60
+# A dry run's budgets and limit are the GPU's times this: budgets are for the GPU, and a loaded
+# CPU must not fail a dry run by its clock (the scheduler's stops are tested with explicit budgets).
+DRY_RUN_SCALE = 10
+# The runner's channel back to the scheduler: one JSON line per step, on this inherited descriptor.
+RUNNER_FD_ENV = "FURA_DEVICE_RUNNER_FD"
 # What the rest of the check imports: the first step stops everything if one of these fails.
 REQUIRED_MODULES = ("torch", "triton", "transformers", "peft", "bitsandbytes", "jsonschema", "pytest_timeout",
                     "fura_kernels")  # fmt: skip
@@ -92,8 +101,10 @@ class Step:
     estimate_s: int  # expected on an H100 / H200 (see the module docstring for how)
     command: tuple[str, ...]
     output: str | None = None  # the file under OUT it writes
-    # Seconds between SIGTERM and SIGKILL (None: KILL_GRACE_S); a step with nothing to flush needs none.
+    # Seconds between the stop signal and SIGKILL (None: KILL_GRACE_S); a step with nothing to flush needs none.
     grace_s: float | None = None
+    # A benchmark run in the shared runner process (`command` is then `python -m bench`'s argv).
+    in_runner: bool = False
 
 
 @dataclass
@@ -111,42 +122,51 @@ class Outcome:
 
 
 def _bench(*args: str) -> tuple[str, ...]:
-    return (sys.executable, "-m", "bench", "--no-plots", *args)
+    """A benchmark step's arguments (run by the runner: `python -m bench` without the process)."""
+    return ("--no-plots", "--timing-only", *args)
+
+
+def _pytest(out: Path, report: str, marks: str) -> tuple[str, ...]:
+    return (sys.executable, "-c", PYTEST_STOPPABLE, "tests/gpu", "-q", "-p", "no:cacheprovider", "-m", marks,
+            f"--timeout={TEST_TIMEOUT_S}", f"--junitxml={out / report}")  # fmt: skip
 
 
 def steps(out: Path, dry_run: bool) -> list[Step]:
     """The check's steps for a GPU (or, with `dry_run`, the same steps at tiny CPU sizes)."""
     where = ("--profile", "cpu-tiny", "--device", "cpu") if dry_run else ("--profile", "full")
     layer_tokens, kernel_tokens = ("64", "1,4,16,64") if dry_run else ("8192", "1,4,16,8192")
-    big, compiled = ("tiny-llama", "tiny-llama") if dry_run else ("llama3-8b:1x2048", "llama3.2-1b:1x2048")
+    big, compiled = ("tiny-llama", "tiny-llama") if dry_run else ("llama3-8b:1x2048", "llama3-8b-4-layers:1x2048")
     # On the CPU, Inductor's C++ build of even a tiny model outlasts the step: the dry run checks
-    # the plumbing of a compiled run with the backend that traces the same graphs and compiles nothing.
-    backend = ("--compile-backend", "aot_eager") if dry_run else ()
-    model = ("--only", "model", "--checkpointing", "off", "--results-file", str(out / "model.json"), "--append")
+    # the plumbing of a compiled run with the backend that traces the same graphs and compiles
+    # nothing (and so takes no mode: CUDA graphs are Inductor's).
+    backend = ("--compile-backend", "aot_eager") if dry_run else ("--compile-mode", "reduce-overhead")
+    model = ("--only", "model", "--checkpointing", "off", "--liger", "off", "--results-file", str(out / "model.json"),
+             "--append")  # fmt: skip
     return [
-        Step("env", 50, 10, 30, (sys.executable, "-m", "bench.device_check", "--probe"), grace_s=1),
-        Step("tests", 125, 30, 120,
-             (sys.executable, "-c", PYTEST_STOPPABLE, "tests/gpu", "-q", "-p", "no:cacheprovider",
-              f"--timeout={TEST_TIMEOUT_S}", f"--junitxml={out / 'tests.xml'}"), "tests.xml"),
-        Step("layers", 70, 30, 70,
-             _bench(*where, "--only", "layers", "--cases", "llama3-8b", "--tokens", layer_tokens,
-                    "--methods", "dense_floor,fura,lora_r32,qfura,qlora_r32,fura_peft,fura_peft_nf4",
-                    "--configurations", "fair",
-                    "--results-file", str(out / "layers.json")), "layers.json"),
-        Step("kernels", 45, 20, 35,
+        Step("env", 40, 10, 25, (sys.executable, "-m", "bench.device_check", "--probe"), grace_s=1),
+        Step("kernels", 35, 20, 35,
              _bench(*where, "--only", "kernels", "--cases", "llama3-8b", "--tokens", kernel_tokens,
                     "--kernels", "nf4_small_t_gemm,K1,K3,weight_merge", "--results-file", str(out / "kernels.json")),
-             "kernels.json"),
-        Step("model", 90, 45, 85,
-             _bench(*where, *model, "--models", big, "--methods", "fura,lora_r32,fura_peft", "--compile", "off"),
-             "model.json"),
+             "kernels.json", in_runner=True),
+        Step("layers", 65, 30, 60,
+             _bench(*where, "--only", "layers", "--cases", "llama3-8b", "--tokens", layer_tokens,
+                    "--methods", "dense_floor,fura,lora_r32,qfura,qlora_r32,fura_peft,fura_peft_nf4",
+                    "--configurations", "fair", "--kernel-profile", "k_proj",
+                    "--results-file", str(out / "layers.json")), "layers.json", in_runner=True),
+        Step("model", 80, 45, 70,
+             _bench(*where, *model, "--models", big, "--methods", "fura,lora_r32", "--compile", "off",
+                    "--cores", "random"), "model.json", in_runner=True),
+        Step("compile", 70, 40, 70,
+             _bench(*where, *model, "--models", compiled, "--methods", "fura,lora_r32", "--compile", "only",
+                    "--cores", "random", *backend), "model.json", in_runner=True),
+        Step("tests", 80, 30, 70, _pytest(out, "tests.xml", "not inductor"), "tests.xml"),
+        Step("qmodel", 40, 30, 45,
+             _bench(*where, *model, "--models", big, "--methods", "qfura,qlora_r32", "--compile", "off"), "model.json",
+             in_runner=True),
         Step("serve", 30, 20, 35,
-             _bench(*where, "--only", "serve", "--results-file", str(out / "model.json"), "--append"), "model.json"),
-        Step("qmodel", 30, 30, 45,
-             _bench(*where, *model, "--models", big, "--methods", "qfura,qlora_r32", "--compile", "off"), "model.json"),
-        Step("compile", 40, 30, 60,
-             _bench(*where, *model, "--models", compiled, "--methods", "fura,lora_r32", "--compile", "only", *backend),
-             "model.json"),
+             _bench(*where, "--only", "serve", "--results-file", str(out / "model.json"), "--append"), "model.json",
+             in_runner=True),
+        Step("inductor", 40, 30, 60, _pytest(out, "tests-inductor.xml", "inductor"), "tests-inductor.xml"),
     ]  # fmt: skip
 
 
@@ -226,22 +246,144 @@ def _run(step: Step, given: float, log) -> tuple[int, float, bool, str]:
         except subprocess.TimeoutExpired:
             captured = None
     finally:
-        try:  # whatever it left behind (compile workers, say) goes with it
-            os.killpg(proc.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-        proc.wait()
+        _kill_group(proc)
     return proc.returncode, time.monotonic() - start, killed, captured or ""
 
 
-def _budget(step: Step) -> int:
-    return int(os.environ.get(f"DEVICE_CHECK_BUDGET_{step.name.upper()}", step.budget_s))
+def _kill_group(proc: subprocess.Popen) -> None:
+    try:  # whatever it left behind (compile workers, say) goes with it
+        os.killpg(proc.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    proc.wait()
+
+
+class Runner:
+    """The one process that runs every benchmark step (`python -m bench.device_check --runner`):
+    it reads a step's `python -m bench` arguments as a JSON line on its stdin, runs them in
+    process, and answers `{"rc": ...}` on an inherited pipe. SIGUSR1 stops the step it is running
+    (the benchmark writes its partial file, as it does on SIGTERM) and leaves it ready for the
+    next; a runner that does not answer in time is killed with its process group, and the next
+    benchmark step starts another."""
+
+    def __init__(self, log) -> None:
+        self.log = log
+        self.proc: subprocess.Popen | None = None
+        self.replies = None
+
+    def _start(self) -> None:
+        read_end, write_end = os.pipe()
+        env = {**os.environ, RUNNER_FD_ENV: str(write_end)}
+        self.proc = subprocess.Popen([sys.executable, "-m", "bench.device_check", "--runner"], stdin=subprocess.PIPE,
+                                     stdout=self.log, stderr=self.log, pass_fds=(write_end,), env=env,
+                                     start_new_session=True, text=True)  # fmt: skip
+        os.close(write_end)
+        self.replies = os.fdopen(read_end, "r")
+
+    def _reply(self, deadline: float) -> dict | None:
+        """The runner's answer, or None if none came by `deadline` (a `time.monotonic()`) or it died."""
+        import select
+
+        while (left := deadline - time.monotonic()) > 0:
+            ready, _, _ = select.select([self.replies], [], [], left)
+            if ready:
+                line = self.replies.readline()
+                return json.loads(line) if line else None
+        return None
+
+    def run(self, step: Step, given: float) -> tuple[int, float, bool, str]:
+        grace = KILL_GRACE_S if step.grace_s is None else step.grace_s
+        start = time.monotonic()
+        if self.proc is None or self.proc.poll() is not None:
+            self._start()
+        try:
+            self.proc.stdin.write(json.dumps({"argv": list(step.command)}) + "\n")
+            self.proc.stdin.flush()
+        except OSError:
+            self.close()
+            return -1, time.monotonic() - start, False, ""
+        reply = self._reply(start + max(given - grace, 1))
+        if reply is not None:
+            return reply["rc"], time.monotonic() - start, False, ""
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGUSR1)
+            reply = self._reply(start + given)
+        if reply is not None:
+            return reply["rc"], time.monotonic() - start, True, ""
+        rc = self.proc.poll()
+        died = rc is not None  # it died by itself; else it is killed now, at its time
+        self.close()
+        return (rc if died else -signal.SIGKILL), time.monotonic() - start, not died, ""
+
+    def close(self) -> None:
+        if self.proc is not None:
+            _kill_group(self.proc)
+            self.proc = None
+        if self.replies is not None:
+            self.replies.close()
+            self.replies = None
+
+
+def serve_as_runner() -> int:
+    """The runner's side of `Runner`: each line on stdin is one benchmark step, run here."""
+    import gc
+    import traceback
+
+    from . import cli
+
+    replies = os.fdopen(int(os.environ[RUNNER_FD_ENV]), "w")
+    running = False
+
+    def stop(signum, frame):
+        if running:  # a stop that comes after the step answered must not hit the next one
+            raise cli.Terminated(f"signal {signum}")
+
+    signal.signal(signal.SIGUSR1, stop)
+    for line in sys.stdin:
+        argv = json.loads(line)["argv"]
+        print(f"runner: python -m bench {shlex.join(argv)}", flush=True)
+        running = True
+        try:
+            cli.main(argv)
+            rc = 0
+        except SystemExit as done:
+            rc = done.code if isinstance(done.code, int) else (0 if done.code is None else 1)
+        except cli.Terminated:  # stopped before the benchmark took over its signals
+            rc = 143
+        except Exception:  # noqa: BLE001 - the step failed; the runner takes the next one
+            traceback.print_exc()
+            rc = 1
+        finally:
+            running = False
+        sys.stdout.flush()
+        sys.stderr.flush()
+        _release_device_memory()
+        gc.collect()
+        replies.write(json.dumps({"rc": rc}) + "\n")
+        replies.flush()
+    return 0
+
+
+def _release_device_memory() -> None:
+    """What one step leaves behind must not crowd the next: compiled graphs and cached blocks."""
+    import torch
+
+    torch._dynamo.reset()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def _budget(step: Step, dry_run: bool) -> int:
+    override = os.environ.get(f"DEVICE_CHECK_BUDGET_{step.name.upper()}")
+    if override:
+        return int(override)
+    return step.budget_s * (DRY_RUN_SCALE if dry_run else 1)
 
 
 def run_check(out: Path, dry_run: bool, started: float, limit_s: int | None = None) -> dict:
     """Run every step within `limit_s` of `started` (a `time.time()`), writing OUT/summary.json
     after each one. Returns the summary."""
-    limit_s = limit_s or int(os.environ.get("DEVICE_CHECK_LIMIT", LIMIT_S))
+    limit_s = limit_s or int(os.environ.get("DEVICE_CHECK_LIMIT") or LIMIT_S * (DRY_RUN_SCALE if dry_run else 1))
     only = [s for s in os.environ.get("DEVICE_CHECK_STEPS", "").split(",") if s]
     out.mkdir(parents=True, exist_ok=True)
     summary = {"limit_s": limit_s, "kill_grace_s": KILL_GRACE_S, "dry_run": dry_run, "commit": _commit(),
@@ -254,51 +396,62 @@ def run_check(out: Path, dry_run: bool, started: float, limit_s: int | None = No
         tmp.write_text(json.dumps(summary, indent=1) + "\n")
         os.replace(tmp, out / "summary.json")
 
-    stop_reason = None
     with open(out / "device_check.log", "a") as log:
-        for step in steps(out, dry_run):
-            if only and step.name not in only:
-                continue
-            budget = _budget(step)
-            extra = tuple(shlex.split(os.environ.get(f"DEVICE_CHECK_ARGS_{step.name.upper()}", "")))
-            step = replace(step, budget_s=budget, command=step.command + extra)
-            outcome = Outcome(step.name, budget, step.estimate_s, "skipped", output=step.output)
-            left = limit_s - (time.time() - started)
-            if stop_reason:
-                outcome.status, outcome.note = "stopped", stop_reason
-            elif left < step.min_start_s:
-                outcome.note = f"{left:.0f} s left, it needs {step.min_start_s} s to start"
-            else:
-                given = min(budget, left)
-                step_start = time.time()
-                print(f"\n===== {step.name}: up to {given:.0f} s: {shlex.join(step.command)}", file=log, flush=True)
-                print(f"[{step_start - started:5.0f} s] {step.name}: started, up to {given:.0f} s", flush=True)
-                try:
-                    if step.name == "env" and not dry_run:
-                        _install_wheels(log)
-                    rc, _, killed, captured = _run(step, given - (time.time() - step_start), log)
-                except (OSError, subprocess.SubprocessError) as err:
-                    rc, killed, captured = -1, False, ""
-                    print(f"{step.name}: could not run: {err}", file=log, flush=True)
-                elapsed = time.time() - step_start
-                outcome.given_s, outcome.elapsed_s, outcome.returncode = round(given, 1), round(elapsed, 1), rc
-                outcome.status = "killed" if killed else ("ok" if rc == 0 else "failed")
-                if step.name == "env":
-                    if rc == 0 and captured.strip():
-                        summary["environment"] = json.loads(captured.strip().splitlines()[-1])
-                    else:
-                        stop_reason = "the env step failed (an import, or the wheels): see device_check.log"
-                        outcome.status = "failed"
-                if step.output and (out / step.output).is_file() and step.output.endswith(".json"):
-                    outcome.extra = _results_summary(out / step.output)
-            summary["steps"].append(asdict(outcome))
-            save()
-            print(f"[{time.time() - started:5.0f} s] {step.name}: {outcome.status}"
-                  + (f" in {outcome.elapsed_s} s (rc {outcome.returncode})" if outcome.elapsed_s is not None else "")
-                  + (f": {outcome.note}" if outcome.note else ""), flush=True)  # fmt: skip
+        runner = Runner(log)
+        try:
+            _run_steps(out, dry_run, started, limit_s, only, summary, save, log, runner)
+        finally:
+            runner.close()
     summary["total_s"] = round(time.time() - started, 1)
     save()
     return summary
+
+
+def _run_steps(out: Path, dry_run: bool, started: float, limit_s: int, only: list[str], summary: dict, save, log,
+               runner: Runner) -> None:  # fmt: skip
+    """`run_check`'s loop: each step in turn, its outcome saved in the summary as it ends."""
+    stop_reason = None
+    for step in steps(out, dry_run):
+        if only and step.name not in only:
+            continue
+        budget = _budget(step, dry_run)
+        extra = tuple(shlex.split(os.environ.get(f"DEVICE_CHECK_ARGS_{step.name.upper()}", "")))
+        step = replace(step, budget_s=budget, command=step.command + extra)
+        outcome = Outcome(step.name, budget, step.estimate_s, "skipped", output=step.output)
+        left = limit_s - (time.time() - started)
+        if stop_reason:
+            outcome.status, outcome.note = "stopped", stop_reason
+        elif left < step.min_start_s:
+            outcome.note = f"{left:.0f} s left, it needs {step.min_start_s} s to start"
+        else:
+            given = min(budget, left)
+            step_start = time.time()
+            print(f"\n===== {step.name}: up to {given:.0f} s: {shlex.join(step.command)}", file=log, flush=True)
+            print(f"[{step_start - started:5.0f} s] {step.name}: started, up to {given:.0f} s", flush=True)
+            try:
+                if step.name == "env" and not dry_run:
+                    _install_wheels(log)
+                run = runner.run if step.in_runner else partial(_run, log=log)
+                rc, _, killed, captured = run(step, given - (time.time() - step_start))
+            except (OSError, subprocess.SubprocessError) as err:
+                rc, killed, captured = -1, False, ""
+                print(f"{step.name}: could not run: {err}", file=log, flush=True)
+            elapsed = time.time() - step_start
+            outcome.given_s, outcome.elapsed_s, outcome.returncode = round(given, 1), round(elapsed, 1), rc
+            outcome.status = "killed" if killed else ("ok" if rc == 0 else "failed")
+            if step.name == "env":
+                if rc == 0 and captured.strip():
+                    summary["environment"] = json.loads(captured.strip().splitlines()[-1])
+                else:
+                    stop_reason = "the env step failed (an import, or the wheels): see device_check.log"
+                    outcome.status = "failed"
+            if step.output and (out / step.output).is_file() and step.output.endswith(".json"):
+                outcome.extra = _results_summary(out / step.output)
+        summary["steps"].append(asdict(outcome))
+        save()
+        print(f"[{time.time() - started:5.0f} s] {step.name}: {outcome.status}"
+              + (f" in {outcome.elapsed_s} s (rc {outcome.returncode})" if outcome.elapsed_s is not None else "")
+              + (f": {outcome.note}" if outcome.note else ""), flush=True)  # fmt: skip
 
 
 def _results_summary(path: Path) -> dict:
@@ -316,6 +469,8 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv == ["--probe"]:
         return probe()
+    if argv == ["--runner"]:
+        return serve_as_runner()
     out = Path(os.environ.get("OUT") or "/tmp/fura-device-check")
     dry_run = os.environ.get("DRY_RUN", "") not in ("", "0")
     started = float(os.environ.get("DEVICE_CHECK_START") or time.time())

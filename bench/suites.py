@@ -721,7 +721,9 @@ def _model_runs(spec: dict, profile: Profile, device: torch.device, dtype: torch
                     emit(_record("model", "sft_step", method, None, batch * seq, dtype, t, model=shape, **how,
                                  configuration="fair", tokens_per_s=batch * seq / (t["median"] * 1e-3),
                                  convert_s=convert_s, cores=cores, trainable_params=sum(p.numel() for p in params),
-                                 peak_mem_bytes=peak_memory(step, device)))  # fmt: skip
+                                 peak_mem_bytes=peak_memory(step, device),
+                                 # the device's own account of one step: how busy the host kept it
+                                 kernel_profile=kernel_profile(step, device, 0, 1)))  # fmt: skip
             except Exception as err:  # noqa: BLE001 - out of memory, a missing library...: recorded, run goes on
                 why = f"{type(err).__name__}: {err}"
                 if liger and device.type != "cuda":

@@ -219,7 +219,7 @@ def test_selection_flags_run_exactly_what_they_name(tmp_path):
     assert layer[0]["ratio_vs_lora_r32"] is not None  # ratios still computed within the selection
     assert {r["name"] for r in data["records"] if r["suite"] == "kernel"} == {"K3", "weight_merge"}
     model = cli.run(["--profile", "cpu-tiny", "--device", "cpu", "--only", "model", "--models", "tiny-llama:1x16",
-                     "--methods", "fura", "--checkpointing", "on", "--compile", "off", "--no-plots",
+                     "--methods", "fura", "--checkpointing", "on", "--compile", "off", "--liger", "off", "--no-plots",
                      "--results-file", str(tmp_path / "one.json"), "--append"])  # fmt: skip
     both = results.load(model)
     runs = [r for r in both["records"] if r["suite"] == "model"]
