@@ -341,7 +341,7 @@ def serve_as_runner() -> int:
     signal.signal(signal.SIGUSR1, stop)
     for line in sys.stdin:
         argv = json.loads(line)["argv"]
-        print(f"runner: python -m bench {shlex.join(argv)}", flush=True)
+        print(f"runner {os.getpid()}: python -m bench {shlex.join(argv)}", flush=True)
         running = True
         try:
             cli.main(argv)
