@@ -359,10 +359,19 @@ def _model_lines(records: list[dict]) -> list[str]:
             f"  {name} {batch}x{seq} {timing}{' + Liger' if liger else ''}{', checkpointing' if ckpt else ''}: "
             f"FuRA {a['median']:.1f} ms (spread {_spread(a):.1f}%), PEFT LoRA r=32 {b['median']:.1f} ms "
             f"(spread {_spread(b):.1f}%): {a['median'] / b['median']:.2f}x"
+            + _busy_text(fura, lora)
             + ("" if apart else "; the difference is inside the spread")
             + (f"; spread over 5% at the cap for {' and '.join(unsteady)}" if unsteady else "")
         )
     return ["", "Whole model, FuRA against PEFT LoRA r=32:", *lines] if lines else []
+
+
+def _busy_text(fura: dict, lora: dict) -> str:
+    """The device-busy fractions of two whole-model records, where the profiler measured them."""
+    a, b = (r.get("kernel_profile") or {} for r in (fura, lora))
+    if not (a.get("device_busy") and b.get("device_busy")):
+        return ""
+    return f" (device busy {100 * a['device_busy']:.0f}% / {100 * b['device_busy']:.0f}%)"
 
 
 def _profile_lines(layer: list[dict]) -> list[str]:
