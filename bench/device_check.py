@@ -21,7 +21,7 @@ measurement (`--timing-only`); the CPU tests count those, and the device does no
 | env | 40 s | 25 s | install the carried wheels, import what the rest needs, record the environment |
 | kernels | 35 s | 35 s | NF4 decode vs bitsandbytes at T = 1, 4, 16; K1, K3, merge at T = 8192 |
 | layers | 65 s | 60 s | fair layer steps, eager and graphed, 7 methods x 5 Llama-3-8B shapes, T = 8192; profiler at k |
-| model | 80 s | 70 s | Llama-3-8B, 1 x 2048 tokens, eager, random cores: FuRA, LoRA r=32; one conversion timed |
+| model | 80 s | 75 s | Llama-3-8B, 1 x 2048 tokens, eager, random cores: FuRA, LoRA r=32, each +- Liger; one SVD |
 | compile | 70 s | 70 s | Llama-3-8B widths, 4 layers, torch.compile reduce-overhead: FuRA and LoRA r=32 |
 | tests | 80 s | 70 s | `pytest tests/gpu -m "not inductor"`, 60 s a test at most, JUnit XML report |
 | qmodel | 40 s | 45 s | Llama-3-8B eager: QFuRA and QLoRA r=32 |
@@ -140,8 +140,7 @@ def steps(out: Path, dry_run: bool) -> list[Step]:
     # the plumbing of a compiled run with the backend that traces the same graphs and compiles
     # nothing (and so takes no mode: CUDA graphs are Inductor's).
     backend = ("--compile-backend", "aot_eager") if dry_run else ("--compile-mode", "reduce-overhead")
-    model = ("--only", "model", "--checkpointing", "off", "--liger", "off", "--results-file", str(out / "model.json"),
-             "--append")  # fmt: skip
+    model = ("--only", "model", "--checkpointing", "off", "--results-file", str(out / "model.json"), "--append")
     return [
         Step("env", 40, 10, 25, (sys.executable, "-m", "bench.device_check", "--probe"), grace_s=1),
         Step("kernels", 35, 20, 35,
@@ -155,14 +154,14 @@ def steps(out: Path, dry_run: bool) -> list[Step]:
                     "--results-file", str(out / "layers.json")), "layers.json", in_runner=True),
         Step("model", 80, 45, 70,
              _bench(*where, *model, "--models", big, "--methods", "fura,lora_r32", "--compile", "off",
-                    "--cores", "random"), "model.json", in_runner=True),
+                    "--cores", "random", "--liger", "both"), "model.json", in_runner=True),
         Step("compile", 70, 40, 70,
              _bench(*where, *model, "--models", compiled, "--methods", "fura,lora_r32", "--compile", "only",
-                    "--cores", "random", *backend), "model.json", in_runner=True),
+                    "--cores", "random", "--liger", "off", *backend), "model.json", in_runner=True),
         Step("tests", 80, 30, 70, _pytest(out, "tests.xml", "not inductor"), "tests.xml"),
         Step("qmodel", 40, 30, 45,
-             _bench(*where, *model, "--models", big, "--methods", "qfura,qlora_r32", "--compile", "off"), "model.json",
-             in_runner=True),
+             _bench(*where, *model, "--models", big, "--methods", "qfura,qlora_r32", "--compile", "off", "--liger",
+                    "off"), "model.json", in_runner=True),
         Step("serve", 30, 20, 35,
              _bench(*where, "--only", "serve", "--results-file", str(out / "model.json"), "--append"), "model.json",
              in_runner=True),

@@ -102,7 +102,10 @@ def test_dry_run_results_hold_every_method_and_kernel(dry_run):
     runs = {(r["method"], r["timing"]) for r in steps if r["time_ms"]}
     assert runs == {("fura", "eager"), ("lora_r32", "eager"), ("qfura", "eager"), ("qlora_r32", "eager"),
                     ("fura", "compiled"), ("lora_r32", "compiled")}  # fmt: skip
-    assert not any(r["gradient_checkpointing"] or r["liger"] for r in steps)
+    assert not any(r["gradient_checkpointing"] for r in steps)
+    # Both methods with Liger too, in the eager model step: on a CPU recorded as skipped, with why.
+    liger = {r["method"]: r for r in steps if r["liger"]}
+    assert set(liger) == {"fura", "lora_r32"} and all("need a GPU" in r["skipped"] for r in liger.values())
     # FuRA's runs on random cores, and its one conversion timed on its own, once per model step.
     assert {r["cores"] for r in steps if r["method"] == "fura"} == {"random"}
     conversions = [r for r in model["records"] if r["name"] == "convert"]
@@ -207,7 +210,7 @@ def test_gpu_budgets_fit_the_limit_and_name_every_promised_measurement(tmp_path)
     assert "--configurations fair" in layers and "--cases llama3-8b" in layers and "--kernel-profile k_proj" in layers
     model = command["model"]
     assert "llama3-8b:1x2048" in model and "--checkpointing off" in model and "--compile off" in model
-    assert "--methods fura,lora_r32" in model and "--cores random" in model
+    assert "--methods fura,lora_r32" in model and "--cores random" in model and "--liger both" in model
     compiled = command["compile"]
     assert "llama3-8b-4-layers:1x2048" in compiled and "--compile-mode reduce-overhead" in compiled
     assert "--compile only" in compiled and "--methods fura,lora_r32" in compiled
