@@ -394,7 +394,32 @@ def _profile_lines(layer: list[dict]) -> list[str]:
         busy = [r["kernel_profile"]["device_busy"] for r in mine if r["kernel_profile"].get("device_busy")]
         lines.append(f"  {method:12s} {_median([r['kernel_profile']['kernel_ms'] for r in mine]):10.3f} "
                      f"{100 * _median(busy):5.0f}% {_median(ratio):22.2f}")  # fmt: skip
+    lines += _graph_differences(rows)
     return lines
+
+
+def _graph_differences(rows: list[dict]) -> list[str]:
+    """Why a graph replay and the eager step differ, record by record: other kernels (cuBLAS
+    picked other algorithms under capture) or the same kernels taking longer (clocks, memory
+    placement), told apart by the profiler's kernel names."""
+    lines = []
+    for r in rows:
+        eager, graphed = r["kernel_profile"], r.get("graphed_kernel_profile")
+        if not graphed or not eager.get("kernel_ms"):
+            continue
+        ratio = graphed["kernel_ms"] / eager["kernel_ms"]
+        if abs(ratio - 1) <= 0.03:
+            continue
+        only_eager = sorted(set(eager["top_kernels"]) - set(graphed["top_kernels"]))
+        only_graphed = sorted(set(graphed["top_kernels"]) - set(eager["top_kernels"]))
+        why = (f"other kernels (eager only: {', '.join(k[:60] for k in only_eager)}; graphed only: "
+               f"{', '.join(k[:60] for k in only_graphed)})" if only_eager or only_graphed
+               else "the same kernels, slower or faster")  # fmt: skip
+        lines.append(f"  {r['method']} on {r['shape']['name']} T={r['tokens']}: graph replay kernels "
+                     f"{ratio:.2f}x eager's: {why}")  # fmt: skip
+    if not lines:
+        return []
+    return ["", "Graph replays against eager steps, where their kernel time differs by more than 3%:", *lines]
 
 
 def summary(results: dict) -> str:

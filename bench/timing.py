@@ -165,13 +165,24 @@ def kernel_profile(step: Callable[[int], None], device: torch.device, first: int
 
 def graph_replay(step: Callable[[int], None], device: torch.device, warmup: int, calls: int):
     """`step(0)` ... `step(calls - 1)` captured in one CUDA graph, as a function of one index
-    that replays it all; None where the step cannot be captured."""
-    for i in range(warmup):  # compiles and autotunes outside the capture
-        step(i)
+    that replays it all; None where the step cannot be captured.
+
+    The warm-up runs on the stream the capture then uses, as PyTorch's whole-network capture
+    recipe does: whatever a library sets up per stream on first use (cuBLAS(Lt) workspaces
+    among it, whose size bounds the algorithms cuBLAS may pick) is set up outside the capture,
+    from the ordinary allocator, so the captured GEMMs are the ones eager runs. (Capturing on a
+    fresh side stream left that first use inside the capture: one suspect of the H200's graphed
+    steps running slower than eager.)"""
+    side = torch.cuda.Stream(device)
+    side.wait_stream(torch.cuda.current_stream(device))
+    with torch.cuda.stream(side):
+        for i in range(warmup):  # compiles and autotunes outside the capture, on the capture stream
+            step(i)
+    torch.cuda.current_stream(device).wait_stream(side)
     torch.cuda.synchronize(device)
     graph = torch.cuda.CUDAGraph()
     try:
-        with torch.cuda.graph(graph):
+        with torch.cuda.graph(graph, stream=side):
             for i in range(calls):
                 step(i)
     except RuntimeError:

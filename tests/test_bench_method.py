@@ -327,3 +327,25 @@ def test_results_written_by_the_new_harness_validate():
     bad["records"][0]["floor_path"] = "sideways"
     with pytest.raises(Exception, match="sideways"):
         results.validate(bad)
+
+
+def test_the_summary_tells_other_kernels_from_slower_ones_in_a_graph_replay():
+    """What the profiler's account is for: a replay slower than eager either runs other kernels
+    (cuBLAS picked other algorithms under capture) or the same ones slower (clocks)."""
+    (base,) = _layer_records(("fura",), 32)
+
+    def profiled(eager_kernels, graphed_kernels):
+        rec = json.loads(json.dumps(base))
+        rec["kernel_profile"] = timing.kernel_summary(eager_kernels, wall_ms=4.0, calls=1)
+        rec["graphed_kernel_profile"] = timing.kernel_summary(graphed_kernels, wall_ms=4.0, calls=1)
+        return rec
+
+    other = profiled([("gemm_128x256", 0.0, 2.0), ("k3", 2.0, 3.0)], [("gemm_64x128", 0.0, 2.6), ("k3", 2.6, 3.6)])
+    same = profiled([("gemm_128x256", 0.0, 2.0), ("k3", 2.0, 3.0)], [("gemm_128x256", 0.0, 2.6), ("k3", 2.6, 3.6)])
+    equal = profiled([("gemm_128x256", 0.0, 2.0)], [("gemm_128x256", 0.0, 2.02)])
+    text = report.summary(_run_with([other, same, equal], 0.0))
+    assert "torch.profiler's account of the layer steps" in text and "75%" in text  # busy 3 of 4 ms
+    lines = [line for line in text.splitlines() if "graph replay kernels" in line]
+    assert len(lines) == 2, lines  # the 1% difference is not reported
+    assert "1.20x eager's: other kernels (eager only: gemm_128x256; graphed only: gemm_64x128)" in lines[0]
+    assert "1.20x eager's: the same kernels" in lines[1]
