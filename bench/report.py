@@ -366,6 +366,12 @@ def _model_lines(records: list[dict]) -> list[str]:
     return ["", "Whole model, FuRA against PEFT LoRA r=32:", *lines] if lines else []
 
 
+def _counted(rows: list[dict], key: str, unit: float, width: int, digits: int) -> str:
+    """The median of a counted figure, or n/a where the run did not count it (`--timing-only`)."""
+    values = [r[key] / unit for r in rows if r.get(key) is not None]
+    return f"{_median(values):{width}.{digits}f}" if values else f"{'n/a':>{width}s}"
+
+
 def _busy_text(fura: dict, lora: dict) -> str:
     """The device-busy fractions of two whole-model records, where the profiler measured them."""
     a, b = (r.get("kernel_profile") or {} for r in (fura, lora))
@@ -465,9 +471,8 @@ def summary(results: dict) -> str:
                 f"{_median([_spread(r['time_ms']) for r in rows]):6.0f}% "
                 f"{_median(with_adam):10.3f} "
                 f"{_median([(r.get('peak_mem_bytes') or 0) / 2**20 for r in rows]):9.2f} "
-                f"{_median([(r.get('saved_bytes') or 0) / 2**20 for r in rows]):9.2f} "
-                f"{_median([(r.get('flops_per_step') or 0) / 1e9 for r in rows]):8.3f} "
-                f"{_median([r.get('launches_per_step') or 0 for r in rows]):8.0f} "
+                f"{_counted(rows, 'saved_bytes', 2**20, 9, 2)} {_counted(rows, 'flops_per_step', 1e9, 8, 3)} "
+                f"{_counted(rows, 'launches_per_step', 1, 8, 0)} "
                 f"{_median(ratio):11.2f}"
             )
         lines += _profile_lines(layer)
