@@ -152,7 +152,7 @@ def steps(out: Path, dry_run: bool) -> list[Step]:
                     "--methods", "dense_floor,fura,lora_r32,qfura,qlora_r32,fura_peft,fura_peft_nf4",
                     "--configurations", "fair", "--kernel-profile", "k_proj",
                     "--results-file", str(out / "layers.json")), "layers.json", in_runner=True),
-        Step("model", 80, 45, 70,
+        Step("model", 80, 45, 75,
              _bench(*where, *model, "--models", big, "--methods", "fura,lora_r32", "--compile", "off",
                     "--cores", "random", "--liger", "both"), "model.json", in_runner=True),
         Step("compile", 70, 40, 70,
