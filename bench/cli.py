@@ -4,6 +4,7 @@ fura-bench --quick                # a short run: on a GPU the quick profile, els
 fura-bench                        # the full suite (GPU) / cpu-quick (CPU)
 fura-bench --only layers --profile cpu-tiny --out /tmp/results
 fura-bench --only layers --cases llama3-8b --tokens 8192 --methods fura,lora_r32 --configurations fair --no-plots
+fura-bench --only model --models llama3-8b --methods fura,lora_r32 --compile on --liger both --cores random
 
 The results file is written after every record; a run stopped by SIGTERM (a time limit) or
 Ctrl-C says so in the file (`"partial": true`) and exits with status 143 or 130.
