@@ -304,27 +304,14 @@ def tiny_llama(dtype):
 
 def model_for(method: str, dtype):
     """The tiny Llama prepared for `method` as its users prepare it."""
-    from peft import LoraConfig, get_peft_model
-
-    from fura_kernels import convert_to_fura
-    from fura_kernels.recipes.baselines import quantize_linears_bnb
+    from .methods import ADAPTED_METHODS, adapt_model
 
     model = tiny_llama(dtype)
     if method == "dense_floor":  # the frozen base: the backward still runs every layer's dx
         model.requires_grad_(False)
         model.enable_input_require_grads()
-    elif method in ("fura", "qfura"):
-        convert_to_fura(model, MODEL_TARGETS, quantize="nf4" if method == "qfura" else None, progress=False)
-    elif method in ("lora_r32", "qlora_r32"):
-        if method == "qlora_r32":
-            quantize_linears_bnb(model, MODEL_TARGETS)
-        model = get_peft_model(model, LoraConfig(r=32, lora_alpha=32, target_modules=MODEL_TARGETS))
-    elif method in ("fura_peft", "fura_peft_nf4"):
-        from fura_kernels.peft import FuRAPeftConfig
-
-        if method == "fura_peft_nf4":
-            quantize_linears_bnb(model, MODEL_TARGETS)
-        model = get_peft_model(model, FuRAPeftConfig(target_modules=MODEL_TARGETS, progress_bar=False))
+    elif method in ADAPTED_METHODS:
+        model = adapt_model(model, method, MODEL_TARGETS)
     else:
         raise ValueError(f"bench.host: unknown method {method!r}; expected one of {HOST_METHODS}")
     model.train()

@@ -117,6 +117,36 @@ def build(
     raise ValueError(f"bench.methods.build: unknown method {method!r}; expected one of {METHODS}")
 
 
+# The projections a whole-model run adapts: all seven of a Llama decoder layer.
+MODEL_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+# Methods that adapt a whole model (`adapt_model`); full fine-tuning trains it as it is.
+ADAPTED_METHODS = ("fura", "qfura", "lora_r32", "qlora_r32", "fura_peft", "fura_peft_nf4")
+
+
+def adapt_model(model: nn.Module, method: str, targets=MODEL_TARGETS) -> nn.Module:
+    """`model` with `method` on its `targets` projections, as the method's users apply it:
+    `convert_to_fura` (QFuRA: its NF4 core), PEFT's `get_peft_model` with LoRA r=32 (QLoRA: on
+    bitsandbytes NF4 linears) or with FuRA's PEFT config (on the plain or the NF4 base)."""
+    from peft import LoraConfig, get_peft_model
+
+    from fura_kernels import convert_to_fura
+    from fura_kernels.recipes.baselines import quantize_linears_bnb
+
+    targets = list(targets)
+    if method in ("fura", "qfura"):
+        convert_to_fura(model, targets, quantize="nf4" if method == "qfura" else None, progress=False)
+        return model
+    if method in ("qlora_r32", "fura_peft_nf4"):
+        quantize_linears_bnb(model, targets)
+    if method in ("lora_r32", "qlora_r32"):
+        return get_peft_model(model, LoraConfig(r=32, lora_alpha=32, target_modules=targets))
+    if method in ("fura_peft", "fura_peft_nf4"):
+        from fura_kernels.peft import FuRAPeftConfig
+
+        return get_peft_model(model, FuRAPeftConfig(target_modules=targets, progress_bar=False))
+    raise ValueError(f"bench.methods.adapt_model: unknown method {method!r}; expected one of {ADAPTED_METHODS}")
+
+
 def trainable(module: nn.Module) -> list[nn.Parameter]:
     return [p for p in module.parameters() if p.requires_grad]
 

@@ -19,14 +19,24 @@ from tqdm.auto import tqdm
 
 from fura_kernels import convert_to_fura
 from fura_kernels.nf4 import NF4Tensor, quantize_nf4
-from fura_kernels.recipes.baselines import quantize_linears_bnb
 from fura_kernels.recipes.common import enable_activation_checkpointing
 from fura_kernels.triton import block_diag_matmul, block_diag_matmul_backward
 from fura_kernels.triton.nf4_ops import SMALL_T_MAX, nf4_dequantize, nf4_matmul
 
 from . import floors
 from .floors import Ceilings
-from .methods import CONFIGURATIONS, METHODS, LayerCase, autocast_dtype, build, make_step, trainable
+from .methods import (
+    ADAPTED_METHODS,
+    CONFIGURATIONS,
+    METHODS,
+    MODEL_TARGETS,
+    LayerCase,
+    adapt_model,
+    autocast_dtype,
+    build,
+    make_step,
+    trainable,
+)
 from .serving import serve_suite, serve_units
 from .timing import (
     graph_replay,
@@ -659,7 +669,6 @@ def random_core_model(config, targets: list[str], device: torch.device, dtype: t
 
 def _build_model(method, config, targets, device, dtype, amp, profile):
     """(model, conversion seconds, how its cores were made) for one whole-model run."""
-    from peft import LoraConfig, get_peft_model
     from transformers import LlamaForCausalLM
 
     torch.manual_seed(0)
@@ -669,23 +678,10 @@ def _build_model(method, config, targets, device, dtype, amp, profile):
         # fair configuration: bf16 base weights; full fine-tuning keeps fp32 master weights
         model = LlamaForCausalLM(config).to(torch.float32 if method == "full_ft" and amp else dtype)
     start = time.perf_counter()
-    if method in ("fura", "qfura"):
-        convert_to_fura(model, targets, quantize="nf4" if method == "qfura" else None, progress=False)
-    elif method in ("lora_r32", "qlora_r32"):
-        if method == "qlora_r32":
-            quantize_linears_bnb(model, targets)
-        model = get_peft_model(model, LoraConfig(r=32, lora_alpha=32, target_modules=targets))
-    elif method in ("fura_peft", "fura_peft_nf4"):  # as a PEFT user writes it
-        from fura_kernels.peft import FuRAPeftConfig
-
-        if method == "fura_peft_nf4":
-            quantize_linears_bnb(model, targets)
-        model = get_peft_model(model, FuRAPeftConfig(target_modules=targets, progress_bar=False))
+    if method in ADAPTED_METHODS:
+        model = adapt_model(model, method, targets)
     _sync(device)
     return model, time.perf_counter() - start, "svd" if method in FURA_METHODS else None
-
-
-MODEL_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
 def _model_runs(spec: dict, profile: Profile, device: torch.device, dtype: torch.dtype, bar, emit) -> None:
