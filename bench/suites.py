@@ -43,6 +43,7 @@ from .timing import (
     kernel_profile,
     measure,
     measure_graph,
+    measure_replay,
     measure_until_steady,
     peak_memory,
     saved_for_backward_bytes,
@@ -510,25 +511,11 @@ def _graphed(method, case, dtype, device, configuration, inputs, profile, profil
             fields[key] = None
             fields["graphed_error"] = "the step could not be captured as a CUDA graph"
             continue
-        fields[key] = _replay_time(replay, device, max(profile.reps, 10), len(inputs))
+        fields[key] = measure_replay(replay, device, max(profile.reps, 10), len(inputs))
         if profiled and not optimizer_step:
-            fields["graphed_kernel_profile"] = kernel_profile(replay, device, 0, 1)
-            if fields["graphed_kernel_profile"]:
-                fields["graphed_kernel_profile"] = _per_step(fields["graphed_kernel_profile"], len(inputs))
+            fields["graphed_kernel_profile"] = kernel_profile(replay, device, 0, 1, steps_per_call=len(inputs))
         del replay, step, module
     return fields
-
-
-def _replay_time(replay, device, reps, calls):
-    """Each replay's time over the `calls` steps it holds."""
-    t = measure(replay, device, 1, reps)
-    return {**t, **{k: t[k] / calls for k in ("median", "p20", "p80")}}
-
-
-def _per_step(summary: dict, calls: int) -> dict:
-    """A kernel profile of one replay holding `calls` steps, per step."""
-    per = {k: summary[k] / calls for k in ("kernel_ms", "busy_ms", "wall_ms", "launches")}
-    return {**summary, **per, "top_kernels": {k: v / calls for k, v in summary["top_kernels"].items()}}
 
 
 def _flops(step) -> int:

@@ -109,10 +109,12 @@ def measure_graph(step: Callable[[int], None], device: torch.device, warmup: int
     if device.type != "cuda":
         return None
     replay = graph_replay(step, device, warmup, calls)
-    if replay is None:
-        return None
-    times = _timed_calls(replay, device, 0, reps)
-    return _summary([t / calls for t in times], reps)
+    return None if replay is None else measure_replay(replay, device, reps, calls)
+
+
+def measure_replay(replay: Callable[[int], None], device: torch.device, reps: int, calls: int) -> dict:
+    """The time of one step of a graph `replay` holding `calls` steps: each replay's over `calls`."""
+    return _summary([t / calls for t in _timed_calls(replay, device, 0, reps)], reps)
 
 
 def busy_ms(intervals: Sequence[tuple[float, float]]) -> float:
@@ -142,10 +144,13 @@ def kernel_summary(kernels: Sequence[tuple[str, float, float]], wall_ms: float, 
             "top_kernels": {name[:120]: ms / calls for name, ms in heaviest}}  # fmt: skip
 
 
-def kernel_profile(step: Callable[[int], None], device: torch.device, first: int, calls: int) -> dict | None:
+def kernel_profile(
+    step: Callable[[int], None], device: torch.device, first: int, calls: int, steps_per_call: int = 1
+) -> dict | None:
     """`kernel_summary` of `step(first)` ... `step(first + calls - 1)` issued back to back,
     from `torch.profiler`'s device activities (kernels, copies, fills): the device's own account
-    of a step, to set beside the event-timed figure. None on a CPU."""
+    of a step, to set beside the event-timed figure, per step (a graph replay holds
+    `steps_per_call` of them). None on a CPU."""
     if device.type != "cuda":
         return None
     from torch.profiler import ProfilerActivity, profile
@@ -160,7 +165,7 @@ def kernel_profile(step: Callable[[int], None], device: torch.device, first: int
         torch.cuda.synchronize(device)
     device_events = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
     kernels = [(e.name, e.time_range.start / 1e3, e.time_range.end / 1e3) for e in device_events]
-    return kernel_summary(kernels, start.elapsed_time(end), calls)
+    return kernel_summary(kernels, start.elapsed_time(end), calls * steps_per_call)
 
 
 def graph_replay(step: Callable[[int], None], device: torch.device, warmup: int, calls: int):
